@@ -1,0 +1,29 @@
+//! The CPU engine: rayon over rows and experts, `matrixmultiply` for the GEMMs.
+
+pub mod ffn;
+pub mod gemm;
+pub mod rows;
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use crate::weights::ExpertWeights;
+
+/// Runs every stage on the CPU (the rayon global pool).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuEngine;
+
+impl Engine for CpuEngine {
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+    fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
+        rows::gather_rows(srcs, idx, dst)
+    }
+    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &mut Tensor) -> Result<()> {
+        ffn::ffn(batch, offsets, experts, out)
+    }
+    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
+        rows::combine(srcs, idx, weights, k, y)
+    }
+}

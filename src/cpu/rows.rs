@@ -1,0 +1,116 @@
+//! Row gathers on the CPU: the one data-movement kernel of dispatch and combine.
+
+use rayon::prelude::*;
+
+use crate::engine::ZERO_ROW;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::with_storage;
+
+/// Check that sources and destination agree, and that every index is in range.
+pub(crate) fn check_sources(srcs: &[&Tensor], idx: &[u32], dst: &Tensor, what: &str) -> Result<Vec<usize>> {
+    let mut starts = Vec::with_capacity(srcs.len() + 1);
+    let mut total = 0usize;
+    for (i, s) in srcs.iter().enumerate() {
+        if s.dtype() != dst.dtype() || s.cols() != dst.cols() {
+            return Err(Error::invalid(format!(
+                "{what}: source {i} is [{}, {}] {} but the destination has {} columns of {}",
+                s.rows(),
+                s.cols(),
+                s.dtype(),
+                dst.cols(),
+                dst.dtype()
+            )));
+        }
+        starts.push(total);
+        total += s.rows();
+    }
+    starts.push(total);
+    if let Some(&bad) = idx.iter().find(|&&i| i != ZERO_ROW && i as usize >= total) {
+        return Err(Error::invalid(format!("{what}: row index {bad} outside the {total} source rows")));
+    }
+    Ok(starts)
+}
+
+/// Which source and row a concatenated index names.
+#[inline]
+pub(crate) fn locate(starts: &[usize], i: usize) -> (usize, usize) {
+    // starts is short (2-3 sources): a linear scan beats a binary search.
+    let mut s = 0;
+    while i >= starts[s + 1] {
+        s += 1;
+    }
+    (s, i - starts[s])
+}
+
+/// `dst[i] = cat(srcs)[idx[i]]`; see [`crate::Engine::gather_rows`].
+pub fn gather_rows(srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
+    if dst.rows() != idx.len() {
+        return Err(Error::invalid(format!(
+            "gather_rows: destination has {} rows for {} indices",
+            dst.rows(),
+            idx.len()
+        )));
+    }
+    let starts = check_sources(srcs, idx, dst, "gather_rows")?;
+    let rb = dst.row_bytes();
+    if rb == 0 {
+        return Ok(());
+    }
+    let src_bytes: Vec<&[u8]> = srcs.iter().map(|s| s.as_bytes()).collect();
+    let grain = (1usize << 16).div_ceil(rb).max(1);
+    dst.as_bytes_mut()
+        .par_chunks_mut(rb)
+        .with_min_len(grain)
+        .zip(idx.par_iter())
+        .for_each(|(row, &i)| {
+            if i == ZERO_ROW {
+                row.fill(0);
+            } else {
+                let (s, r) = locate(&starts, i as usize);
+                row.copy_from_slice(&src_bytes[s][r * rb..(r + 1) * rb]);
+            }
+        });
+    Ok(())
+}
+
+/// `y[t] = sum_j w[t,j] * cat(srcs)[idx[t,j]]`; see [`crate::Engine::combine`].
+pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
+    if k == 0 || idx.len() != weights.len() || idx.len() != y.rows() * k {
+        return Err(Error::invalid(format!(
+            "combine: {} indices and {} weights for {} output rows of top-{k}",
+            idx.len(),
+            weights.len(),
+            y.rows()
+        )));
+    }
+    let starts = check_sources(srcs, idx, y, "combine")?;
+    let d = y.cols();
+    if d == 0 {
+        return Ok(());
+    }
+    let grain = (1usize << 14).div_ceil(d * k).max(1);
+    with_storage!(y.storage_mut(), out => {
+        out.par_chunks_mut(d).with_min_len(grain).enumerate().for_each(|(t, yrow)| {
+            let mut acc = vec![0f32; d];
+            for j in 0..k {
+                let i = idx[t * k + j];
+                if i == ZERO_ROW {
+                    continue;
+                }
+                let w = weights[t * k + j];
+                let (s, r) = locate(&starts, i as usize);
+                with_storage!(srcs[s].storage(), src => {
+                    let row = &src[r * d..(r + 1) * d];
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += w * crate::dtype::Element::to_f32(*v);
+                    }
+                });
+            }
+            for (o, a) in yrow.iter_mut().zip(&acc) {
+                *o = crate::dtype::Element::from_f32(*a);
+            }
+        });
+    });
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! Seeded random tensors and layer weights for tests, benches and tools.
+//!
+//! Expert `e`'s weights depend only on `(seed, e)`, so each rank can make just its own experts
+//! and every rank agrees on them.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::config::MoeConfig;
+use crate::dtype::DType;
+use crate::tensor::Tensor;
+use crate::weights::ExpertWeights;
+
+fn rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    r.set_stream(stream);
+    r
+}
+
+/// `[rows, cols]` uniform in `(-scale, scale)`, rounded to `dtype`.
+pub fn uniform(dtype: DType, rows: usize, cols: usize, scale: f32, seed: u64, stream: u64) -> Tensor {
+    // Rows in parallel, each from its own word position, so the result does not depend on threads.
+    let mut v = vec![0f32; rows * cols];
+    if cols > 0 {
+        v.par_chunks_mut(cols.max(1) * 64).enumerate().for_each(|(i, chunk)| {
+            let mut r = rng(seed, stream);
+            r.set_word_pos((i * cols * 64) as u128);
+            for x in chunk {
+                *x = r.random_range(-scale..scale);
+            }
+        });
+    }
+    Tensor::from_f32(dtype, rows, cols, &v).expect("shape matches")
+}
+
+/// Tokens `[n, D]` for `rank` (its own stream), uniform in (-1, 1).
+pub fn input(cfg: &MoeConfig, n: usize, seed: u64, rank: usize) -> Tensor {
+    uniform(cfg.act_dtype, n, cfg.hidden, 1.0, seed, 1_000_000 + rank as u64)
+}
+
+/// Router weight `[E, D]`, scaled so logits have unit-order spread.
+pub fn gate(cfg: &MoeConfig, seed: u64) -> Tensor {
+    uniform(cfg.weight_dtype, cfg.num_experts, cfg.hidden, 3.0 / (cfg.hidden as f32).sqrt(), seed, 0)
+}
+
+/// Expert `e`'s weights, scaled so outputs stay of unit order.
+pub fn expert(cfg: &MoeConfig, seed: u64, e: usize) -> ExpertWeights {
+    let (d, f, dt) = (cfg.hidden, cfg.intermediate, cfg.weight_dtype);
+    let s = 3u64 * e as u64 + 1;
+    ExpertWeights {
+        gate: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s),
+        up: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s + 1),
+        down: uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, s + 2),
+    }
+}
+
+/// The weights of the listed experts, in the order given.
+pub fn experts(cfg: &MoeConfig, seed: u64, ids: &[usize]) -> Vec<ExpertWeights> {
+    ids.iter().map(|&e| expert(cfg, seed, e)).collect()
+}

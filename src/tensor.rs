@@ -1,0 +1,201 @@
+//! A 2-D row-major host tensor whose element type is chosen at run time.
+
+use half::{bf16, f16};
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+/// Typed storage of a [`Tensor`]. Kept typed (not `Vec<u8>`) so that every view is aligned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+/// Run `$body` with `$v` bound to the typed vector inside a [`Storage`] (by reference).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! with_storage {
+    ($storage:expr, $v:ident => $body:expr) => {
+        match $storage {
+            $crate::tensor::Storage::F32($v) => $body,
+            $crate::tensor::Storage::F16($v) => $body,
+            $crate::tensor::Storage::BF16($v) => $body,
+        }
+    };
+}
+
+/// A `rows x cols` row-major matrix of one [`DType`].
+///
+/// Activations are `[tokens, hidden]`; expert weights are stored as Hugging Face does,
+/// `[out_features, in_features]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    rows: usize,
+    cols: usize,
+    storage: Storage,
+}
+
+impl Tensor {
+    /// A tensor of zeros.
+    pub fn zeros(dtype: DType, rows: usize, cols: usize) -> Self {
+        let n = rows * cols;
+        let storage = match dtype {
+            DType::F32 => Storage::F32(vec![0.0; n]),
+            DType::F16 => Storage::F16(vec![f16::ZERO; n]),
+            DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
+        };
+        Tensor { rows, cols, storage }
+    }
+
+    /// Wrap a typed vector. Errors when `data.len() != rows * cols`.
+    pub fn from_vec<T: Element>(rows: usize, cols: usize, data: Vec<T>) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::invalid(format!(
+                "tensor data has {} elements, shape [{rows}, {cols}] needs {}",
+                data.len(),
+                rows * cols
+            )));
+        }
+        let any: Box<dyn std::any::Any> = Box::new(data);
+        let storage = match T::DTYPE {
+            DType::F32 => Storage::F32(*any.downcast::<Vec<f32>>().expect("dtype tag matches type")),
+            DType::F16 => Storage::F16(*any.downcast::<Vec<f16>>().expect("dtype tag matches type")),
+            DType::BF16 => {
+                Storage::BF16(*any.downcast::<Vec<bf16>>().expect("dtype tag matches type"))
+            }
+        };
+        Ok(Tensor { rows, cols, storage })
+    }
+
+    /// Round f32 values to `dtype` (nearest even). Errors when `data.len() != rows * cols`.
+    pub fn from_f32(dtype: DType, rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
+        if data.len() != rows * cols {
+            return Err(Error::invalid(format!(
+                "tensor data has {} elements, shape [{rows}, {cols}] needs {}",
+                data.len(),
+                rows * cols
+            )));
+        }
+        Ok(match dtype {
+            DType::F32 => Tensor { rows, cols, storage: Storage::F32(data.to_vec()) },
+            DType::F16 => Tensor {
+                rows,
+                cols,
+                storage: Storage::F16(data.iter().map(|&v| f16::from_f32(v)).collect()),
+            },
+            DType::BF16 => Tensor {
+                rows,
+                cols,
+                storage: Storage::BF16(data.iter().map(|&v| bf16::from_f32(v)).collect()),
+            },
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn dtype(&self) -> DType {
+        match self.storage {
+            Storage::F32(_) => DType::F32,
+            Storage::F16(_) => DType::F16,
+            Storage::BF16(_) => DType::BF16,
+        }
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols * self.dtype().size()
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    /// The raw bytes, row-major, native endianness.
+    pub fn as_bytes(&self) -> &[u8] {
+        with_storage!(&self.storage, v => bytemuck::cast_slice(v.as_slice()))
+    }
+    /// The raw bytes, writable (used to receive exchanges in place).
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        with_storage!(&mut self.storage, v => bytemuck::cast_slice_mut(v.as_mut_slice()))
+    }
+
+    /// The typed data when the dtype is `T`, else `None`.
+    pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
+        with_storage!(&self.storage, v => bytemuck::try_cast_slice(v.as_slice()).ok())
+            .filter(|_| T::DTYPE == self.dtype())
+    }
+
+    /// Element `(r, c)` widened to f32.
+    pub fn get_f32(&self, r: usize, c: usize) -> f32 {
+        let i = r * self.cols + c;
+        with_storage!(&self.storage, v => v[i].to_f32())
+    }
+
+    /// Every element widened to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        with_storage!(&self.storage, v => v.iter().map(|x| x.to_f32()).collect())
+    }
+
+    /// Every element widened to f64 (for references).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        with_storage!(&self.storage, v => v.iter().map(|x| x.to_f32() as f64).collect())
+    }
+
+    /// Convert to another dtype (rounding to nearest even).
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        Tensor::from_f32(dtype, self.rows, self.cols, &self.to_f32_vec())
+            .expect("shape preserved by conversion")
+    }
+
+    /// Rows `[start, end)` as a new tensor.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Result<Tensor> {
+        if start > end || end > self.rows {
+            return Err(Error::invalid(format!(
+                "row range {start}..{end} outside a tensor of {} rows",
+                self.rows
+            )));
+        }
+        let (a, b) = (start * self.cols, end * self.cols);
+        let storage = match &self.storage {
+            Storage::F32(v) => Storage::F32(v[a..b].to_vec()),
+            Storage::F16(v) => Storage::F16(v[a..b].to_vec()),
+            Storage::BF16(v) => Storage::BF16(v[a..b].to_vec()),
+        };
+        Ok(Tensor { rows: end - start, cols: self.cols, storage })
+    }
+
+    /// Check the shape and dtype, with a message naming `what`.
+    pub fn expect(&self, what: &str, dtype: DType, rows: Option<usize>, cols: usize) -> Result<()> {
+        if self.dtype() != dtype {
+            return Err(Error::invalid(format!(
+                "{what} has dtype {}, expected {dtype}",
+                self.dtype()
+            )));
+        }
+        if self.cols != cols || rows.is_some_and(|r| r != self.rows) {
+            let want_rows = rows.map(|r| r.to_string()).unwrap_or_else(|| "N".into());
+            return Err(Error::invalid(format!(
+                "{what} has shape [{}, {}], expected [{want_rows}, {cols}]",
+                self.rows, self.cols
+            )));
+        }
+        Ok(())
+    }
+}

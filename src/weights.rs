@@ -1,0 +1,41 @@
+//! Expert weights.
+
+use crate::config::MoeConfig;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// The three matrices of one SwiGLU expert, in Hugging Face layout `[out, in]`:
+/// `out = down( silu(gate · h) * (up · h) )`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertWeights {
+    /// `[F, D]` (Mixtral `w1`, Qwen/DeepSeek `gate_proj`).
+    pub gate: Tensor,
+    /// `[F, D]` (Mixtral `w3`, `up_proj`).
+    pub up: Tensor,
+    /// `[D, F]` (Mixtral `w2`, `down_proj`).
+    pub down: Tensor,
+}
+
+impl ExpertWeights {
+    /// Check shapes and dtype against `config`; `name` goes into the message.
+    pub fn validate(&self, config: &MoeConfig, name: &str) -> Result<()> {
+        let (d, f, dt) = (config.hidden, config.intermediate, config.weight_dtype);
+        let check = |t: &Tensor, what: &str, rows: usize, cols: usize| {
+            t.expect(&format!("{name}.{what}"), dt, Some(rows), cols)
+        };
+        check(&self.gate, "gate", f, d)?;
+        check(&self.up, "up", f, d)?;
+        check(&self.down, "down", d, f)?;
+        Ok(())
+    }
+
+    /// Bytes of the three matrices.
+    pub fn bytes(&self) -> usize {
+        self.gate.as_bytes().len() + self.up.as_bytes().len() + self.down.as_bytes().len()
+    }
+}
+
+/// Check a router (gate) weight: `[E, D]` in the weight dtype.
+pub fn validate_router(gate: &Tensor, config: &MoeConfig) -> Result<()> {
+    gate.expect("router weight", config.weight_dtype, Some(config.num_experts), config.hidden)
+}
