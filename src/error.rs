@@ -35,6 +35,10 @@ pub enum Error {
     #[error("rank {rank}: {op}: rank {peer} failed on its side (its own error says why)")]
     PeerFailed { rank: usize, op: &'static str, peer: usize },
 
+    /// A peer gave up on this collective because of another rank, which it names.
+    #[error("rank {rank}: {op}: rank {via} reports that rank {peer} failed, stalled or is gone")]
+    PeerReported { rank: usize, op: &'static str, peer: usize, via: usize },
+
     /// An earlier collective failed, so the group's message streams can no longer be trusted.
     #[error("rank {rank}: group is unusable after an earlier failure: {first}")]
     Poisoned { rank: usize, first: String },
@@ -57,6 +61,18 @@ impl Error {
     /// Invalid input seen on `rank`.
     pub fn invalid_on(rank: usize, what: impl Into<String>) -> Self {
         Error::InvalidInput { rank: Some(rank), what: what.into() }
+    }
+
+    /// The other rank this error blames, if any (the root cause for [`Error::PeerReported`]).
+    pub fn peer(&self) -> Option<usize> {
+        match self {
+            Error::Timeout { peer, .. }
+            | Error::PeerLost { peer, .. }
+            | Error::Mismatch { peer, .. }
+            | Error::PeerFailed { peer, .. }
+            | Error::PeerReported { peer, .. } => Some(*peer),
+            _ => None,
+        }
     }
 
     /// Attach `rank` to an error that was created without one.

@@ -30,8 +30,9 @@ impl Op {
 
 enum Payload {
     Bytes(Vec<u8>),
-    /// The sender failed locally during this call and will send nothing else for it.
-    Failed,
+    /// The sender gave up on this call and will send nothing else for it; `culprit` is the
+    /// rank its error blames (itself for bad local input).
+    Failed { culprit: usize },
 }
 
 struct Envelope {
@@ -129,18 +130,21 @@ impl LocalGroup {
     /// refuse later calls.
     fn finish<T>(&self, op: Op, seq: u64, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
+            let culprit = e.peer().unwrap_or(self.rank);
             for tx in self.to.iter().flatten() {
-                let _ = tx.send(Envelope { op, seq, payload: Payload::Failed });
+                let _ = tx.send(Envelope { op, seq, payload: Payload::Failed { culprit } });
             }
             *self.poisoned.borrow_mut() = Some(e.to_string());
         }
         r
     }
 
-    fn send(&self, peer: usize, op: Op, seq: u64, bytes: Vec<u8>) -> Result<()> {
+    /// Queue a message for `peer`. A peer that is gone is not an error here: it cannot send
+    /// either, so the receive from it reports the loss (after any message it left behind,
+    /// which may name the rank that really failed).
+    fn send(&self, peer: usize, op: Op, seq: u64, bytes: Vec<u8>) {
         let tx = self.to[peer].as_ref().expect("no channel to self");
-        tx.send(Envelope { op, seq, payload: Payload::Bytes(bytes) })
-            .map_err(|_| Error::PeerLost { rank: self.rank, op: op.name(), peer })
+        let _ = tx.send(Envelope { op, seq, payload: Payload::Bytes(bytes) });
     }
 
     /// Receive this call's message from `peer`, checking it is the same call and `want` bytes.
@@ -153,6 +157,14 @@ impl LocalGroup {
             }
             RecvTimeoutError::Disconnected => Error::PeerLost { rank: self.rank, op: op.name(), peer },
         })?;
+        // A failure notice ends this call whichever call it was sent for: the peer has given up.
+        if let Payload::Failed { culprit } = env.payload {
+            return Err(if culprit == peer {
+                Error::PeerFailed { rank: self.rank, op: op.name(), peer }
+            } else {
+                Error::PeerReported { rank: self.rank, op: op.name(), peer: culprit, via: peer }
+            });
+        }
         if env.op != op || env.seq != seq {
             return Err(Error::Mismatch {
                 rank: self.rank,
@@ -167,7 +179,7 @@ impl LocalGroup {
             });
         }
         match env.payload {
-            Payload::Failed => Err(super::peer_failed(self.rank, op.name(), peer)),
+            Payload::Failed { .. } => unreachable!("handled above"),
             Payload::Bytes(b) if b.len() != want => Err(Error::Mismatch {
                 rank: self.rank,
                 op: op.name(),
@@ -193,7 +205,7 @@ impl LocalGroup {
         let deadline = Instant::now() + self.timeout;
         let me = self.rank;
         for p in (0..self.size).filter(|&p| p != me) {
-            self.send(p, op, seq, send[send_off[p]..send_off[p] + send_len[p]].to_vec())?;
+            self.send(p, op, seq, send[send_off[p]..send_off[p] + send_len[p]].to_vec());
         }
         if send_len[me] != recv_len[me] {
             return Err(Error::invalid_on(

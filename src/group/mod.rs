@@ -126,8 +126,3 @@ pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
         })
         .collect()
 }
-
-/// Raised when a rank could not even start its part of a collective; see [`Error::PeerFailed`].
-pub(crate) fn peer_failed(rank: usize, op: &'static str, peer: usize) -> Error {
-    Error::PeerFailed { rank, op, peer }
-}

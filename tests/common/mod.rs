@@ -1,0 +1,146 @@
+//! Shared harness of the multi-rank tests: run a layer on thread ranks, compare with the f64
+//! dense reference.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use moe_ep::reference::{self, Reference};
+use moe_ep::{DType, ExpertWeights, ForwardStats, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor, random};
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Uneven token counts per rank, zeros included.
+pub fn uneven_tokens(world: usize) -> Vec<usize> {
+    const N: [usize; 8] = [7, 0, 13, 1, 29, 3, 0, 11];
+    if world == 1 { vec![9] } else { N[..world].to_vec() }
+}
+
+/// One multi-rank run of a layer.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub cfg: MoeConfig,
+    pub world: usize,
+    pub tokens: Vec<usize>,
+    /// Explicit expert -> rank map; contiguous when `None`.
+    pub map: Option<Vec<usize>>,
+    /// Send every token's first choice to expert 0.
+    pub skew: bool,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn new(cfg: MoeConfig, world: usize) -> Self {
+        Case { tokens: uneven_tokens(world), cfg, world, map: None, skew: false, seed: 0x5eed }
+    }
+
+    pub fn placement(&self) -> Placement {
+        match &self.map {
+            Some(m) => Placement::from_map(m.clone(), self.world).unwrap(),
+            None => Placement::contiguous(self.cfg.num_experts, self.world).unwrap(),
+        }
+    }
+
+    pub fn gate(&self) -> Tensor {
+        let g = random::gate(&self.cfg, self.seed);
+        if !self.skew {
+            return g;
+        }
+        // Expert 0's logit gets +40 * x[:, 0], and inputs have x[:, 0] = 1.
+        let (e, d) = (g.rows(), g.cols());
+        let mut v = g.to_f32_vec();
+        v[0] = 40.0;
+        Tensor::from_f32(g.dtype(), e, d, &v).unwrap()
+    }
+
+    pub fn input(&self, rank: usize) -> Tensor {
+        let x = random::input(&self.cfg, self.tokens[rank], self.seed, rank);
+        if !self.skew {
+            return x;
+        }
+        let mut v = x.to_f32_vec();
+        for t in 0..x.rows() {
+            v[t * x.cols()] = 1.0;
+        }
+        Tensor::from_f32(x.dtype(), x.rows(), x.cols(), &v).unwrap()
+    }
+
+    pub fn all_experts(&self) -> Vec<ExpertWeights> {
+        random::experts(&self.cfg, self.seed, &(0..self.cfg.num_experts).collect::<Vec<_>>())
+    }
+
+    /// Build the layer on each rank and run one forward; per rank (y, stats).
+    pub fn run(&self) -> Vec<(Tensor, ForwardStats)> {
+        let outs = LocalGroup::run(self.world, TIMEOUT, |g| {
+            let rank = g.rank();
+            let p = self.placement();
+            let mine = random::experts(&self.cfg, self.seed, p.experts_of(rank));
+            let layer = MoeLayer::new(g, self.cfg.clone(), p, self.gate(), mine)?;
+            layer.forward_with_stats(&self.input(rank))
+        })
+        .unwrap();
+        outs.into_iter()
+            .enumerate()
+            .map(|(r, o)| o.unwrap_or_else(|_| panic!("rank {r} panicked")).unwrap_or_else(|e| panic!("rank {r}: {e}")))
+            .collect()
+    }
+
+    /// The f64 dense reference for each rank's tokens.
+    pub fn reference(&self) -> Vec<Reference> {
+        let experts = self.all_experts();
+        let gate = self.gate();
+        (0..self.world).map(|r| reference::dense_moe(&self.input(r), &gate, &experts, &self.cfg)).collect()
+    }
+
+    /// Run and compare every rank with the reference; returns the stats.
+    pub fn check(&self) -> Vec<ForwardStats> {
+        let got = self.run();
+        let want = self.reference();
+        let tol = tolerance(self.cfg.act_dtype, self.cfg.weight_dtype);
+        for (r, ((y, stats), w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!((y.rows(), y.cols()), (self.tokens[r], self.cfg.hidden), "rank {r}: output shape");
+            assert_eq!(y.dtype(), self.cfg.act_dtype, "rank {r}: output dtype");
+            assert_close(&y.to_f64_vec(), &w.y, tol, &format!("{self:?} rank {r}"));
+            let dropped = w.dropped.iter().filter(|&&d| d).count();
+            assert_eq!(stats.dropped, dropped, "rank {r}: dropped count");
+            assert_eq!(stats.tokens, self.tokens[r]);
+            assert_eq!(stats.rows_sent.iter().sum::<usize>() + dropped, self.tokens[r] * self.cfg.top_k, "rank {r}: rows sent");
+        }
+        // Conservation: what rank a sent to rank b is what b received from a.
+        for a in 0..self.world {
+            for b in 0..self.world {
+                assert_eq!(got[a].1.rows_sent[b], got[b].1.rows_received[a], "rows {a} -> {b}");
+            }
+        }
+        got.into_iter().map(|(_, s)| s).collect()
+    }
+}
+
+/// Norm-wise relative error allowed against f64 for a dtype pair (output and expert outputs are
+/// rounded to the activation dtype once each; weights are exact in the reference).
+pub fn tolerance(act: DType, weight: DType) -> f64 {
+    let _ = weight;
+    match act {
+        DType::F32 => 2e-5,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1.2e-2,
+    }
+}
+
+/// Norm-wise relative error within `tol`, and no single element off by more than
+/// `8 * tol * max|want|` (catches one misplaced row that a norm would hide).
+pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let rel = reference::rel_error(got, want);
+    assert!(rel <= tol, "{what}: relative error {rel:.3e} > {tol:.1e}");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= 8.0 * tol * scale, "{what}: element {i}: got {a}, want {b} (scale {scale})");
+    }
+    // Outputs must not be trivially zero: the reference has signal.
+    assert!(want.is_empty() || scale > 0.0, "{what}: reference is all zeros");
+}
+
+pub fn small_cfg(k: usize) -> MoeConfig {
+    MoeConfig::new(24, 32, 40, k)
+}
