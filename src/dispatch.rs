@@ -23,6 +23,7 @@ use crate::plan::{DROPPED, RoutePlan};
 use crate::router::Routing;
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
+use crate::workspace::Workspace;
 
 /// Words before the per-expert counts in each chunk of the counts round:
 /// status (0 = ok), row bytes, dtype code, local experts the sender believes the receiver has.
@@ -88,13 +89,28 @@ pub fn dispatch<G: Group + ?Sized>(
     x: &Tensor,
     routing: &Routing,
 ) -> Result<Dispatched> {
-    dispatch_or_fail(group, engine, placement, capacity, x, Ok(routing))
+    dispatch_or_fail(group, engine, &Workspace::new(), placement, capacity, x, Ok(routing))
+}
+
+/// [`dispatch`] with buffers taken from (and internal ones returned to) `ws`, so repeated calls
+/// allocate nothing. Give the batch back with [`Workspace::recycle`] when done with it.
+pub fn dispatch_in<G: Group + ?Sized>(
+    group: &G,
+    engine: &dyn Engine,
+    ws: &Workspace,
+    placement: &Placement,
+    capacity: Capacity,
+    x: &Tensor,
+    routing: &Routing,
+) -> Result<Dispatched> {
+    dispatch_or_fail(group, engine, ws, placement, capacity, x, Ok(routing))
 }
 
 /// [`dispatch`], or take part in its counts round as a failed rank and return `routing`'s error.
 pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     group: &G,
     engine: &dyn Engine,
+    ws: &Workspace,
     placement: &Placement,
     capacity: Capacity,
     x: &Tensor,
@@ -188,7 +204,7 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let (dtype, cols) = (x.dtype(), x.cols());
     let send_rows: Vec<usize> = (0..world).map(|d| if d == rank { 0 } else { plan.rows_to(d) }).collect();
     let pack_idx: Vec<u32> = (0..world).filter(|&d| d != rank).flat_map(|d| plan.block_tokens[d].iter().copied()).collect();
-    let mut send_buf = Tensor::zeros(dtype, pack_idx.len(), cols);
+    let mut send_buf = ws.take(dtype, pack_idx.len(), cols);
     engine.gather_rows(&[x], &pack_idx, &mut send_buf).map_err(|e| e.on_rank(rank))?;
     stats.times.pack = t.elapsed().as_secs_f64();
 
@@ -196,10 +212,11 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let t = Instant::now();
     let recv_rows: Vec<usize> = (0..world).map(|s| if s == rank { 0 } else { cnt[s].iter().sum() }).collect();
     let r_total: usize = recv_rows.iter().sum();
-    let mut recv_buf = Tensor::zeros(dtype, r_total, cols);
+    let mut recv_buf = ws.take(dtype, r_total, cols);
     let bytes = |rows: &[usize]| rows.iter().map(|&r| r * rb).collect::<Vec<_>>();
     group.exchange_v_known_into(send_buf.as_bytes(), &bytes(&send_rows), recv_buf.as_bytes_mut(), &bytes(&recv_rows))?;
     stats.times.exchange = counts_time + t.elapsed().as_secs_f64();
+    ws.recycle(send_buf);
 
     // 5. Scatter into the expert-major batch: expert, then source rank, then arrival order.
     let t = Instant::now();
@@ -233,8 +250,9 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
             }
         }
     }
-    let mut batch = Tensor::zeros(dtype, b_total, cols);
+    let mut batch = ws.take(dtype, b_total, cols);
     engine.gather_rows(&[&recv_buf, x], &batch_from, &mut batch).map_err(|e| e.on_rank(rank))?;
+    ws.recycle(recv_buf);
     stats.times.scatter = t.elapsed().as_secs_f64();
 
     // The way back: per peer its rows in arrival order plus one status row; combine reads
@@ -302,13 +320,25 @@ pub fn combine<G: Group + ?Sized>(
     handle: CombineHandle,
     outputs: &Tensor,
 ) -> Result<(Tensor, ForwardStats)> {
-    combine_or_fail(group, engine, handle, Ok(outputs))
+    combine_or_fail(group, engine, &Workspace::new(), handle, Ok(outputs))
+}
+
+/// [`combine`] with buffers from `ws` (the output is taken from it too).
+pub fn combine_in<G: Group + ?Sized>(
+    group: &G,
+    engine: &dyn Engine,
+    ws: &Workspace,
+    handle: CombineHandle,
+    outputs: &Tensor,
+) -> Result<(Tensor, ForwardStats)> {
+    combine_or_fail(group, engine, ws, handle, Ok(outputs))
 }
 
 /// [`combine`], or take part in its exchange as a failed rank and return `outputs`' error.
 pub(crate) fn combine_or_fail<G: Group + ?Sized>(
     group: &G,
     engine: &dyn Engine,
+    ws: &Workspace,
     handle: CombineHandle,
     outputs: Result<&Tensor>,
 ) -> Result<(Tensor, ForwardStats)> {
@@ -319,7 +349,7 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
 
     // 7. Gather outputs back into per-peer blocks in arrival order (+ a zero status row each).
     let t = Instant::now();
-    let mut back_send = Tensor::zeros(h.dtype, h.back_send_idx.len(), h.cols);
+    let mut back_send = ws.take(h.dtype, h.back_send_idx.len(), h.cols);
     let local = outputs
         .and_then(|o| {
             o.expect("expert outputs", h.dtype, Some(h.batch_rows), h.cols)?;
@@ -337,9 +367,10 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
     let t = Instant::now();
     let rb = h.cols * h.dtype.size();
     let bytes = |rows: &[usize]| rows.iter().map(|&r| r * rb).collect::<Vec<_>>();
-    let mut back_recv = Tensor::zeros(h.dtype, h.back_recv_rows.iter().sum(), h.cols);
+    let mut back_recv = ws.take(h.dtype, h.back_recv_rows.iter().sum(), h.cols);
     group.exchange_v_known_into(back_send.as_bytes(), &bytes(&h.back_send_rows), back_recv.as_bytes_mut(), &bytes(&h.back_recv_rows))?;
     stats.times.exchange_back = t.elapsed().as_secs_f64();
+    ws.recycle(back_send);
     let outputs = local?;
     let recv_bytes = back_recv.as_bytes();
     for &(peer, row) in &h.back_status_rows {
@@ -350,8 +381,9 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
 
     // 9. Weighted sum, local rows read in place.
     let t = Instant::now();
-    let mut y = Tensor::zeros(h.dtype, h.n, h.cols);
+    let mut y = ws.take(h.dtype, h.n, h.cols);
     engine.combine(&[outputs, &back_recv], &h.combine_idx, &h.weights, h.k, &mut y).map_err(|e| e.on_rank(rank))?;
+    ws.recycle(back_recv);
     stats.times.combine = t.elapsed().as_secs_f64();
     Ok((y, stats))
 }

@@ -14,6 +14,7 @@ use crate::router;
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
 use crate::weights::{ExpertWeights, validate_router};
+use crate::workspace::Workspace;
 
 /// One rank's part of an expert-parallel MoE layer: the router (replicated), this rank's
 /// experts, and the group it shares with the other ranks.
@@ -24,6 +25,7 @@ pub struct MoeLayer<G: Group> {
     gate: Tensor,
     experts: Vec<ExpertWeights>,
     engine: Box<dyn Engine>,
+    ws: Workspace,
 }
 
 impl<G: Group> std::fmt::Debug for MoeLayer<G> {
@@ -124,7 +126,7 @@ impl<G: Group> MoeLayer<G> {
                 return Err(Error::ConfigMismatch { rank, detail: what });
             }
         }
-        Ok(MoeLayer { group, config, placement, gate, experts, engine })
+        Ok(MoeLayer { group, config, placement, gate, experts, engine, ws: Workspace::new() })
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -167,17 +169,19 @@ impl<G: Group> MoeLayer<G> {
             .map_err(|e| e.on_rank(rank));
         let route_time = t.elapsed().as_secs_f64();
 
-        let d = dispatch_or_fail(&self.group, self.engine.as_ref(), &self.placement, cfg.capacity, x, routing.as_ref().map_err(Clone::clone))?;
+        let d = dispatch_or_fail(&self.group, self.engine.as_ref(), &self.ws, &self.placement, cfg.capacity, x, routing.as_ref().map_err(Clone::clone))?;
 
         let t = Instant::now();
-        let mut out = Tensor::zeros(cfg.act_dtype, d.batch.rows(), cfg.hidden);
+        let mut out = self.ws.take(cfg.act_dtype, d.batch.rows(), cfg.hidden);
         let ffn = {
             let _s = tracing::debug_span!("experts", rank, rows = d.batch.rows()).entered();
             self.engine.ffn(&d.batch, &d.expert_offsets, &self.experts, &mut out)
         };
         let experts_time = t.elapsed().as_secs_f64();
 
-        let (y, mut stats) = combine_or_fail(&self.group, self.engine.as_ref(), d.handle, ffn.map(|_| &out))?;
+        self.ws.recycle(d.batch);
+        let (y, mut stats) = combine_or_fail(&self.group, self.engine.as_ref(), &self.ws, d.handle, ffn.map(|_| &out))?;
+        self.ws.recycle(out);
         stats.times.route = route_time;
         stats.times.experts = experts_time;
         Ok((y, stats))

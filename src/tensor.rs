@@ -164,6 +164,23 @@ impl Tensor {
             .expect("shape preserved by conversion")
     }
 
+    /// Elements the storage can hold without reallocating.
+    pub(crate) fn capacity(&self) -> usize {
+        with_storage!(&self.storage, v => v.capacity())
+    }
+
+    /// The same allocation viewed as `[rows, cols]`; contents are unspecified (kept where the
+    /// storage was already large enough, zeros where it grew).
+    pub(crate) fn reshaped(mut self, rows: usize, cols: usize) -> Tensor {
+        let n = rows * cols;
+        with_storage!(&mut self.storage, v => {
+            if v.len() >= n { v.truncate(n) } else { v.resize(n, Default::default()) }
+        });
+        self.rows = rows;
+        self.cols = cols;
+        self
+    }
+
     /// Rows `[start, end)` as a new tensor.
     pub fn slice_rows(&self, start: usize, end: usize) -> Result<Tensor> {
         if start > end || end > self.rows {

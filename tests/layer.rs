@@ -41,6 +41,7 @@ fn explicit_placement_with_uneven_and_empty_ranks() {
     for k in [1, 3] {
         let mut c = Case::new(moe_ep::MoeConfig::new(10, 24, 20, k), 3);
         c.map = Some(map.clone());
+        c.tokens = vec![6, 11, 0];
         let stats = c.check();
         assert_eq!(stats[1].rows_received.iter().sum::<usize>(), 0, "rank 1 owns no experts");
         assert!(stats[1].rows_sent.iter().sum::<usize>() > 0, "rank 1 still sends its tokens");

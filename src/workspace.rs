@@ -1,0 +1,57 @@
+//! Host buffers reused across calls, so that a steady stream of forwards allocates (and
+//! page-faults) nothing after the first.
+
+use std::sync::Mutex;
+
+use crate::dtype::DType;
+use crate::tensor::Tensor;
+
+/// Most buffers a workspace keeps; more are dropped when returned.
+const KEEP: usize = 16;
+
+/// A pool of host tensors. Cheap to create; share one per layer (it is `Sync`).
+#[derive(Debug, Default)]
+pub struct Workspace {
+    free: Mutex<Vec<Tensor>>,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A `[rows, cols]` tensor of `dtype` whose contents are unspecified (stale data from an
+    /// earlier call, or zeros). Callers must overwrite every element.
+    pub fn take(&self, dtype: DType, rows: usize, cols: usize) -> Tensor {
+        let n = rows * cols;
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        // Smallest buffer that fits, else the largest of the dtype (it grows once).
+        let fit = free
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.dtype() == dtype && t.capacity() >= n)
+            .min_by_key(|(_, t)| t.capacity())
+            .or_else(|| free.iter().enumerate().filter(|(_, t)| t.dtype() == dtype).max_by_key(|(_, t)| t.capacity()))
+            .map(|(i, _)| i);
+        match fit {
+            Some(i) => free.swap_remove(i).reshaped(rows, cols),
+            None => Tensor::zeros(dtype, rows, cols),
+        }
+    }
+
+    /// Give a tensor back for later calls.
+    pub fn recycle(&self, t: Tensor) {
+        if t.capacity() == 0 {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < KEEP {
+            free.push(t);
+        } else if let Some(i) = (0..free.len()).min_by_key(|&i| free[i].capacity()) {
+            // Keep the larger buffers.
+            if free[i].capacity() < t.capacity() {
+                free[i] = t;
+            }
+        }
+    }
+}

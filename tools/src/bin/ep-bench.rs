@@ -1,0 +1,203 @@
+//! ep-bench: one expert-parallel MoE layer over thread ranks, timed stage by stage.
+//!
+//! Prints the per-stage time table (median over iterations of the slowest rank), the layer
+//! time, and the data-movement and FLOP rates against the floors measured in the same run.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use moe_ep::{Capacity, DType, ForwardStats, Group, LocalGroup, MoeLayer, Placement, floor, random};
+use moe_ep_tools::{fmt_time, median, preset};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "Run an expert-parallel MoE layer on thread ranks and time every stage")]
+struct Args {
+    /// Layer shape after a real model: deepseek-v2-lite, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3-scaled, tiny.
+    #[arg(long, default_value = "deepseek-v2-lite")]
+    config: String,
+    /// Ranks (threads).
+    #[arg(long, default_value_t = 4)]
+    world: usize,
+    /// Tokens per rank.
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Activation dtype (f32, f16, bf16).
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
+    /// Weight dtype; defaults to the activation dtype.
+    #[arg(long)]
+    weight_dtype: Option<DType>,
+    /// Capacity factor (dropless when absent).
+    #[arg(long)]
+    capacity_factor: Option<f32>,
+    /// Route every token's first choice to expert 0 (worst-case load imbalance).
+    #[arg(long)]
+    skew: bool,
+    /// Compute backend: auto picks the GPU when one is built in and found, else the CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu"])]
+    backend: String,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    preset: &'static moe_ep_tools::Preset,
+    config: moe_ep::MoeConfig,
+    world: usize,
+    tokens_per_rank: usize,
+    backend: String,
+    iters: usize,
+    /// Median over iterations of the slowest rank's forward, seconds.
+    forward_s: f64,
+    /// Per stage: median over iterations of the slowest rank, seconds.
+    stages: Vec<(String, f64)>,
+    movement_bytes: usize,
+    movement_s: f64,
+    movement_gbps: f64,
+    memcpy_1t_gbps: f64,
+    memcpy_all_gbps: f64,
+    expert_flops: f64,
+    experts_s: f64,
+    /// Rank 0's stats of the last iteration.
+    last_stats_rank0: ForwardStats,
+}
+
+fn main() {
+    moe_ep_tools::init_tracing();
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("ep-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let p = preset(&args.config)?;
+    let wdt = args.weight_dtype.unwrap_or(args.dtype);
+    let mut cfg = p.config(args.dtype, wdt);
+    if let Some(f) = args.capacity_factor {
+        cfg = cfg.with_capacity(Capacity::Factor(f));
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    let placement = Placement::contiguous(cfg.num_experts, args.world).map_err(|e| e.to_string())?;
+    let backend = match args.backend.as_str() {
+        // The wgpu engine is not part of this build yet; auto therefore means the CPU.
+        "auto" | "cpu" => "cpu",
+        other => return Err(format!("unknown backend {other}")),
+    };
+
+    println!("ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as threads, {} tokens per rank", p.name, cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, args.world, args.tokens);
+    if !p.note.is_empty() {
+        println!("  note: {}", p.note);
+    }
+    println!("  activations {}, weights {}, {}, backend {backend} ({} CPU threads){}", cfg.act_dtype, cfg.weight_dtype, if args.capacity_factor.is_some() { "capacity factor" } else { "dropless" }, rayon::current_num_threads(), if args.skew { ", skewed routing" } else { "" });
+    if args.backend == "auto" {
+        println!("  auto: no GPU engine is built into this version, so the CPU runs every stage");
+    }
+
+    let memcpy_1t = floor::memcpy_gbps(256 << 20, 1, 5);
+    let memcpy_all = floor::memcpy_gbps(256 << 20, rayon::current_num_threads(), 5);
+    println!("  floor: memcpy {memcpy_1t:.1} GB/s on 1 thread, {memcpy_all:.1} GB/s on {} (read + write)", rayon::current_num_threads());
+
+    let weight_bytes = cfg.num_experts * 3 * cfg.hidden * cfg.intermediate * wdt.size();
+    println!("  generating {:.2} GB of expert weights ...", weight_bytes as f64 / 1e9);
+    let t0 = Instant::now();
+    let total_iters = args.warmup + args.iters;
+    let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| -> moe_ep::Result<Vec<(f64, ForwardStats)>> {
+        let rank = g.rank();
+        let mine = random::experts(&cfg, args.seed, placement.experts_of(rank));
+        let mut gate = random::gate(&cfg, args.seed);
+        let mut x = random::input(&cfg, args.tokens, args.seed, rank);
+        if args.skew {
+            // Expert 0 gets +40 * x[:, 0] on its logit, and every token has x[:, 0] = 1.
+            let mut gv = gate.to_f32_vec();
+            gv[0] = 40.0;
+            gate = moe_ep::Tensor::from_f32(gate.dtype(), gate.rows(), gate.cols(), &gv)?;
+            let mut xv = x.to_f32_vec();
+            (0..x.rows()).for_each(|t| xv[t * x.cols()] = 1.0);
+            x = moe_ep::Tensor::from_f32(x.dtype(), x.rows(), x.cols(), &xv)?;
+        }
+        let layer = MoeLayer::new(g, cfg.clone(), placement.clone(), gate, mine)?;
+        let mut out = Vec::with_capacity(args.iters);
+        for i in 0..total_iters {
+            layer.group().barrier()?;
+            let t = Instant::now();
+            let (_, stats) = layer.forward_with_stats(&x)?;
+            let wall = t.elapsed().as_secs_f64();
+            if i >= args.warmup {
+                out.push((wall, stats));
+            }
+        }
+        Ok(out)
+    })
+    .map_err(|e| e.to_string())?;
+    let mut per_rank = Vec::new();
+    for (r, o) in outs.into_iter().enumerate() {
+        per_rank.push(o.map_err(|_| format!("rank {r} panicked"))?.map_err(|e| e.to_string())?);
+    }
+    println!("  setup + {total_iters} iterations took {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Per iteration, the slowest rank; then the median over iterations.
+    let slowest = |f: &dyn Fn(&(f64, ForwardStats)) -> f64| -> f64 {
+        let per_iter: Vec<f64> = (0..args.iters).map(|i| per_rank.iter().map(|r| f(&r[i])).fold(0.0, f64::max)).collect();
+        median(&per_iter)
+    };
+    let forward = slowest(&|s| s.0);
+    let names = per_rank[0][0].1.times.entries().map(|(n, _)| n);
+    let stages: Vec<(String, f64)> = names.iter().enumerate().map(|(i, n)| (n.to_string(), slowest(&|s| s.1.times.entries()[i].1))).collect();
+
+    println!("\n  {:<14} {:>12} {:>8}", "stage", "time", "share");
+    let sum: f64 = stages.iter().map(|s| s.1).sum();
+    for (n, t) in &stages {
+        println!("  {:<14} {:>12} {:>7.1}%", n, fmt_time(*t), 100.0 * t / sum);
+    }
+    println!("  {:<14} {:>12}", "forward", fmt_time(forward));
+    println!("  {:.0} tokens/s over all ranks", (args.tokens * args.world) as f64 / forward);
+
+    let rb = cfg.hidden * cfg.act_dtype.size();
+    let movement_bytes = args.world * floor::dispatch_combine_bytes(args.tokens, cfg.top_k, rb);
+    let movement = slowest(&|s| {
+        let t = &s.1.times;
+        t.plan + t.pack + t.exchange + t.scatter + t.gather + t.exchange_back + t.combine
+    });
+    let gbps = movement_bytes as f64 / movement / 1e9;
+    println!("\n  dispatch + combine: {:.1} MB moved (model bytes, all ranks) in {} = {gbps:.2} GB/s; floor memcpy {memcpy_all:.1} GB/s -> {:.1}%", movement_bytes as f64 / 1e6, fmt_time(movement), 100.0 * gbps / memcpy_all);
+    let flops = floor::expert_flops(args.tokens * args.world * cfg.top_k, cfg.hidden, cfg.intermediate);
+    let experts = slowest(&|s| s.1.times.experts);
+    println!("  experts: {:.1} GFLOP in {} = {:.1} GFLOP/s (slowest rank)", flops / 1e9, fmt_time(experts), flops / experts / 1e9);
+    let s0 = &per_rank[0][args.iters - 1].1;
+    println!("  rank 0: rows sent per rank {:?}, received {:?}, dropped {}", s0.rows_sent, s0.rows_received, s0.dropped);
+
+    if let Some(path) = &args.json {
+        let report = Report {
+            preset: p,
+            config: cfg.clone(),
+            world: args.world,
+            tokens_per_rank: args.tokens,
+            backend: backend.into(),
+            iters: args.iters,
+            forward_s: forward,
+            stages,
+            movement_bytes,
+            movement_s: movement,
+            movement_gbps: gbps,
+            memcpy_1t_gbps: memcpy_1t,
+            memcpy_all_gbps: memcpy_all,
+            expert_flops: flops,
+            experts_s: experts,
+            last_stats_rank0: s0.clone(),
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("  wrote {}", path.display());
+    }
+    Ok(())
+}
