@@ -1,6 +1,7 @@
 //! Element types of activations and weights.
 
 use bytemuck::Pod;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +70,10 @@ pub trait Element: Pod + Copy + Default + Send + Sync + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
+    /// `dst[i] = src[i] as f32` (vectorised where the CPU allows). Lengths must match.
+    fn widen_slice(src: &[Self], dst: &mut [f32]);
+    /// `dst[i] = round(src[i])` to nearest even (vectorised where the CPU allows). Lengths must match.
+    fn narrow_slice(src: &[f32], dst: &mut [Self]);
 }
 
 impl Element for f32 {
@@ -80,6 +85,12 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
+    }
+    fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -93,6 +104,12 @@ impl Element for f16 {
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
+    fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 impl Element for bf16 {
@@ -104,5 +121,14 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
+    }
+    fn widen_slice(src: &[Self], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len(), "widen_slice: lengths differ");
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    fn narrow_slice(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
     }
 }

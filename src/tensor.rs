@@ -78,19 +78,9 @@ impl Tensor {
                 rows * cols
             )));
         }
-        Ok(match dtype {
-            DType::F32 => Tensor { rows, cols, storage: Storage::F32(data.to_vec()) },
-            DType::F16 => Tensor {
-                rows,
-                cols,
-                storage: Storage::F16(data.iter().map(|&v| f16::from_f32(v)).collect()),
-            },
-            DType::BF16 => Tensor {
-                rows,
-                cols,
-                storage: Storage::BF16(data.iter().map(|&v| bf16::from_f32(v)).collect()),
-            },
-        })
+        let mut t = Tensor::zeros(dtype, rows, cols);
+        with_storage!(&mut t.storage, v => Element::narrow_slice(data, v));
+        Ok(t)
     }
 
     pub fn rows(&self) -> usize {
@@ -147,7 +137,9 @@ impl Tensor {
 
     /// Every element widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        with_storage!(&self.storage, v => v.iter().map(|x| x.to_f32()).collect())
+        let mut out = vec![0f32; self.len()];
+        with_storage!(&self.storage, v => Element::widen_slice(v, &mut out));
+        out
     }
 
     /// Every element widened to f64 (for references).

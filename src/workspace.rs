@@ -24,13 +24,20 @@ impl Workspace {
     /// earlier call, or zeros). Callers must overwrite every element.
     pub fn take(&self, dtype: DType, rows: usize, cols: usize) -> Tensor {
         let n = rows * cols;
+        if n == 0 {
+            return Tensor::zeros(dtype, rows, cols);
+        }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        // Smallest buffer that fits, else the largest of the dtype (it grows once).
+        // Smallest buffer already that long (no writes), else the smallest whose allocation
+        // fits, else the largest of the dtype (it grows once).
         let fit = free
             .iter()
             .enumerate()
-            .filter(|(_, t)| t.dtype() == dtype && t.capacity() >= n)
-            .min_by_key(|(_, t)| t.capacity())
+            .filter(|(_, t)| t.dtype() == dtype && t.len() >= n)
+            .min_by_key(|(_, t)| t.len())
+            .or_else(|| {
+                free.iter().enumerate().filter(|(_, t)| t.dtype() == dtype && t.capacity() >= n).min_by_key(|(_, t)| t.capacity())
+            })
             .or_else(|| free.iter().enumerate().filter(|(_, t)| t.dtype() == dtype).max_by_key(|(_, t)| t.capacity()))
             .map(|(i, _)| i);
         match fit {

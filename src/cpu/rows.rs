@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::dtype::Element;
 use crate::engine::ZERO_ROW;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -91,26 +92,25 @@ pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut
     }
     let grain = (1usize << 14).div_ceil(d * k).max(1);
     with_storage!(y.storage_mut(), out => {
-        out.par_chunks_mut(d).with_min_len(grain).enumerate().for_each(|(t, yrow)| {
-            let mut acc = vec![0f32; d];
-            for j in 0..k {
-                let i = idx[t * k + j];
-                if i == ZERO_ROW {
-                    continue;
-                }
-                let w = weights[t * k + j];
-                let (s, r) = locate(&starts, i as usize);
-                with_storage!(srcs[s].storage(), src => {
-                    let row = &src[r * d..(r + 1) * d];
-                    for (a, v) in acc.iter_mut().zip(row) {
-                        *a += w * crate::dtype::Element::to_f32(*v);
+        out.par_chunks_mut(d).with_min_len(grain).enumerate().for_each_init(
+            || (vec![0f32; d], vec![0f32; d]),
+            |(acc, row), (t, yrow)| {
+                acc.fill(0.0);
+                for j in 0..k {
+                    let i = idx[t * k + j];
+                    if i == ZERO_ROW {
+                        continue;
                     }
-                });
-            }
-            for (o, a) in yrow.iter_mut().zip(&acc) {
-                *o = crate::dtype::Element::from_f32(*a);
-            }
-        });
+                    let w = weights[t * k + j];
+                    let (s, r) = locate(&starts, i as usize);
+                    with_storage!(srcs[s].storage(), src => Element::widen_slice(&src[r * d..(r + 1) * d], row));
+                    for (a, v) in acc.iter_mut().zip(row.iter()) {
+                        *a += w * *v;
+                    }
+                }
+                Element::narrow_slice(acc, yrow);
+            },
+        );
     });
     Ok(())
 }
