@@ -9,7 +9,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use moe_ep::{Capacity, CpuEngine, DType, Group, LocalGroup, Placement, Workspace, combine_in, dispatch_in, floor, random, router};
+use moe_ep::{
+    Capacity, CpuEngine, DType, Group, LocalGroup, Placement, Workspace, combine_in, dispatch_in, floor, random, router,
+};
 
 const E: usize = 64;
 const D: usize = 2048;
@@ -64,7 +66,9 @@ fn summary() {
     let threads = rayon::current_num_threads();
     let m1 = floor::memcpy_gbps(256 << 20, 1, 5);
     let mall = floor::memcpy_gbps(256 << 20, threads, 5);
-    println!("\nsummary: E={E} D={D} k={K} {DTYPE}, identity experts; floor memcpy {m1:.1} GB/s (1 thread), {mall:.1} GB/s ({threads} threads)");
+    println!(
+        "\nsummary: E={E} D={D} k={K} {DTYPE}, identity experts; floor memcpy {m1:.1} GB/s (1 thread), {mall:.1} GB/s ({threads} threads)"
+    );
     for (world, n) in [(1, 1024), (1, 4096), (4, 256), (4, 1024)] {
         let bytes = world * floor::dispatch_combine_bytes(n, K, D * DTYPE.size());
         let t = time_dispatch_combine(world, n, 9);

@@ -28,9 +28,7 @@ impl Capacity {
         match *self {
             Capacity::Dropless => None,
             Capacity::PerExpert(c) => Some(c),
-            Capacity::Factor(f) => {
-                Some(((f as f64) * (n_tokens * top_k) as f64 / num_experts as f64).ceil() as usize)
-            }
+            Capacity::Factor(f) => Some(((f as f64) * (n_tokens * top_k) as f64 / num_experts as f64).ceil() as usize),
         }
     }
 }

@@ -194,7 +194,11 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
                 detail: format!("its placement gives this rank {} experts, this rank's gives {nl}", c[3]),
             });
         }
-        cnt.push(if src == rank { plan.counts[rank].clone() } else { c[HEADER..HEADER + nl].iter().map(|&v| v as usize).collect() });
+        cnt.push(if src == rank {
+            plan.counts[rank].clone()
+        } else {
+            c[HEADER..HEADER + nl].iter().map(|&v| v as usize).collect()
+        });
     }
     let counts_time = t.elapsed().as_secs_f64();
 
@@ -203,7 +207,8 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let rb = x.row_bytes();
     let (dtype, cols) = (x.dtype(), x.cols());
     let send_rows: Vec<usize> = (0..world).map(|d| if d == rank { 0 } else { plan.rows_to(d) }).collect();
-    let pack_idx: Vec<u32> = (0..world).filter(|&d| d != rank).flat_map(|d| plan.block_tokens[d].iter().copied()).collect();
+    let pack_idx: Vec<u32> =
+        (0..world).filter(|&d| d != rank).flat_map(|d| plan.block_tokens[d].iter().copied()).collect();
     let mut send_buf = ws.take(dtype, pack_idx.len(), cols);
     engine.gather_rows(&[x], &pack_idx, &mut send_buf).map_err(|e| e.on_rank(rank))?;
     stats.times.pack = t.elapsed().as_secs_f64();
@@ -214,7 +219,12 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let r_total: usize = recv_rows.iter().sum();
     let mut recv_buf = ws.take(dtype, r_total, cols);
     let bytes = |rows: &[usize]| rows.iter().map(|&r| r * rb).collect::<Vec<_>>();
-    group.exchange_v_known_into(send_buf.as_bytes(), &bytes(&send_rows), recv_buf.as_bytes_mut(), &bytes(&recv_rows))?;
+    group.exchange_v_known_into(
+        send_buf.as_bytes(),
+        &bytes(&send_rows),
+        recv_buf.as_bytes_mut(),
+        &bytes(&recv_rows),
+    )?;
     stats.times.exchange = counts_time + t.elapsed().as_secs_f64();
     ws.recycle(send_buf);
 
@@ -368,7 +378,12 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
     let rb = h.cols * h.dtype.size();
     let bytes = |rows: &[usize]| rows.iter().map(|&r| r * rb).collect::<Vec<_>>();
     let mut back_recv = ws.take(h.dtype, h.back_recv_rows.iter().sum(), h.cols);
-    group.exchange_v_known_into(back_send.as_bytes(), &bytes(&h.back_send_rows), back_recv.as_bytes_mut(), &bytes(&h.back_recv_rows))?;
+    group.exchange_v_known_into(
+        back_send.as_bytes(),
+        &bytes(&h.back_send_rows),
+        back_recv.as_bytes_mut(),
+        &bytes(&h.back_recv_rows),
+    )?;
     stats.times.exchange_back = t.elapsed().as_secs_f64();
     ws.recycle(back_send);
     let outputs = local?;

@@ -58,9 +58,7 @@ impl std::str::FromStr for DType {
             "f32" | "float32" => Ok(DType::F32),
             "f16" | "float16" | "half" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
-            other => Err(crate::Error::invalid(format!(
-                "unknown dtype {other:?}; expected f32, f16 or bf16"
-            ))),
+            other => Err(crate::Error::invalid(format!("unknown dtype {other:?}; expected f32, f16 or bf16"))),
         }
     }
 }

@@ -79,9 +79,7 @@ impl Error {
     pub fn on_rank(self, r: usize) -> Self {
         match self {
             Error::InvalidInput { rank: None, what } => Error::InvalidInput { rank: Some(r), what },
-            Error::Backend { rank: None, backend, what } => {
-                Error::Backend { rank: Some(r), backend, what }
-            }
+            Error::Backend { rank: None, backend, what } => Error::Backend { rank: Some(r), backend, what },
             other => other,
         }
     }

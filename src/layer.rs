@@ -53,7 +53,13 @@ impl<G: Group> MoeLayer<G> {
     /// experts in increasing global id (`placement.experts_of(rank)`). Errors, on every rank,
     /// when a shape or dtype is wrong on some rank or when the config, placement or router
     /// weight differ between ranks (the message names the field and the ranks).
-    pub fn new(group: G, config: MoeConfig, placement: Placement, gate: Tensor, experts: Vec<ExpertWeights>) -> Result<Self> {
+    pub fn new(
+        group: G,
+        config: MoeConfig,
+        placement: Placement,
+        gate: Tensor,
+        experts: Vec<ExpertWeights>,
+    ) -> Result<Self> {
         Self::with_engine(group, config, placement, gate, experts, Box::new(CpuEngine))
     }
 
@@ -169,7 +175,15 @@ impl<G: Group> MoeLayer<G> {
             .map_err(|e| e.on_rank(rank));
         let route_time = t.elapsed().as_secs_f64();
 
-        let d = dispatch_or_fail(&self.group, self.engine.as_ref(), &self.ws, &self.placement, cfg.capacity, x, routing.as_ref().map_err(Clone::clone))?;
+        let d = dispatch_or_fail(
+            &self.group,
+            self.engine.as_ref(),
+            &self.ws,
+            &self.placement,
+            cfg.capacity,
+            x,
+            routing.as_ref().map_err(Clone::clone),
+        )?;
 
         let t = Instant::now();
         let mut out = self.ws.take(cfg.act_dtype, d.batch.rows(), cfg.hidden);

@@ -30,6 +30,19 @@ impl Placement {
         Self::from_map((0..num_experts).map(|e| e / per).collect(), world)
     }
 
+    /// Contiguous blocks whose sizes differ by at most one: the first `E % world` ranks get
+    /// one expert more. Equals [`Placement::contiguous`] when `world` divides `E`.
+    pub fn balanced(num_experts: usize, world: usize) -> Result<Self> {
+        if world == 0 || num_experts < world {
+            return Err(Error::invalid(format!(
+                "balanced placement needs at least one expert per rank ({num_experts} experts, {world} ranks)"
+            )));
+        }
+        let (base, extra) = (num_experts / world, num_experts % world);
+        let owner = (0..world).flat_map(|r| std::iter::repeat_n(r, base + usize::from(r < extra))).collect();
+        Self::from_map(owner, world)
+    }
+
     /// An explicit map: `owner[e]` is the rank of expert `e`. Ranks may own no experts.
     pub fn from_map(owner: Vec<usize>, world: usize) -> Result<Self> {
         if world == 0 {
@@ -49,12 +62,7 @@ impl Placement {
             local_index[e] = experts_of[r].len() as u32;
             experts_of[r].push(e);
         }
-        Ok(Placement {
-            world,
-            owner: owner.into_iter().map(|r| r as u32).collect(),
-            local_index,
-            experts_of,
-        })
+        Ok(Placement { world, owner: owner.into_iter().map(|r| r as u32).collect(), local_index, experts_of })
     }
 
     pub fn world(&self) -> usize {

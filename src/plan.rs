@@ -94,8 +94,7 @@ impl RoutePlan {
         }
 
         // Counts per (destination, local expert), then rows in (local expert, token, slot) order.
-        let mut counts: Vec<Vec<usize>> =
-            (0..world).map(|d| vec![0usize; placement.experts_of(d).len()]).collect();
+        let mut counts: Vec<Vec<usize>> = (0..world).map(|d| vec![0usize; placement.experts_of(d).len()]).collect();
         for (i, &d) in dest.iter().enumerate() {
             if d != DROPPED {
                 counts[d as usize][placement.local_index(routing.ids[i] as usize)] += 1;
@@ -114,8 +113,7 @@ impl RoutePlan {
                     .collect()
             })
             .collect();
-        let mut block_tokens: Vec<Vec<u32>> =
-            counts.iter().map(|c| vec![0u32; c.iter().sum()]).collect();
+        let mut block_tokens: Vec<Vec<u32>> = counts.iter().map(|c| vec![0u32; c.iter().sum()]).collect();
         let mut row = vec![0u32; n * k];
         for (i, &d) in dest.iter().enumerate() {
             if d == DROPPED {
@@ -129,17 +127,7 @@ impl RoutePlan {
             block_tokens[d][r] = (i / k) as u32;
         }
 
-        Ok(RoutePlan {
-            rank,
-            n,
-            k,
-            dest,
-            row,
-            counts,
-            block_tokens,
-            assignments_per_expert,
-            dropped_per_expert,
-        })
+        Ok(RoutePlan { rank, n, k, dest, row, counts, block_tokens, assignments_per_expert, dropped_per_expert })
     }
 
     /// Rows in the block for rank `d`.

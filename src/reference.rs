@@ -28,8 +28,7 @@ pub fn route_f64(x: &Tensor, gate: &Tensor, k: usize, renormalize: bool) -> (Vec
     let mut ids = Vec::with_capacity(n * k);
     let mut weights = Vec::with_capacity(n * k);
     for t in 0..n {
-        let logits: Vec<f64> =
-            (0..e).map(|j| (0..d).map(|c| xs[t * d + c] * ws[j * d + c]).sum()).collect();
+        let logits: Vec<f64> = (0..e).map(|j| (0..d).map(|c| xs[t * d + c] * ws[j * d + c]).sum()).collect();
         let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = logits.iter().map(|l| (l - max).exp()).sum();
         let mut order: Vec<usize> = (0..e).collect();
@@ -88,7 +87,13 @@ pub fn dense_moe(x: &Tensor, gate: &Tensor, experts: &[ExpertWeights], cfg: &Moe
 }
 
 /// The dense MoE with given routing (`[N, k]` ids and weights).
-pub fn dense_moe_routed(x: &Tensor, ids: &[u32], weights: &[f64], experts: &[ExpertWeights], cfg: &MoeConfig) -> Reference {
+pub fn dense_moe_routed(
+    x: &Tensor,
+    ids: &[u32],
+    weights: &[f64],
+    experts: &[ExpertWeights],
+    cfg: &MoeConfig,
+) -> Reference {
     let (n, d, k) = (x.rows(), x.cols(), cfg.top_k);
     let dropped = drops_f64(ids, n, cfg);
     let xs = x.to_f64_vec();

@@ -80,10 +80,7 @@ pub fn softmax_top_k(logits: &[f32], num_experts: usize, k: usize, renormalize: 
         )));
     }
     if num_experts == 0 || logits.len() % num_experts != 0 {
-        return Err(Error::invalid(format!(
-            "{} logits do not form rows of {num_experts} experts",
-            logits.len()
-        )));
+        return Err(Error::invalid(format!("{} logits do not form rows of {num_experts} experts", logits.len())));
     }
     let n = logits.len() / num_experts;
     let mut ids = vec![0u32; n * k];

@@ -62,9 +62,7 @@ impl Tensor {
         let storage = match T::DTYPE {
             DType::F32 => Storage::F32(*any.downcast::<Vec<f32>>().expect("dtype tag matches type")),
             DType::F16 => Storage::F16(*any.downcast::<Vec<f16>>().expect("dtype tag matches type")),
-            DType::BF16 => {
-                Storage::BF16(*any.downcast::<Vec<bf16>>().expect("dtype tag matches type"))
-            }
+            DType::BF16 => Storage::BF16(*any.downcast::<Vec<bf16>>().expect("dtype tag matches type")),
         };
         Ok(Tensor { rows, cols, storage })
     }
@@ -152,8 +150,7 @@ impl Tensor {
         if dtype == self.dtype() {
             return self.clone();
         }
-        Tensor::from_f32(dtype, self.rows, self.cols, &self.to_f32_vec())
-            .expect("shape preserved by conversion")
+        Tensor::from_f32(dtype, self.rows, self.cols, &self.to_f32_vec()).expect("shape preserved by conversion")
     }
 
     /// Elements the storage can hold without reallocating.
@@ -176,10 +173,7 @@ impl Tensor {
     /// Rows `[start, end)` as a new tensor.
     pub fn slice_rows(&self, start: usize, end: usize) -> Result<Tensor> {
         if start > end || end > self.rows {
-            return Err(Error::invalid(format!(
-                "row range {start}..{end} outside a tensor of {} rows",
-                self.rows
-            )));
+            return Err(Error::invalid(format!("row range {start}..{end} outside a tensor of {} rows", self.rows)));
         }
         let (a, b) = (start * self.cols, end * self.cols);
         let storage = match &self.storage {
@@ -193,10 +187,7 @@ impl Tensor {
     /// Check the shape and dtype, with a message naming `what`.
     pub fn expect(&self, what: &str, dtype: DType, rows: Option<usize>, cols: usize) -> Result<()> {
         if self.dtype() != dtype {
-            return Err(Error::invalid(format!(
-                "{what} has dtype {}, expected {dtype}",
-                self.dtype()
-            )));
+            return Err(Error::invalid(format!("{what} has dtype {}, expected {dtype}", self.dtype())));
         }
         if self.cols != cols || rows.is_some_and(|r| r != self.rows) {
             let want_rows = rows.map(|r| r.to_string()).unwrap_or_else(|| "N".into());

@@ -36,7 +36,10 @@ impl Workspace {
             .filter(|(_, t)| t.dtype() == dtype && t.len() >= n)
             .min_by_key(|(_, t)| t.len())
             .or_else(|| {
-                free.iter().enumerate().filter(|(_, t)| t.dtype() == dtype && t.capacity() >= n).min_by_key(|(_, t)| t.capacity())
+                free.iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.dtype() == dtype && t.capacity() >= n)
+                    .min_by_key(|(_, t)| t.capacity())
             })
             .or_else(|| free.iter().enumerate().filter(|(_, t)| t.dtype() == dtype).max_by_key(|(_, t)| t.capacity()))
             .map(|(i, _)| i);

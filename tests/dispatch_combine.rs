@@ -34,7 +34,15 @@ struct RankRun {
     y: Tensor,
 }
 
-fn run_identity(world: usize, e: usize, k: usize, d: usize, dtype: DType, map: Option<Vec<usize>>, cap: Capacity) -> (Vec<RankRun>, Placement) {
+fn run_identity(
+    world: usize,
+    e: usize,
+    k: usize,
+    d: usize,
+    dtype: DType,
+    map: Option<Vec<usize>>,
+    cap: Capacity,
+) -> (Vec<RankRun>, Placement) {
     let tokens = uneven_tokens(world);
     let placement = match map {
         Some(m) => Placement::from_map(m, world).unwrap(),
@@ -55,7 +63,13 @@ fn run_identity(world: usize, e: usize, k: usize, d: usize, dtype: DType, map: O
 }
 
 /// What each rank's batch must be: for each local expert, rows from rank 0, 1, ... in token order.
-fn expected_batch(runs: &[RankRun], placement: &Placement, rank: usize, dtype: DType, d: usize) -> (Vec<u8>, Vec<usize>) {
+fn expected_batch(
+    runs: &[RankRun],
+    placement: &Placement,
+    rank: usize,
+    dtype: DType,
+    d: usize,
+) -> (Vec<u8>, Vec<usize>) {
     let mut bytes = Vec::new();
     let mut offsets = vec![0];
     for &e in placement.experts_of(rank) {
@@ -158,7 +172,13 @@ fn dropped_slots_contribute_nothing_and_weights_are_not_renormalised() {
             let x = random::uniform(DType::F32, tokens[r], d, 1.0, 3, r as u64);
             // Every token: expert 0 first, expert 1 second.
             let n = tokens[r];
-            let routing = Routing::new(n, k, (0..n).flat_map(|_| [0u32, 1]).collect(), (0..n).flat_map(|_| [0.75f32, 0.25]).collect()).unwrap();
+            let routing = Routing::new(
+                n,
+                k,
+                (0..n).flat_map(|_| [0u32, 1]).collect(),
+                (0..n).flat_map(|_| [0.75f32, 0.25]).collect(),
+            )
+            .unwrap();
             let disp = dispatch(&g, &CpuEngine, &placement, Capacity::PerExpert(2), &x, &routing)?;
             let (y, stats) = combine(&g, &CpuEngine, disp.handle, &disp.batch)?;
             Ok::<_, moe_ep::Error>((x, y, stats))

@@ -5,13 +5,19 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::small_cfg;
-use moe_ep::{Capacity, CpuEngine, DType, Error, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Routing, Tensor, combine, dispatch, random};
+use moe_ep::{
+    Capacity, CpuEngine, DType, Error, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Routing, Tensor, combine,
+    dispatch, random,
+};
 
 const SHORT: Duration = Duration::from_millis(1500);
 
 /// Run `f` on `world` thread ranks with a short timeout; each rank's error (or Ok), in order.
 /// Also checks that everything ended well within a few timeouts (no hang).
-fn run<T: Send>(world: usize, f: impl Fn(LocalGroup) -> Result<T, Error> + Sync) -> Vec<std::thread::Result<Result<T, Error>>> {
+fn run<T: Send>(
+    world: usize,
+    f: impl Fn(LocalGroup) -> Result<T, Error> + Sync,
+) -> Vec<std::thread::Result<Result<T, Error>>> {
     let start = Instant::now();
     let out = LocalGroup::run(world, SHORT, f).unwrap();
     assert!(start.elapsed() < SHORT * 4, "took {:?}: something waited past its deadline", start.elapsed());
@@ -54,7 +60,8 @@ fn wrong_input_shape_or_dtype_fails_on_every_rank() {
         let outs = run(4, |g| {
             let r = g.rank();
             let l = layer(g, &cfg)?;
-            let x = if r == 2 { random::uniform(bad_dtype, 5, bad_cols, 1.0, 1, 2) } else { random::input(&cfg, 5, 1, r) };
+            let x =
+                if r == 2 { random::uniform(bad_dtype, 5, bad_cols, 1.0, 1, 2) } else { random::input(&cfg, 5, 1, r) };
             l.forward(&x)
         });
         for (r, o) in outs.into_iter().enumerate() {
@@ -114,7 +121,10 @@ fn bad_weights_on_one_rank_fail_on_every_rank() {
     for (r, o) in outs.into_iter().enumerate() {
         let e = o.unwrap().unwrap_err();
         if r == 0 {
-            assert!(e.to_string().contains("rank 0: invalid input: expert 3.down has shape [32, 39], expected [32, 40]"), "{e}");
+            assert!(
+                e.to_string().contains("rank 0: invalid input: expert 3.down has shape [32, 39], expected [32, 40]"),
+                "{e}"
+            );
         } else {
             assert_eq!(e, Error::PeerFailed { rank: r, op: "MoeLayer::new", peer: 0 });
         }
@@ -209,7 +219,10 @@ fn a_stalled_peer_times_out_naming_it() {
         match r {
             // Rank 0 arrives late: its peers have given up on it, and say so.
             0 => assert!(matches!(e, Error::PeerReported { peer: 0, .. } | Error::PeerLost { .. }), "{e}"),
-            _ => assert_eq!(e, Error::Timeout { rank: r, op: "all_to_all", peer: 0, timeout: Duration::from_millis(300) }),
+            _ => assert_eq!(
+                e,
+                Error::Timeout { rank: r, op: "all_to_all", peer: 0, timeout: Duration::from_millis(300) }
+            ),
         }
     }
 }

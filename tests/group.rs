@@ -65,10 +65,16 @@ fn every_collective_moves_bytes_exactly() {
 
 #[test]
 fn different_operations_are_a_mismatch_not_a_hang() {
-    let outs = LocalGroup::run(3, Duration::from_secs(2), |g| if g.rank() == 1 { g.barrier() } else { g.all_gather(&[1, 2]).map(|_| ()) }).unwrap();
+    let outs = LocalGroup::run(3, Duration::from_secs(2), |g| {
+        if g.rank() == 1 { g.barrier() } else { g.all_gather(&[1, 2]).map(|_| ()) }
+    })
+    .unwrap();
     for (r, o) in outs.into_iter().enumerate() {
         let e = o.unwrap().unwrap_err();
-        assert!(matches!(e, Error::Mismatch { .. } | Error::PeerFailed { .. } | Error::PeerReported { .. }), "rank {r}: {e}");
+        assert!(
+            matches!(e, Error::Mismatch { .. } | Error::PeerFailed { .. } | Error::PeerReported { .. }),
+            "rank {r}: {e}"
+        );
         if r != 1 {
             assert_eq!(e.peer(), Some(1), "rank {r}: {e}");
         }
@@ -84,7 +90,12 @@ fn chunks_of_another_size_are_a_mismatch() {
     .unwrap();
     let errs: Vec<Error> = outs.into_iter().map(|o| o.unwrap().unwrap_err()).collect();
     assert!(errs[0].to_string().contains("it sent 6 bytes, this rank expects 4"), "{}", errs[0]);
-    assert!(errs[1].to_string().contains("it sent 4 bytes, this rank expects 6") || matches!(errs[1], Error::PeerFailed { .. }), "{}", errs[1]);
+    assert!(
+        errs[1].to_string().contains("it sent 4 bytes, this rank expects 6")
+            || matches!(errs[1], Error::PeerFailed { .. }),
+        "{}",
+        errs[1]
+    );
 }
 
 #[test]
@@ -109,7 +120,11 @@ fn a_group_refuses_calls_after_a_failure() {
 fn bad_arguments_are_errors_naming_the_rank() {
     let outs = LocalGroup::run(2, TIMEOUT, |g| {
         let e = g.exchange_v_known_into(&[0; 4], &[4], &mut [], &[0, 0]).unwrap_err();
-        assert!(e.to_string().starts_with(&format!("rank {}: invalid input: exchange_v: send_counts has 1 entries", g.rank())), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("rank {}: invalid input: exchange_v: send_counts has 1 entries", g.rank())),
+            "{e}"
+        );
     })
     .unwrap();
     for o in outs {

@@ -57,9 +57,17 @@ fn plan_orders_blocks_by_local_expert_then_token_and_drops_first_choice_first() 
     // Capacity 2 per expert: expert 3 takes slot-0 of tokens 0 and 2 before any slot-1.
     let plan = RoutePlan::new(0, &r, &p, Capacity::PerExpert(2)).unwrap();
     assert_eq!(plan.dropped_per_expert, vec![0, 0, 0, 2]);
-    assert_eq!(plan.dest[1 * 2 + 1], moe_ep::plan::DROPPED); // token 1 slot 1 (expert 3)
+    assert_eq!(plan.dest[2 + 1], moe_ep::plan::DROPPED); // token 1 slot 1 (expert 3)
     assert_eq!(plan.dest[3 * 2 + 1], moe_ep::plan::DROPPED); // token 3 slot 1 (expert 3)
     assert_eq!(plan.block_tokens[1], vec![2, 0, 2]);
     // Factor: ceil(1.0 * 4 * 2 / 4) = 2, the same plan.
     assert_eq!(RoutePlan::new(0, &r, &p, Capacity::Factor(1.0)).unwrap(), plan);
+}
+
+#[test]
+fn balanced_placement_spreads_the_remainder() {
+    let p = Placement::balanced(10, 4).unwrap();
+    assert_eq!(p.owners(), vec![0, 0, 0, 1, 1, 1, 2, 2, 3, 3]);
+    assert_eq!(Placement::balanced(8, 4).unwrap(), Placement::contiguous(8, 4).unwrap());
+    assert!(Placement::balanced(3, 4).is_err());
 }

@@ -1,4 +1,10 @@
 //! Grouped SwiGLU experts on the CPU.
+//!
+//! Work is split by (expert, tile of 64 weight rows): each task widens its weight tile to f32
+//! once (a cache-sized scratch, borrowed as-is for f32 weights) and applies it to all of that
+//! expert's rows. Each weight element is read once per call, whatever the number of rows, and
+//! nothing of the size of a weight matrix is allocated. Sums accumulate in f32 in a fixed order
+//! (tile by tile), so results are deterministic.
 
 use std::borrow::Cow;
 
@@ -11,15 +17,19 @@ use crate::tensor::{Storage, Tensor};
 use crate::weights::ExpertWeights;
 use crate::with_storage;
 
-/// Rows of one expert processed together by one task: bounds the f32 scratch to
-/// `ROW_BLOCK * (D + 2F)` floats while keeping the GEMMs large enough to run at speed.
-const ROW_BLOCK: usize = 128;
+/// Weight rows widened and applied together.
+const TILE: usize = 64;
 
-/// `x` as f32, borrowed when it already is.
-fn widen(t: &Tensor) -> Cow<'_, [f32]> {
+/// Rows `[r0, r1)` of `t` as f32, borrowed when `t` already is f32.
+fn rows_f32(t: &Tensor, r0: usize, r1: usize) -> Cow<'_, [f32]> {
+    let c = t.cols();
     match t.storage() {
-        Storage::F32(v) => Cow::Borrowed(v.as_slice()),
-        _ => Cow::Owned(t.to_f32_vec()),
+        Storage::F32(v) => Cow::Borrowed(&v[r0 * c..r1 * c]),
+        s => {
+            let mut out = vec![0f32; (r1 - r0) * c];
+            with_storage!(s, v => Element::widen_slice(&v[r0 * c..r1 * c], &mut out));
+            Cow::Owned(out)
+        }
     }
 }
 
@@ -29,6 +39,34 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     for (a, &b) in g.iter_mut().zip(u) {
         let s = *a / (1.0 + (-*a).exp());
         *a = s * b;
+    }
+}
+
+/// `c (m x n, row stride ldc) += a (m x k) · b^T`, where `b` is `n` rows of stride `ldb` starting at
+/// column 0 of the slice (so `b` may be a column block of a wider matrix).
+fn matmul_bt_acc(a: &[f32], b: &[f32], ldb: usize, c: &mut [f32], m: usize, k: usize, n: usize) {
+    assert!(a.len() >= m * k && c.len() >= m * n && (n == 0 || b.len() >= (n - 1) * ldb + k));
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: bounds checked above; c is a distinct mutable borrow.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -64,52 +102,84 @@ pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &m
             )));
         }
     }
-
-    // Tasks: (expert, row range), each writing its own rows of `out`.
-    let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
-    for l in 0..experts.len() {
-        let (a, b) = (offsets[l], offsets[l + 1]);
-        let mut s = a;
-        while s < b {
-            let e = (s + ROW_BLOCK).min(b);
-            tasks.push((l, s, e));
-            s = e;
-        }
-    }
-    // Widen each active expert's weights once, shared by its row blocks.
     let active: Vec<usize> = (0..experts.len()).filter(|&l| offsets[l + 1] > offsets[l]).collect();
-    let mut wide: Vec<Option<[Cow<'_, [f32]>; 3]>> = (0..experts.len()).map(|_| None).collect();
-    let widened: Vec<(usize, [Cow<'_, [f32]>; 3])> = active
-        .par_iter()
-        .map(|&l| (l, [widen(&experts[l].gate), widen(&experts[l].up), widen(&experts[l].down)]))
-        .collect();
-    for (l, w) in widened {
-        wide[l] = Some(w);
+    if active.is_empty() {
+        return Ok(());
     }
 
-    with_storage!(out.storage_mut(), o => {
-        // Split the output into one slice per task.
-        let mut rest: &mut [_] = o.as_mut_slice();
-        let mut chunks = Vec::with_capacity(tasks.len());
-        for &(_, s, e) in &tasks {
-            let (head, tail) = rest.split_at_mut((e - s) * d);
-            chunks.push(head);
-            rest = tail;
-        }
-        tasks.par_iter().zip(chunks).for_each(|(&(l, s, e), dst)| {
-            let [wg, wu, wd] = wide[l].as_ref().expect("active expert widened");
-            let m = e - s;
-            let f = experts[l].gate.rows();
-            let h = batch.slice_rows(s, e).expect("task rows inside batch").to_f32_vec();
-            let mut g = vec![0f32; m * f];
-            let mut u = vec![0f32; m * f];
-            matmul_bt(&h, wg, &mut g, m, d, f);
-            matmul_bt(&h, wu, &mut u, m, d, f);
+    // Inputs of each active expert as f32, [m, D].
+    let h: Vec<Cow<'_, [f32]>> = active.par_iter().map(|&l| rows_f32(batch, offsets[l], offsets[l + 1])).collect();
+
+    // Gate and up, tile by tile of F: a[ai][c] = silu(h · Wg[c]^T) * (h · Wu[c]^T), [m, tile].
+    let tiles = |n: usize| (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)));
+    let up_tasks: Vec<(usize, usize, usize)> =
+        (0..active.len()).flat_map(|ai| tiles(experts[active[ai]].gate.rows()).map(move |(a, b)| (ai, a, b))).collect();
+    let a_tiles: Vec<Vec<f32>> = up_tasks
+        .par_iter()
+        .map(|&(ai, f0, f1)| {
+            let w = &experts[active[ai]];
+            let m = offsets[active[ai] + 1] - offsets[active[ai]];
+            let (wg, wu) = (rows_f32(&w.gate, f0, f1), rows_f32(&w.up, f0, f1));
+            let n = f1 - f0;
+            let mut g = vec![0f32; m * n];
+            let mut u = vec![0f32; m * n];
+            matmul_bt(&h[ai], &wg, &mut g, m, d, n);
+            matmul_bt(&h[ai], &wu, &mut u, m, d, n);
             silu_mul(&mut g, &u);
-            let mut y = vec![0f32; m * d];
-            matmul_bt(&g, wd, &mut y, m, f, d);
-            for (dv, &yv) in dst.iter_mut().zip(&y) {
-                *dv = Element::from_f32(yv);
+            g
+        })
+        .collect();
+    drop(h);
+
+    // Down, tile by tile of D: y[ai][dt] = sum over F tiles (in order) of a[ai][c] · Wd[dt, c]^T.
+    let first_tile: Vec<usize> = {
+        let mut acc = 0;
+        (0..active.len())
+            .map(|ai| {
+                let o = acc;
+                acc += experts[active[ai]].gate.rows().div_ceil(TILE);
+                o
+            })
+            .collect()
+    };
+    let down_tasks: Vec<(usize, usize, usize)> =
+        (0..active.len()).flat_map(|ai| tiles(d).map(move |(a, b)| (ai, a, b))).collect();
+    let y_tiles: Vec<Vec<f32>> = down_tasks
+        .par_iter()
+        .map(|&(ai, d0, d1)| {
+            let w = &experts[active[ai]];
+            let (m, f) = (offsets[active[ai] + 1] - offsets[active[ai]], w.down.cols());
+            let wd = rows_f32(&w.down, d0, d1);
+            let n = d1 - d0;
+            let mut y = vec![0f32; m * n];
+            for (c, (f0, f1)) in tiles(f).enumerate() {
+                let a = &a_tiles[first_tile[ai] + c];
+                matmul_bt_acc(a, &wd[f0..], f, &mut y, m, f1 - f0, n);
+            }
+            y
+        })
+        .collect();
+
+    // Narrow into the output rows.
+    let ntiles = d.div_ceil(TILE);
+    with_storage!(out.storage_mut(), o => {
+        let mut rest: &mut [_] = o.as_mut_slice();
+        let mut chunks = Vec::with_capacity(active.len());
+        let mut at = 0;
+        for &l in &active {
+            let (_, tail) = rest.split_at_mut((offsets[l] - at) * d);
+            let (mine, tail) = tail.split_at_mut((offsets[l + 1] - offsets[l]) * d);
+            chunks.push(mine);
+            rest = tail;
+            at = offsets[l + 1];
+        }
+        chunks.into_par_iter().enumerate().for_each(|(ai, dst)| {
+            for (t, (d0, d1)) in tiles(d).enumerate() {
+                let y = &y_tiles[ai * ntiles + t];
+                let n = d1 - d0;
+                for (r, row) in dst.chunks_mut(d).enumerate() {
+                    Element::narrow_slice(&y[r * n..(r + 1) * n], &mut row[d0..d1]);
+                }
             }
         });
     });

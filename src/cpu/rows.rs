@@ -8,6 +8,10 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use crate::with_storage;
 
+/// Below this many bytes a row kernel runs on the calling thread. With ranks as threads that
+/// share one rayon pool, a small copy would otherwise wait behind other ranks' expert tasks.
+pub(crate) const PAR_MIN_BYTES: usize = 16 << 20;
+
 /// Check that sources and destination agree, and that every index is in range.
 pub(crate) fn check_sources(srcs: &[&Tensor], idx: &[u32], dst: &Tensor, what: &str) -> Result<Vec<usize>> {
     let mut starts = Vec::with_capacity(srcs.len() + 1);
@@ -60,18 +64,14 @@ pub fn gather_rows(srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()
     }
     let src_bytes: Vec<&[u8]> = srcs.iter().map(|s| s.as_bytes()).collect();
     let grain = (1usize << 16).div_ceil(rb).max(1);
-    dst.as_bytes_mut()
-        .par_chunks_mut(rb)
-        .with_min_len(grain)
-        .zip(idx.par_iter())
-        .for_each(|(row, &i)| {
-            if i == ZERO_ROW {
-                row.fill(0);
-            } else {
-                let (s, r) = locate(&starts, i as usize);
-                row.copy_from_slice(&src_bytes[s][r * rb..(r + 1) * rb]);
-            }
-        });
+    dst.as_bytes_mut().par_chunks_mut(rb).with_min_len(grain).zip(idx.par_iter()).for_each(|(row, &i)| {
+        if i == ZERO_ROW {
+            row.fill(0);
+        } else {
+            let (s, r) = locate(&starts, i as usize);
+            row.copy_from_slice(&src_bytes[s][r * rb..(r + 1) * rb]);
+        }
+    });
     Ok(())
 }
 
@@ -90,27 +90,33 @@ pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut
     if d == 0 {
         return Ok(());
     }
+    // Bytes read: every routed row once.
+    let parallel = idx.len() * d * y.dtype().size() >= PAR_MIN_BYTES;
     let grain = (1usize << 14).div_ceil(d * k).max(1);
     with_storage!(y.storage_mut(), out => {
-        out.par_chunks_mut(d).with_min_len(grain).enumerate().for_each_init(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(acc, row), (t, yrow)| {
-                acc.fill(0.0);
-                for j in 0..k {
-                    let i = idx[t * k + j];
-                    if i == ZERO_ROW {
-                        continue;
-                    }
-                    let w = weights[t * k + j];
-                    let (s, r) = locate(&starts, i as usize);
-                    with_storage!(srcs[s].storage(), src => Element::widen_slice(&src[r * d..(r + 1) * d], row));
-                    for (a, v) in acc.iter_mut().zip(row.iter()) {
-                        *a += w * *v;
-                    }
+        let one = |(acc, row): &mut (Vec<f32>, Vec<f32>), (t, yrow): (usize, &mut [_])| {
+            acc.fill(0.0);
+            for j in 0..k {
+                let i = idx[t * k + j];
+                if i == ZERO_ROW {
+                    continue;
                 }
-                Element::narrow_slice(acc, yrow);
-            },
-        );
+                let w = weights[t * k + j];
+                let (s, r) = locate(&starts, i as usize);
+                with_storage!(srcs[s].storage(), src => Element::widen_slice(&src[r * d..(r + 1) * d], row));
+                for (a, v) in acc.iter_mut().zip(row.iter()) {
+                    *a += w * *v;
+                }
+            }
+            Element::narrow_slice(acc, yrow);
+        };
+        let init = || (vec![0f32; d], vec![0f32; d]);
+        if parallel {
+            out.par_chunks_mut(d).with_min_len(grain).enumerate().for_each_init(init, one);
+        } else {
+            let mut scratch = init();
+            out.chunks_mut(d).enumerate().for_each(|item| one(&mut scratch, item));
+        }
     });
     Ok(())
 }

@@ -28,11 +28,20 @@ impl Op {
     }
 }
 
+/// Where each rank's part lies in a buffer: `off[p]..off[p] + len[p]`.
+#[derive(Clone, Copy)]
+struct Segments<'a> {
+    off: &'a [usize],
+    len: &'a [usize],
+}
+
 enum Payload {
     Bytes(Vec<u8>),
     /// The sender gave up on this call and will send nothing else for it; `culprit` is the
     /// rank its error blames (itself for bad local input).
-    Failed { culprit: usize },
+    Failed {
+        culprit: usize,
+    },
 }
 
 struct Envelope {
@@ -152,9 +161,7 @@ impl LocalGroup {
         let rx = self.from[peer].as_ref().expect("no channel from self");
         let wait = deadline.saturating_duration_since(Instant::now());
         let env = rx.recv_timeout(wait).map_err(|e| match e {
-            RecvTimeoutError::Timeout => {
-                Error::Timeout { rank: self.rank, op: op.name(), peer, timeout: self.timeout }
-            }
+            RecvTimeoutError::Timeout => Error::Timeout { rank: self.rank, op: op.name(), peer, timeout: self.timeout },
             RecvTimeoutError::Disconnected => Error::PeerLost { rank: self.rank, op: op.name(), peer },
         })?;
         // A failure notice ends this call whichever call it was sent for: the peer has given up.
@@ -190,18 +197,17 @@ impl LocalGroup {
         }
     }
 
-    /// Send `send[seg(p)]` to each peer and receive `want(p)` bytes from each into `recv[seg(p)]`.
+    /// Send segment `p` of `send` to each peer `p` and receive segment `p` of `recv` from it.
     fn exchange(
         &self,
         op: Op,
         seq: u64,
         send: &[u8],
-        send_off: &[usize],
-        send_len: &[usize],
+        ss: Segments<'_>,
         recv: &mut [u8],
-        recv_off: &[usize],
-        recv_len: &[usize],
+        rs: Segments<'_>,
     ) -> Result<()> {
+        let (send_off, send_len, recv_off, recv_len) = (ss.off, ss.len, rs.off, rs.len);
         let deadline = Instant::now() + self.timeout;
         let me = self.rank;
         for p in (0..self.size).filter(|&p| p != me) {
@@ -210,12 +216,7 @@ impl LocalGroup {
         if send_len[me] != recv_len[me] {
             return Err(Error::invalid_on(
                 me,
-                format!(
-                    "{}: this rank sends itself {} bytes but expects {}",
-                    op.name(),
-                    send_len[me],
-                    recv_len[me]
-                ),
+                format!("{}: this rank sends itself {} bytes but expects {}", op.name(), send_len[me], recv_len[me]),
             ));
         }
         recv[recv_off[me]..recv_off[me] + recv_len[me]]
@@ -259,7 +260,7 @@ impl Group for LocalGroup {
         let r = self.equal_chunks(op, send.len(), recv.len()).and_then(|chunk| {
             let lens = vec![chunk; self.size];
             let offs = offsets(&lens);
-            self.exchange(op, seq, send, &offs, &lens, recv, &offs, &lens)
+            self.exchange(op, seq, send, Segments { off: &offs, len: &lens }, recv, Segments { off: &offs, len: &lens })
         });
         self.finish(op, seq, r)
     }
@@ -279,7 +280,14 @@ impl Group for LocalGroup {
             check_sum(self.rank, op.name(), "send_counts", send_counts, send.len())?;
             check_sum(self.rank, op.name(), "recv_counts", recv_counts, recv.len())?;
             let (so, ro) = (offsets(send_counts), offsets(recv_counts));
-            self.exchange(op, seq, send, &so, send_counts, recv, &ro, recv_counts)
+            self.exchange(
+                op,
+                seq,
+                send,
+                Segments { off: &so, len: send_counts },
+                recv,
+                Segments { off: &ro, len: recv_counts },
+            )
         })();
         self.finish(op, seq, r)
     }
@@ -291,18 +299,13 @@ impl Group for LocalGroup {
             if recv.len() != send.len() * self.size {
                 return Err(Error::invalid_on(
                     self.rank,
-                    format!(
-                        "all_gather: recv has {} bytes, needs {} x {} ranks",
-                        recv.len(),
-                        send.len(),
-                        self.size
-                    ),
+                    format!("all_gather: recv has {} bytes, needs {} x {} ranks", recv.len(), send.len(), self.size),
                 ));
             }
             let lens = vec![send.len(); self.size];
             let so = vec![0; self.size];
             let ro = offsets(&lens);
-            self.exchange(op, seq, send, &so, &lens, recv, &ro, &lens)
+            self.exchange(op, seq, send, Segments { off: &so, len: &lens }, recv, Segments { off: &ro, len: &lens })
         })();
         self.finish(op, seq, r)
     }
@@ -321,11 +324,9 @@ impl Group for LocalGroup {
                 op,
                 seq,
                 bytemuck::cast_slice(data),
-                &so,
-                &lens,
+                Segments { off: &so, len: &lens },
                 bytemuck::cast_slice_mut(&mut all),
-                &ro,
-                &lens,
+                Segments { off: &ro, len: &lens },
             )?;
             for (i, out) in data.iter_mut().enumerate() {
                 let mut acc = all[i];
@@ -343,7 +344,8 @@ impl Group for LocalGroup {
         let op = Op::Barrier;
         let seq = self.begin()?;
         let zeros = vec![0; self.size];
-        let r = self.exchange(op, seq, &[], &zeros, &zeros, &mut [], &zeros, &zeros);
+        let none = Segments { off: &zeros, len: &zeros };
+        let r = self.exchange(op, seq, &[], none, &mut [], none);
         self.finish(op, seq, r)
     }
 }

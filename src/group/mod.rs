@@ -106,10 +106,7 @@ pub(crate) fn check_len(rank: usize, op: &str, what: &str, got: usize, want: usi
 pub(crate) fn check_sum(rank: usize, op: &str, what: &str, counts: &[usize], len: usize) -> Result<()> {
     let sum: usize = counts.iter().sum();
     if sum != len {
-        return Err(Error::invalid_on(
-            rank,
-            format!("{op}: {what} add up to {sum} bytes but the buffer has {len}"),
-        ));
+        return Err(Error::invalid_on(rank, format!("{op}: {what} add up to {sum} bytes but the buffer has {len}")));
     }
     Ok(())
 }

@@ -103,7 +103,11 @@ impl Case {
             let dropped = w.dropped.iter().filter(|&&d| d).count();
             assert_eq!(stats.dropped, dropped, "rank {r}: dropped count");
             assert_eq!(stats.tokens, self.tokens[r]);
-            assert_eq!(stats.rows_sent.iter().sum::<usize>() + dropped, self.tokens[r] * self.cfg.top_k, "rank {r}: rows sent");
+            assert_eq!(
+                stats.rows_sent.iter().sum::<usize>() + dropped,
+                self.tokens[r] * self.cfg.top_k,
+                "rank {r}: rows sent"
+            );
         }
         // Conservation: what rank a sent to rank b is what b received from a.
         for a in 0..self.world {

@@ -18,11 +18,51 @@ pub struct Preset {
 
 /// Presets after public model configs (config.json of each family).
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "deepseek-v2-lite", num_experts: 64, hidden: 2048, intermediate: 1408, top_k: 6, norm_topk_prob: false, note: "routed experts only; softmax routing without group limit" },
-    Preset { name: "qwen3-30b-a3b", num_experts: 128, hidden: 2048, intermediate: 768, top_k: 8, norm_topk_prob: true, note: "" },
-    Preset { name: "mixtral-8x7b", num_experts: 8, hidden: 4096, intermediate: 14336, top_k: 2, norm_topk_prob: true, note: "" },
-    Preset { name: "deepseek-v3-scaled", num_experts: 32, hidden: 7168, intermediate: 2048, top_k: 8, norm_topk_prob: true, note: "256 experts scaled to 32 so bf16 weights fit in memory (2.8 GB); softmax instead of sigmoid routing" },
-    Preset { name: "tiny", num_experts: 16, hidden: 256, intermediate: 512, top_k: 4, norm_topk_prob: true, note: "for smoke runs" },
+    Preset {
+        name: "deepseek-v2-lite",
+        num_experts: 64,
+        hidden: 2048,
+        intermediate: 1408,
+        top_k: 6,
+        norm_topk_prob: false,
+        note: "routed experts only; softmax routing without group limit",
+    },
+    Preset {
+        name: "qwen3-30b-a3b",
+        num_experts: 128,
+        hidden: 2048,
+        intermediate: 768,
+        top_k: 8,
+        norm_topk_prob: true,
+        note: "",
+    },
+    Preset {
+        name: "mixtral-8x7b",
+        num_experts: 8,
+        hidden: 4096,
+        intermediate: 14336,
+        top_k: 2,
+        norm_topk_prob: true,
+        note: "",
+    },
+    Preset {
+        name: "deepseek-v3-scaled",
+        num_experts: 32,
+        hidden: 7168,
+        intermediate: 2048,
+        top_k: 8,
+        norm_topk_prob: true,
+        note: "256 experts scaled to 32 so bf16 weights fit in memory (2.8 GB); softmax instead of sigmoid routing",
+    },
+    Preset {
+        name: "tiny",
+        num_experts: 16,
+        hidden: 256,
+        intermediate: 512,
+        top_k: 4,
+        norm_topk_prob: true,
+        note: "for smoke runs",
+    },
 ];
 
 /// Find a preset by name; the error lists the known names.

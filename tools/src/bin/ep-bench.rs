@@ -95,18 +95,31 @@ fn run(args: Args) -> Result<(), String> {
         other => return Err(format!("unknown backend {other}")),
     };
 
-    println!("ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as threads, {} tokens per rank", p.name, cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, args.world, args.tokens);
+    println!(
+        "ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as threads, {} tokens per rank",
+        p.name, cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, args.world, args.tokens
+    );
     if !p.note.is_empty() {
         println!("  note: {}", p.note);
     }
-    println!("  activations {}, weights {}, {}, backend {backend} ({} CPU threads){}", cfg.act_dtype, cfg.weight_dtype, if args.capacity_factor.is_some() { "capacity factor" } else { "dropless" }, rayon::current_num_threads(), if args.skew { ", skewed routing" } else { "" });
+    println!(
+        "  activations {}, weights {}, {}, backend {backend} ({} CPU threads){}",
+        cfg.act_dtype,
+        cfg.weight_dtype,
+        if args.capacity_factor.is_some() { "capacity factor" } else { "dropless" },
+        rayon::current_num_threads(),
+        if args.skew { ", skewed routing" } else { "" }
+    );
     if args.backend == "auto" {
         println!("  auto: no GPU engine is built into this version, so the CPU runs every stage");
     }
 
     let memcpy_1t = floor::memcpy_gbps(256 << 20, 1, 5);
     let memcpy_all = floor::memcpy_gbps(256 << 20, rayon::current_num_threads(), 5);
-    println!("  floor: memcpy {memcpy_1t:.1} GB/s on 1 thread, {memcpy_all:.1} GB/s on {} (read + write)", rayon::current_num_threads());
+    println!(
+        "  floor: memcpy {memcpy_1t:.1} GB/s on 1 thread, {memcpy_all:.1} GB/s on {} (read + write)",
+        rayon::current_num_threads()
+    );
 
     let weight_bytes = cfg.num_experts * 3 * cfg.hidden * cfg.intermediate * wdt.size();
     println!("  generating {:.2} GB of expert weights ...", weight_bytes as f64 / 1e9);
@@ -148,12 +161,14 @@ fn run(args: Args) -> Result<(), String> {
 
     // Per iteration, the slowest rank; then the median over iterations.
     let slowest = |f: &dyn Fn(&(f64, ForwardStats)) -> f64| -> f64 {
-        let per_iter: Vec<f64> = (0..args.iters).map(|i| per_rank.iter().map(|r| f(&r[i])).fold(0.0, f64::max)).collect();
+        let per_iter: Vec<f64> =
+            (0..args.iters).map(|i| per_rank.iter().map(|r| f(&r[i])).fold(0.0, f64::max)).collect();
         median(&per_iter)
     };
     let forward = slowest(&|s| s.0);
     let names = per_rank[0][0].1.times.entries().map(|(n, _)| n);
-    let stages: Vec<(String, f64)> = names.iter().enumerate().map(|(i, n)| (n.to_string(), slowest(&|s| s.1.times.entries()[i].1))).collect();
+    let stages: Vec<(String, f64)> =
+        names.iter().enumerate().map(|(i, n)| (n.to_string(), slowest(&|s| s.1.times.entries()[i].1))).collect();
 
     println!("\n  {:<14} {:>12} {:>8}", "stage", "time", "share");
     let sum: f64 = stages.iter().map(|s| s.1).sum();
@@ -170,12 +185,25 @@ fn run(args: Args) -> Result<(), String> {
         t.plan + t.pack + t.exchange + t.scatter + t.gather + t.exchange_back + t.combine
     });
     let gbps = movement_bytes as f64 / movement / 1e9;
-    println!("\n  dispatch + combine: {:.1} MB moved (model bytes, all ranks) in {} = {gbps:.2} GB/s; floor memcpy {memcpy_all:.1} GB/s -> {:.1}%", movement_bytes as f64 / 1e6, fmt_time(movement), 100.0 * gbps / memcpy_all);
+    println!(
+        "\n  dispatch + combine: {:.1} MB moved (model bytes, all ranks) in {} = {gbps:.2} GB/s; floor memcpy {memcpy_all:.1} GB/s -> {:.1}%",
+        movement_bytes as f64 / 1e6,
+        fmt_time(movement),
+        100.0 * gbps / memcpy_all
+    );
     let flops = floor::expert_flops(args.tokens * args.world * cfg.top_k, cfg.hidden, cfg.intermediate);
     let experts = slowest(&|s| s.1.times.experts);
-    println!("  experts: {:.1} GFLOP in {} = {:.1} GFLOP/s (slowest rank)", flops / 1e9, fmt_time(experts), flops / experts / 1e9);
+    println!(
+        "  experts: {:.1} GFLOP in {} = {:.1} GFLOP/s (slowest rank)",
+        flops / 1e9,
+        fmt_time(experts),
+        flops / experts / 1e9
+    );
     let s0 = &per_rank[0][args.iters - 1].1;
-    println!("  rank 0: rows sent per rank {:?}, received {:?}, dropped {}", s0.rows_sent, s0.rows_received, s0.dropped);
+    println!(
+        "  rank 0: rows sent per rank {:?}, received {:?}, dropped {}",
+        s0.rows_sent, s0.rows_received, s0.dropped
+    );
 
     if let Some(path) = &args.json {
         let report = Report {
@@ -196,7 +224,8 @@ fn run(args: Args) -> Result<(), String> {
             experts_s: experts,
             last_stats_rank0: s0.clone(),
         };
-        std::fs::write(path, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         println!("  wrote {}", path.display());
     }
     Ok(())

@@ -1,0 +1,43 @@
+//! The README's main command, on a small preset: it runs, prints the table, writes valid JSON.
+
+use std::process::Command;
+
+#[test]
+fn ep_bench_runs_and_reports() {
+    let dir = std::env::temp_dir().join(format!("ep-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_ep-bench"))
+        .args(["--config", "tiny", "--world", "3", "--tokens", "40", "--iters", "2", "--warmup", "1", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ep-bench failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["stage", "exchange_back", "forward", "floor: memcpy", "dispatch + combine"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["world"], 3);
+    assert!(v["forward_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["last_stats_rank0"]["rows_sent"].as_array().unwrap().len(), 3);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn ep_bench_rejects_bad_arguments_with_a_reason() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ep-bench")).args(["--config", "nope"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown config \"nope\""));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_ep-bench")).args(["--config", "tiny", "--world", "17"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("16 experts, 17 ranks"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ep-bench")).args(["--dtype", "f64"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dtype"), "{}", String::from_utf8_lossy(&out.stderr));
+}
