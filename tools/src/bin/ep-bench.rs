@@ -88,7 +88,7 @@ fn run(args: Args) -> Result<(), String> {
         cfg = cfg.with_capacity(Capacity::Factor(f));
     }
     cfg.validate().map_err(|e| e.to_string())?;
-    let placement = Placement::contiguous(cfg.num_experts, args.world).map_err(|e| e.to_string())?;
+    let placement = Placement::balanced(cfg.num_experts, args.world).map_err(|e| e.to_string())?;
     let backend = match args.backend.as_str() {
         // The wgpu engine is not part of this build yet; auto therefore means the CPU.
         "auto" | "cpu" => "cpu",
@@ -99,6 +99,15 @@ fn run(args: Args) -> Result<(), String> {
         "ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as threads, {} tokens per rank",
         p.name, cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, args.world, args.tokens
     );
+    if cfg.num_experts % args.world != 0 {
+        println!(
+            "  placement: {} experts do not divide over {} ranks; blocks of {} and {}",
+            cfg.num_experts,
+            args.world,
+            cfg.num_experts / args.world + 1,
+            cfg.num_experts / args.world
+        );
+    }
     if !p.note.is_empty() {
         println!("  note: {}", p.note);
     }
