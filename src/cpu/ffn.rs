@@ -10,7 +10,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::gemm::matmul_bt;
+use super::gemm::{matmul_bt, matmul_bt_strided};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::tensor::{Storage, Tensor};
@@ -39,34 +39,6 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     for (a, &b) in g.iter_mut().zip(u) {
         let s = *a / (1.0 + (-*a).exp());
         *a = s * b;
-    }
-}
-
-/// `c (m x n, row stride ldc) += a (m x k) · b^T`, where `b` is `n` rows of stride `ldb` starting at
-/// column 0 of the slice (so `b` may be a column block of a wider matrix).
-fn matmul_bt_acc(a: &[f32], b: &[f32], ldb: usize, c: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(a.len() >= m * k && c.len() >= m * n && (n == 0 || b.len() >= (n - 1) * ldb + k));
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    // SAFETY: bounds checked above; c is a distinct mutable borrow.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            1,
-            ldb as isize,
-            1.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
     }
 }
 
@@ -154,7 +126,7 @@ pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &m
             let mut y = vec![0f32; m * n];
             for (c, (f0, f1)) in tiles(f).enumerate() {
                 let a = &a_tiles[first_tile[ai] + c];
-                matmul_bt_acc(a, &wd[f0..], f, &mut y, m, f1 - f0, n);
+                matmul_bt_strided(a, &wd[f0..], f, &mut y, m, f1 - f0, n, true);
             }
             y
         })
