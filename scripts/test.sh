@@ -35,4 +35,9 @@ say "benches compile"
 cargo bench --workspace --locked --no-run
 
 say "tests"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+# One closing line over every test binary: "tests: N passed, M failed".
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f; if (p == 0) { print "scripts/test.sh: no test ran" > "/dev/stderr"; exit 1 } }' "$log"
