@@ -127,10 +127,13 @@ impl Tensor {
             .filter(|_| T::DTYPE == self.dtype())
     }
 
-    /// Element `(r, c)` widened to f32.
-    pub fn get_f32(&self, r: usize, c: usize) -> f32 {
+    /// Element `(r, c)` widened to f32; `None` outside the tensor.
+    pub fn get_f32(&self, r: usize, c: usize) -> Option<f32> {
+        if r >= self.rows || c >= self.cols {
+            return None;
+        }
         let i = r * self.cols + c;
-        with_storage!(&self.storage, v => v[i].to_f32())
+        Some(with_storage!(&self.storage, v => v[i].to_f32()))
     }
 
     /// Every element widened to f32.

@@ -71,3 +71,13 @@ fn balanced_placement_spreads_the_remainder() {
     assert_eq!(Placement::balanced(8, 4).unwrap(), Placement::contiguous(8, 4).unwrap());
     assert!(Placement::balanced(3, 4).is_err());
 }
+
+#[test]
+fn tensor_accessors_return_none_or_errors_out_of_range() {
+    let t = moe_ep::Tensor::from_f32(DType::BF16, 2, 3, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    assert_eq!(t.get_f32(1, 2), Some(6.0));
+    assert_eq!(t.get_f32(2, 0), None);
+    assert_eq!(t.get_f32(0, 3), None);
+    assert!(t.slice_rows(1, 3).is_err());
+    assert!(t.expect("t", DType::F32, Some(2), 3).unwrap_err().to_string().contains("t has dtype bf16, expected f32"));
+}

@@ -1,7 +1,7 @@
 //! The CPU engine: rayon over rows and experts, `matrixmultiply` for the GEMMs.
 
 pub mod ffn;
-pub mod gemm;
+pub(crate) mod gemm;
 pub mod rows;
 
 use crate::engine::Engine;
