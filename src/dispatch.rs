@@ -17,10 +17,11 @@ use crate::config::Capacity;
 use crate::dtype::DType;
 use crate::engine::{Engine, ZERO_ROW};
 use crate::error::{Error, Result};
-use crate::group::{Group, offsets};
+use crate::group::Group;
 use crate::placement::Placement;
 use crate::plan::{DROPPED, RoutePlan};
 use crate::router::Routing;
+use crate::segments::offsets;
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
 use crate::workspace::Workspace;
@@ -70,6 +71,11 @@ impl CombineHandle {
     pub fn batch_rows(&self) -> usize {
         self.batch_rows
     }
+}
+
+/// Byte counts of per-rank row counts.
+fn byte_counts(rows: &[usize], row_bytes: usize) -> Vec<usize> {
+    rows.iter().map(|&r| r * row_bytes).collect()
 }
 
 fn too_many_rows(rank: usize, rows: usize) -> Error {
@@ -218,12 +224,11 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let recv_rows: Vec<usize> = (0..world).map(|s| if s == rank { 0 } else { cnt[s].iter().sum() }).collect();
     let r_total: usize = recv_rows.iter().sum();
     let mut recv_buf = ws.take(dtype, r_total, cols);
-    let bytes = |rows: &[usize]| rows.iter().map(|&r| r * rb).collect::<Vec<_>>();
     group.exchange_v_known_into(
         send_buf.as_bytes(),
-        &bytes(&send_rows),
+        &byte_counts(&send_rows, rb),
         recv_buf.as_bytes_mut(),
-        &bytes(&recv_rows),
+        &byte_counts(&recv_rows, rb),
     )?;
     stats.times.exchange = counts_time + t.elapsed().as_secs_f64();
     ws.recycle(send_buf);
@@ -376,13 +381,12 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
     // 8. Exchange back; the counts are known from dispatch.
     let t = Instant::now();
     let rb = h.cols * h.dtype.size();
-    let bytes = |rows: &[usize]| rows.iter().map(|&r| r * rb).collect::<Vec<_>>();
     let mut back_recv = ws.take(h.dtype, h.back_recv_rows.iter().sum(), h.cols);
     group.exchange_v_known_into(
         back_send.as_bytes(),
-        &bytes(&h.back_send_rows),
+        &byte_counts(&h.back_send_rows, rb),
         back_recv.as_bytes_mut(),
-        &bytes(&h.back_recv_rows),
+        &byte_counts(&h.back_recv_rows, rb),
     )?;
     stats.times.exchange_back = t.elapsed().as_secs_f64();
     ws.recycle(back_send);

@@ -38,6 +38,7 @@ pub mod plan;
 pub mod random;
 pub mod reference;
 pub mod router;
+mod segments;
 pub mod stats;
 pub mod tensor;
 pub mod weights;

@@ -6,6 +6,7 @@ use crate::config::Capacity;
 use crate::error::{Error, Result};
 use crate::placement::Placement;
 use crate::router::Routing;
+use crate::segments::offsets;
 
 /// Marks a dropped (token, slot) in [`RoutePlan::dest`].
 pub const DROPPED: u32 = u32::MAX;
@@ -100,19 +101,7 @@ impl RoutePlan {
                 counts[d as usize][placement.local_index(routing.ids[i] as usize)] += 1;
             }
         }
-        let mut cursor: Vec<Vec<usize>> = counts
-            .iter()
-            .map(|c| {
-                let mut acc = 0;
-                c.iter()
-                    .map(|&x| {
-                        let o = acc;
-                        acc += x;
-                        o
-                    })
-                    .collect()
-            })
-            .collect();
+        let mut cursor: Vec<Vec<usize>> = counts.iter().map(|c| offsets(c)).collect();
         let mut block_tokens: Vec<Vec<u32>> = counts.iter().map(|c| vec![0u32; c.iter().sum()]).collect();
         let mut row = vec![0u32; n * k];
         for (i, &d) in dest.iter().enumerate() {

@@ -59,3 +59,23 @@ pub fn expert(cfg: &MoeConfig, seed: u64, e: usize) -> ExpertWeights {
 pub fn experts(cfg: &MoeConfig, seed: u64, ids: &[usize]) -> Vec<ExpertWeights> {
     ids.iter().map(|&e| expert(cfg, seed, e)).collect()
 }
+
+/// Make expert 0 every token's first choice: its router row gets weight 40 on feature 0
+/// (pair with [`skewed_input`], which sets feature 0 of every token to 1). For load-imbalance
+/// tests and benchmarks.
+pub fn skewed_gate(gate: &Tensor) -> Tensor {
+    let mut v = gate.to_f32_vec();
+    if let Some(w) = v.first_mut() {
+        *w = 40.0;
+    }
+    Tensor::from_f32(gate.dtype(), gate.rows(), gate.cols(), &v).expect("shape preserved")
+}
+
+/// `x` with feature 0 of every token set to 1; see [`skewed_gate`].
+pub fn skewed_input(x: &Tensor) -> Tensor {
+    let mut v = x.to_f32_vec();
+    if x.cols() > 0 {
+        v.iter_mut().step_by(x.cols()).for_each(|f| *f = 1.0);
+    }
+    Tensor::from_f32(x.dtype(), x.rows(), x.cols(), &v).expect("shape preserved")
+}

@@ -24,6 +24,25 @@ fn run<T: Send>(
     out
 }
 
+/// Rank `bad` failed with InvalidInput naming itself, its message containing `needle`; every
+/// other rank failed in `op` with PeerFailed naming `bad`.
+fn assert_failed_on<T: std::fmt::Debug>(
+    outs: Vec<std::thread::Result<Result<T, Error>>>,
+    bad: usize,
+    op: &'static str,
+    needle: &str,
+) {
+    for (r, o) in outs.into_iter().enumerate() {
+        let e = o.unwrap().unwrap_err();
+        if r == bad {
+            assert!(matches!(e, Error::InvalidInput { rank: Some(b), .. } if b == bad), "{e}");
+            assert!(e.to_string().contains(needle), "{e}");
+        } else {
+            assert_eq!(e, Error::PeerFailed { rank: r, op, peer: bad });
+        }
+    }
+}
+
 fn layer(g: LocalGroup, cfg: &MoeConfig) -> Result<MoeLayer<LocalGroup>, Error> {
     let p = Placement::contiguous(cfg.num_experts, g.size())?;
     let mine = random::experts(cfg, 1, p.experts_of(g.rank()));
@@ -41,15 +60,7 @@ fn out_of_range_expert_id_fails_on_every_rank() {
             let routing = Routing::new(3, 1, vec![0, bad, 1], vec![1.0; 3])?;
             dispatch(&g, &CpuEngine, &p, Capacity::Dropless, &x, &routing).map(|_| ())
         });
-        for (r, o) in outs.into_iter().enumerate() {
-            let e = o.unwrap().unwrap_err();
-            if r == 1 {
-                assert!(matches!(e, Error::InvalidInput { rank: Some(1), .. }), "{e}");
-                assert!(e.to_string().contains("expert id 8 at token 1"), "{e}");
-            } else {
-                assert_eq!(e, Error::PeerFailed { rank: r, op: "dispatch", peer: 1 });
-            }
-        }
+        assert_failed_on(outs, 1, "dispatch", "expert id 8 at token 1");
     }
 }
 
@@ -64,15 +75,7 @@ fn wrong_input_shape_or_dtype_fails_on_every_rank() {
                 if r == 2 { random::uniform(bad_dtype, 5, bad_cols, 1.0, 1, 2) } else { random::input(&cfg, 5, 1, r) };
             l.forward(&x)
         });
-        for (r, o) in outs.into_iter().enumerate() {
-            let e = o.unwrap().unwrap_err();
-            if r == 2 {
-                assert!(matches!(e, Error::InvalidInput { rank: Some(2), .. }), "{e}");
-                assert!(e.to_string().contains("input x"), "{e}");
-            } else {
-                assert_eq!(e, Error::PeerFailed { rank: r, op: "dispatch", peer: 2 });
-            }
-        }
+        assert_failed_on(outs, 2, "dispatch", "input x");
     }
 }
 
@@ -118,17 +121,12 @@ fn bad_weights_on_one_rank_fail_on_every_rank() {
         }
         MoeLayer::new(g, cfg.clone(), p, random::gate(&cfg, 1), mine).map(|_| ())
     });
-    for (r, o) in outs.into_iter().enumerate() {
-        let e = o.unwrap().unwrap_err();
-        if r == 0 {
-            assert!(
-                e.to_string().contains("rank 0: invalid input: expert 3.down has shape [32, 39], expected [32, 40]"),
-                "{e}"
-            );
-        } else {
-            assert_eq!(e, Error::PeerFailed { rank: r, op: "MoeLayer::new", peer: 0 });
-        }
-    }
+    assert_failed_on(
+        outs,
+        0,
+        "MoeLayer::new",
+        "rank 0: invalid input: expert 3.down has shape [32, 39], expected [32, 40]",
+    );
 }
 
 #[test]
@@ -142,14 +140,7 @@ fn wrong_expert_outputs_in_combine_fail_on_every_rank() {
         let outputs = if r == 0 { Tensor::zeros(DType::F16, d.batch.rows() + 1, 8) } else { d.batch.clone() };
         combine(&g, &CpuEngine, d.handle, &outputs).map(|_| ())
     });
-    for (r, o) in outs.into_iter().enumerate() {
-        let e = o.unwrap().unwrap_err();
-        if r == 0 {
-            assert!(e.to_string().contains("rank 0: invalid input: expert outputs has shape"), "{e}");
-        } else {
-            assert_eq!(e, Error::PeerFailed { rank: r, op: "combine", peer: 0 });
-        }
-    }
+    assert_failed_on(outs, 0, "combine", "rank 0: invalid input: expert outputs has shape");
 }
 
 #[test]

@@ -104,16 +104,8 @@ pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &m
     drop(h);
 
     // Down, tile by tile of D: y[ai][dt] = sum over F tiles (in order) of a[ai][c] · Wd[dt, c]^T.
-    let first_tile: Vec<usize> = {
-        let mut acc = 0;
-        (0..active.len())
-            .map(|ai| {
-                let o = acc;
-                acc += experts[active[ai]].gate.rows().div_ceil(TILE);
-                o
-            })
-            .collect()
-    };
+    let first_tile =
+        crate::segments::offsets(&active.iter().map(|&l| experts[l].gate.rows().div_ceil(TILE)).collect::<Vec<_>>());
     let down_tasks: Vec<(usize, usize, usize)> =
         (0..active.len()).flat_map(|ai| tiles(d).map(move |(a, b)| (ai, a, b))).collect();
     let y_tiles: Vec<Vec<f32>> = down_tasks

@@ -12,6 +12,7 @@ pub use local::LocalGroup;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+pub(crate) use crate::segments::offsets;
 
 /// Default deadline of one collective call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -109,17 +110,4 @@ pub(crate) fn check_sum(rank: usize, op: &str, what: &str, counts: &[usize], len
         return Err(Error::invalid_on(rank, format!("{op}: {what} add up to {sum} bytes but the buffer has {len}")));
     }
     Ok(())
-}
-
-/// Prefix sums: offsets of consecutive segments of the given lengths.
-pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
-    let mut acc = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let o = acc;
-            acc += c;
-            o
-        })
-        .collect()
 }

@@ -42,26 +42,12 @@ impl Case {
 
     pub fn gate(&self) -> Tensor {
         let g = random::gate(&self.cfg, self.seed);
-        if !self.skew {
-            return g;
-        }
-        // Expert 0's logit gets +40 * x[:, 0], and inputs have x[:, 0] = 1.
-        let (e, d) = (g.rows(), g.cols());
-        let mut v = g.to_f32_vec();
-        v[0] = 40.0;
-        Tensor::from_f32(g.dtype(), e, d, &v).unwrap()
+        if self.skew { random::skewed_gate(&g) } else { g }
     }
 
     pub fn input(&self, rank: usize) -> Tensor {
         let x = random::input(&self.cfg, self.tokens[rank], self.seed, rank);
-        if !self.skew {
-            return x;
-        }
-        let mut v = x.to_f32_vec();
-        for t in 0..x.rows() {
-            v[t * x.cols()] = 1.0;
-        }
-        Tensor::from_f32(x.dtype(), x.rows(), x.cols(), &v).unwrap()
+        if self.skew { random::skewed_input(&x) } else { x }
     }
 
     pub fn all_experts(&self) -> Vec<ExpertWeights> {

@@ -137,16 +137,9 @@ fn run(args: Args) -> Result<(), String> {
     let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| -> moe_ep::Result<Vec<(f64, ForwardStats)>> {
         let rank = g.rank();
         let mine = random::experts(&cfg, args.seed, placement.experts_of(rank));
-        let mut gate = random::gate(&cfg, args.seed);
-        let mut x = random::input(&cfg, args.tokens, args.seed, rank);
+        let (mut gate, mut x) = (random::gate(&cfg, args.seed), random::input(&cfg, args.tokens, args.seed, rank));
         if args.skew {
-            // Expert 0 gets +40 * x[:, 0] on its logit, and every token has x[:, 0] = 1.
-            let mut gv = gate.to_f32_vec();
-            gv[0] = 40.0;
-            gate = moe_ep::Tensor::from_f32(gate.dtype(), gate.rows(), gate.cols(), &gv)?;
-            let mut xv = x.to_f32_vec();
-            (0..x.rows()).for_each(|t| xv[t * x.cols()] = 1.0);
-            x = moe_ep::Tensor::from_f32(x.dtype(), x.rows(), x.cols(), &xv)?;
+            (gate, x) = (random::skewed_gate(&gate), random::skewed_input(&x));
         }
         let layer = MoeLayer::new(g, cfg.clone(), placement.clone(), gate, mine)?;
         let mut out = Vec::with_capacity(args.iters);
