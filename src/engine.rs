@@ -4,7 +4,7 @@
 //! a few source tensors; arithmetic is the expert FFN and the weighted combine. The CPU engine
 //! is [`crate::cpu::CpuEngine`]; GPU engines live in backend crates.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use crate::weights::ExpertWeights;
 
@@ -31,4 +31,56 @@ pub trait Engine: Send + Sync {
     /// f32 accumulation and one cast to `y`'s dtype; [`ZERO_ROW`] slots contribute nothing.
     /// `y` has `idx.len() / k` rows.
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()>;
+}
+
+/// Check the arguments of [`Engine::gather_rows`]: `dst` has one row per index, every source
+/// has `dst`'s dtype and columns, and every index other than [`ZERO_ROW`] names a source row.
+/// Returns the first row of each source in the concatenation, then the total.
+pub fn check_gather(srcs: &[&Tensor], idx: &[u32], dst: &Tensor) -> Result<Vec<usize>> {
+    if dst.rows() != idx.len() {
+        return Err(Error::invalid(format!(
+            "gather_rows: destination has {} rows for {} indices",
+            dst.rows(),
+            idx.len()
+        )));
+    }
+    check_sources(srcs, idx, dst, "gather_rows")
+}
+
+/// Check the arguments of [`Engine::combine`] as [`check_gather`] does, and that there are
+/// `k` indices and weights per row of `y`, `k > 0`.
+pub fn check_combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &Tensor) -> Result<Vec<usize>> {
+    if k == 0 || idx.len() != weights.len() || idx.len() != y.rows() * k {
+        return Err(Error::invalid(format!(
+            "combine: {} indices and {} weights for {} output rows of top-{k}",
+            idx.len(),
+            weights.len(),
+            y.rows()
+        )));
+    }
+    check_sources(srcs, idx, y, "combine")
+}
+
+fn check_sources(srcs: &[&Tensor], idx: &[u32], dst: &Tensor, what: &str) -> Result<Vec<usize>> {
+    let mut starts = Vec::with_capacity(srcs.len() + 1);
+    let mut total = 0usize;
+    for (i, s) in srcs.iter().enumerate() {
+        if s.dtype() != dst.dtype() || s.cols() != dst.cols() {
+            return Err(Error::invalid(format!(
+                "{what}: source {i} is [{}, {}] {} but the destination has {} columns of {}",
+                s.rows(),
+                s.cols(),
+                s.dtype(),
+                dst.cols(),
+                dst.dtype()
+            )));
+        }
+        starts.push(total);
+        total += s.rows();
+    }
+    starts.push(total);
+    if let Some(&bad) = idx.iter().find(|&&i| i != ZERO_ROW && i as usize >= total) {
+        return Err(Error::invalid(format!("{what}: row index {bad} outside the {total} source rows")));
+    }
+    Ok(starts)
 }

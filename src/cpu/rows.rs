@@ -3,39 +3,14 @@
 use rayon::prelude::*;
 
 use crate::dtype::Element;
-use crate::engine::ZERO_ROW;
-use crate::error::{Error, Result};
+use crate::engine::{ZERO_ROW, check_combine, check_gather};
+use crate::error::Result;
 use crate::tensor::Tensor;
 use crate::with_storage;
 
 /// Below this many bytes a row kernel runs on the calling thread. With ranks as threads that
 /// share one rayon pool, a small copy would otherwise wait behind other ranks' expert tasks.
 pub(crate) const PAR_MIN_BYTES: usize = 16 << 20;
-
-/// Check that sources and destination agree, and that every index is in range.
-pub(crate) fn check_sources(srcs: &[&Tensor], idx: &[u32], dst: &Tensor, what: &str) -> Result<Vec<usize>> {
-    let mut starts = Vec::with_capacity(srcs.len() + 1);
-    let mut total = 0usize;
-    for (i, s) in srcs.iter().enumerate() {
-        if s.dtype() != dst.dtype() || s.cols() != dst.cols() {
-            return Err(Error::invalid(format!(
-                "{what}: source {i} is [{}, {}] {} but the destination has {} columns of {}",
-                s.rows(),
-                s.cols(),
-                s.dtype(),
-                dst.cols(),
-                dst.dtype()
-            )));
-        }
-        starts.push(total);
-        total += s.rows();
-    }
-    starts.push(total);
-    if let Some(&bad) = idx.iter().find(|&&i| i != ZERO_ROW && i as usize >= total) {
-        return Err(Error::invalid(format!("{what}: row index {bad} outside the {total} source rows")));
-    }
-    Ok(starts)
-}
 
 /// Which source and row a concatenated index names.
 #[inline]
@@ -50,14 +25,7 @@ pub(crate) fn locate(starts: &[usize], i: usize) -> (usize, usize) {
 
 /// `dst[i] = cat(srcs)[idx[i]]`; see [`crate::Engine::gather_rows`].
 pub fn gather_rows(srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
-    if dst.rows() != idx.len() {
-        return Err(Error::invalid(format!(
-            "gather_rows: destination has {} rows for {} indices",
-            dst.rows(),
-            idx.len()
-        )));
-    }
-    let starts = check_sources(srcs, idx, dst, "gather_rows")?;
+    let starts = check_gather(srcs, idx, dst)?;
     let rb = dst.row_bytes();
     if rb == 0 {
         return Ok(());
@@ -77,15 +45,7 @@ pub fn gather_rows(srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()
 
 /// `y[t] = sum_j w[t,j] * cat(srcs)[idx[t,j]]`; see [`crate::Engine::combine`].
 pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-    if k == 0 || idx.len() != weights.len() || idx.len() != y.rows() * k {
-        return Err(Error::invalid(format!(
-            "combine: {} indices and {} weights for {} output rows of top-{k}",
-            idx.len(),
-            weights.len(),
-            y.rows()
-        )));
-    }
-    let starts = check_sources(srcs, idx, y, "combine")?;
+    let starts = check_combine(srcs, idx, weights, k, y)?;
     let d = y.cols();
     if d == 0 {
         return Ok(());
@@ -104,9 +64,7 @@ pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut
                 let w = weights[t * k + j];
                 let (s, r) = locate(&starts, i as usize);
                 with_storage!(srcs[s].storage(), src => Element::widen_slice(&src[r * d..(r + 1) * d], row));
-                for (a, v) in acc.iter_mut().zip(row.iter()) {
-                    *a += w * *v;
-                }
+                axpy(acc, w, row);
             }
             Element::narrow_slice(acc, yrow);
         };
@@ -119,4 +77,13 @@ pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut
         }
     });
     Ok(())
+}
+
+/// `acc[i] = acc[i] + w * row[i]`: the product rounded to f32, then the sum rounded (Rust never
+/// fuses them). The GPU combine performs exactly these operations, so the two agree bit for bit.
+#[inline]
+pub fn axpy(acc: &mut [f32], w: f32, row: &[f32]) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += w * v;
+    }
 }

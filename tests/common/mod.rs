@@ -5,7 +5,18 @@
 use std::time::Duration;
 
 use moe_ep::reference::{self, Reference};
-use moe_ep::{DType, ExpertWeights, ForwardStats, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor, random};
+use moe_ep::{
+    CpuEngine, DType, Engine, ExpertWeights, ForwardStats, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor,
+    random,
+};
+
+/// Makes each rank's compute engine (given the rank).
+pub type MakeEngine<'a> = &'a (dyn Fn(usize) -> moe_ep::Result<Box<dyn Engine>> + Sync);
+
+/// The CPU engine on every rank.
+pub fn cpu_engine(_rank: usize) -> moe_ep::Result<Box<dyn Engine>> {
+    Ok(Box::new(CpuEngine))
+}
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -54,13 +65,18 @@ impl Case {
         random::experts(&self.cfg, self.seed, &(0..self.cfg.num_experts).collect::<Vec<_>>())
     }
 
-    /// Build the layer on each rank and run one forward; per rank (y, stats).
+    /// Build the layer on each rank and run one forward on the CPU; per rank (y, stats).
     pub fn run(&self) -> Vec<(Tensor, ForwardStats)> {
+        self.run_with(&cpu_engine)
+    }
+
+    /// [`Case::run`] with each rank's engine made by `engine`.
+    pub fn run_with(&self, engine: MakeEngine<'_>) -> Vec<(Tensor, ForwardStats)> {
         let outs = LocalGroup::run(self.world, TIMEOUT, |g| {
             let rank = g.rank();
             let p = self.placement();
             let mine = random::experts(&self.cfg, self.seed, p.experts_of(rank));
-            let layer = MoeLayer::new(g, self.cfg.clone(), p, self.gate(), mine)?;
+            let layer = MoeLayer::with_engine(g, self.cfg.clone(), p, self.gate(), mine, engine(rank)?)?;
             layer.forward_with_stats(&self.input(rank))
         })
         .unwrap();
@@ -77,9 +93,13 @@ impl Case {
         (0..self.world).map(|r| reference::dense_moe(&self.input(r), &gate, &experts, &self.cfg)).collect()
     }
 
-    /// Run and compare every rank with the reference; returns the stats.
+    /// Run on the CPU and compare every rank with the reference; returns the stats.
     pub fn check(&self) -> Vec<ForwardStats> {
-        let got = self.run();
+        self.check_outputs(self.run())
+    }
+
+    /// Compare each rank's (y, stats) with the reference; returns the stats.
+    pub fn check_outputs(&self, got: Vec<(Tensor, ForwardStats)>) -> Vec<ForwardStats> {
         let want = self.reference();
         let tol = tolerance(self.cfg.act_dtype);
         for (r, ((y, stats), w)) in got.iter().zip(&want).enumerate() {

@@ -1,0 +1,298 @@
+//! The device context: adapter choice, the adapter's own limits, the pipeline cache, the
+//! buffer pool, uploads and readbacks, and wgpu errors turned into [`Error`]s.
+
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use moe_ep::{Error, Result};
+
+use crate::pipelines::PipelineCache;
+use crate::pool::{BufferPool, class_of};
+
+/// Environment variable naming the adapter to use: a case-insensitive part of its name
+/// (`llvmpipe`, `H100`, `Apple M3`). `WGPU_BACKEND` (`vulkan`, `metal`, `dx12`) picks the
+/// backend, as in every wgpu program.
+pub const ADAPTER_ENV: &str = "MOE_EP_ADAPTER";
+
+/// Storage usage of every buffer a kernel reads or writes.
+pub(crate) const STORAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
+/// Usage of readback staging buffers.
+pub(crate) const READBACK: wgpu::BufferUsages = wgpu::BufferUsages::MAP_READ.union(wgpu::BufferUsages::COPY_DST);
+
+/// How to open a device.
+#[derive(Clone, Debug)]
+pub struct ContextOptions {
+    /// Part of the adapter's name (case-insensitive); `None` takes the best adapter: a
+    /// discrete GPU, then an integrated one, then a virtual one, then a CPU driver.
+    pub adapter: Option<String>,
+    /// A cap on the bytes of one storage binding, below the adapter's own limit (tests use it
+    /// to reach the limit checks with small data).
+    pub max_binding_bytes: Option<u64>,
+    /// How long to wait for the GPU to finish one submission before giving up with an error.
+    pub timeout: Duration,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions { adapter: None, max_binding_bytes: None, timeout: Duration::from_secs(60) }
+    }
+}
+
+impl ContextOptions {
+    /// Defaults, with the adapter taken from [`ADAPTER_ENV`] when set.
+    pub fn from_env() -> Self {
+        let adapter = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.trim().is_empty());
+        ContextOptions { adapter, ..Default::default() }
+    }
+}
+
+pub(crate) fn backend_error(what: impl Into<String>) -> Error {
+    Error::Backend { rank: None, backend: "wgpu", what: what.into() }
+}
+
+/// One wgpu device and everything cached on it. Cheap to share (`Arc`); thread-safe.
+#[derive(Debug)]
+pub struct GpuContext {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    max_binding: u64,
+    timeout: Duration,
+    pub(crate) pipelines: PipelineCache,
+    pub(crate) pool: BufferPool,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// Name, backend and type of every adapter wgpu finds (honouring `WGPU_BACKEND`).
+pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())).iter().map(|a| a.get_info()).collect()
+}
+
+fn type_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+/// What to do when no adapter is found, for error messages.
+pub const NO_ADAPTER_HELP: &str = "wgpu found no adapter. On Linux install a Vulkan driver: \
+     `apt-get install mesa-vulkan-drivers libvulkan1` gives lavapipe, a software Vulkan driver; \
+     on macOS Metal is always present; set WGPU_BACKEND or MOE_EP_ADAPTER to choose among several";
+
+impl GpuContext {
+    /// Open a device on the adapter `opts` names (or the best one), with the adapter's own
+    /// limits and, where offered, timestamp queries. Errors when no adapter matches (the
+    /// message lists those found and says how to get one) or the device cannot be created.
+    pub fn new(opts: &ContextOptions) -> Result<Self> {
+        let _span = tracing::debug_span!("gpu_context").entered();
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let found: Vec<String> = adapters
+            .iter()
+            .map(|a| a.get_info())
+            .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
+            .collect();
+        if let Some(want) = &opts.adapter {
+            let w = want.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&w));
+            if adapters.is_empty() {
+                return Err(backend_error(format!(
+                    "no adapter's name contains {want:?} ({ADAPTER_ENV}); found: [{}]",
+                    found.join(", ")
+                )));
+            }
+        }
+        adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
+        let adapter = adapters.into_iter().next().ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
+        let info = adapter.get_info();
+        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = adapter.features() & wanted;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moe-ep"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| backend_error(format!("cannot open a device on {}: {e}", info.name)))?;
+        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+        }));
+        let lost = errors.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            lost.lock().unwrap_or_else(|p| p.into_inner()).push(format!("device lost ({reason:?}): {msg}"));
+        });
+        let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if let Some(cap) = opts.max_binding_bytes {
+            max_binding = max_binding.min(cap);
+        }
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, "wgpu device open");
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            max_binding,
+            timeout: opts.timeout,
+            pipelines: PipelineCache::default(),
+            pool: BufferPool::default(),
+            errors,
+        })
+    }
+
+    /// The adapter in use.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// `name (backend, type)` of the adapter, for logs and test output.
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// The device's limits (the adapter's own, not WebGPU's defaults).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// Largest storage binding, in bytes, any kernel may use on this device.
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// The wgpu device, for callers who encode their own work around the launches.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Pipelines compiled so far.
+    pub fn compiled_pipelines(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    /// Whether the device can write timestamps between commands of an encoder.
+    pub fn has_encoder_timestamps(&self) -> bool {
+        self.device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    }
+
+    /// Error unless `bytes` fit one storage binding of this device.
+    pub fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.max_binding {
+            return Err(backend_error(format!(
+                "{what} needs {bytes} bytes in one buffer binding, over the {} byte limit of {}; \
+                 split the batch or use the CPU engine",
+                self.max_binding, self.info.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of at least `bytes` from the pool (contents undefined). Checks the
+    /// binding limit first.
+    pub fn storage(&self, what: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.check_binding(what, bytes)?;
+        Ok(self.take(STORAGE, bytes, what))
+    }
+
+    /// A storage buffer holding `data` (its length a multiple of 4).
+    pub fn upload(&self, what: &str, data: &[u8]) -> Result<wgpu::Buffer> {
+        let b = self.storage(what, data.len() as u64)?;
+        if !data.is_empty() {
+            self.queue.write_buffer(&b, 0, data);
+        }
+        Ok(b)
+    }
+
+    /// Give a buffer back to the pool.
+    pub fn recycle(&self, b: wgpu::Buffer) {
+        self.pool.give(b);
+    }
+
+    pub(crate) fn take(&self, usage: wgpu::BufferUsages, bytes: u64, label: &str) -> wgpu::Buffer {
+        // Past the largest power of two the device allows, an exact (16-byte rounded) size.
+        let class = class_of(bytes);
+        let size = if class <= self.limits.max_buffer_size { class } else { bytes.next_multiple_of(16) };
+        self.pool.take(&self.device, usage, size, label)
+    }
+
+    /// Submit `encoder` after appending a copy of `src[..out.len()]` to a staging buffer,
+    /// wait (at most the context's timeout) and copy the bytes into `out`. One submit.
+    pub fn submit_and_read(&self, mut encoder: wgpu::CommandEncoder, src: &wgpu::Buffer, out: &mut [u8]) -> Result<()> {
+        let bytes = out.len() as u64;
+        if bytes == 0 {
+            self.submit(encoder)?;
+            return Ok(());
+        }
+        let staging = self.take(READBACK, bytes, "readback");
+        encoder.copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
+        self.submit(encoder)?;
+        let (tx, rx) = mpsc::channel();
+        staging.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        match rx.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(backend_error(format!("mapping the readback buffer failed: {e}"))),
+            Err(_) => return Err(backend_error("the readback buffer was not mapped after the GPU finished")),
+        }
+        {
+            let view = staging
+                .slice(..bytes)
+                .get_mapped_range()
+                .map_err(|e| backend_error(format!("reading the readback buffer failed: {e}")))?;
+            out.copy_from_slice(&view);
+        }
+        staging.unmap();
+        self.pool.give(staging);
+        self.check_errors()
+    }
+
+    /// Submit `encoder` and wait for the GPU (at most the context's timeout).
+    pub fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.queue.submit([encoder.finish()]);
+        self.check_errors()
+    }
+
+    /// Wait until the GPU has finished all submitted work, at most the context's timeout.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(self.timeout) })
+            .map_err(|e| backend_error(format!("waiting for {} (timeout {:?}): {e}", self.info.name, self.timeout)))?;
+        self.check_errors()
+    }
+
+    /// A new command encoder.
+    pub fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
+    /// Error with every wgpu error reported since the last check (validation, out of memory,
+    /// device lost), or Ok.
+    pub fn check_errors(&self) -> Result<()> {
+        let mut errs = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let all = errs.drain(..).collect::<Vec<_>>().join("; ");
+        Err(backend_error(format!("{}: {all}", self.info.name)))
+    }
+}

@@ -1,0 +1,27 @@
+//! Every WGSL kernel variant parses, validates with no optional capability (so it needs no
+//! adapter feature), and translates to SPIR-V (Vulkan) and MSL (Metal). Needs no GPU.
+
+use moe_ep_wgpu::kernels::Variant;
+
+#[test]
+fn every_kernel_validates_and_translates() {
+    let variants = Variant::all();
+    assert!(variants.len() >= 8);
+    for v in variants {
+        let src = v.source();
+        let module =
+            naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
+        assert_eq!(module.entry_points.len(), 1, "{}: one entry point", v.label());
+        assert_eq!(module.entry_points[0].name, "main");
+        assert_eq!(module.entry_points[0].workgroup_size, [moe_ep_wgpu::kernels::WORKGROUP, 1, 1], "{}", v.label());
+        let spv = naga::back::spv::write_vec(&module, &info, &Default::default(), None)
+            .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", v.label()));
+        assert!(spv.len() > 100, "{}: SPIR-V too short", v.label());
+        let (msl, _) = naga::back::msl::write_string(&module, &info, &Default::default(), &Default::default())
+            .unwrap_or_else(|e| panic!("{}: MSL: {e}", v.label()));
+        assert!(msl.contains("kernel"), "{}: MSL has no kernel function", v.label());
+    }
+}

@@ -1,0 +1,178 @@
+// Weighted combine: y[t] = sum_j weights[t*k + j] * cat(src_a, src_b)[idx[t*k + j]].
+//
+// Zero-copy: src_a holds this rank's expert outputs and src_b the rows received back from
+// peers; each is read where it lies. Slots are summed in order j = 0..k in f32 and cast once:
+// acc = acc + w * v, the product rounded, then the sum, as the CPU combine does (`axpy` in
+// src/cpu/rows.rs), so the two agree bit for bit. Shader compilers may fuse a multiply into a
+// following add, or factor a*b + a*c, unless told not to, and WGSL cannot tell them: so each
+// product passes through `opaque`, an integer no-op they cannot see through (XOR with a
+// runtime zero). ZERO_ROW slots (dropped) contribute nothing.
+//
+// The prelude (added by the loader) defines `Word`, `LANES` (u32 words in a Word),
+// `word_lane(w, l)`, `make_word(a)`, `DT` (0 = f32, 1 = f16, 2 = bf16) and `K`, the slots per
+// token (a constant, so that the loops over slots unroll and keep their loads in flight). Conversions are
+// done with integer operations (no SHADER_F16 needed) and round to nearest even, exactly as
+// the `half` crate does on the CPU.
+
+struct Params {
+    rows: u32,       // output rows (tokens)
+    row_words: u32,  // Words per row
+    a_rows: u32,     // rows of src_a; larger indices read src_b
+    tpr_shift: u32,  // log2(threads per row)
+    groups_x: u32,   // workgroups along x
+    k: u32,          // slots per token (the kernel is compiled for it: K)
+    zero: u32,       // always 0, unknown to the compiler (see `opaque`)
+    _pad1: u32,
+}
+
+const WG: u32 = 256u;
+const ZERO_ROW: u32 = 0xffffffffu;
+// Values per 32-bit word.
+const PER: u32 = select(2u, 1u, DT == 0u);
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src_a: array<Word>;
+@group(0) @binding(2) var<storage, read> src_b: array<Word>;
+@group(0) @binding(3) var<storage, read> idx: array<u32>;
+@group(0) @binding(4) var<storage, read> weights: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dst: array<Word>;
+
+fn f16_to_f32(h: u32) -> f32 {
+    let s = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if e == 0x1fu {
+        return bitcast<f32>(s | select(0x7f800000u, 0x7fc00000u, m != 0u) | (m << 13u));
+    }
+    if e == 0u {
+        // Zero or subnormal: m * 2^-24, exact in f32; the sign set as bits, so that a compiler
+        // that ignores the sign of zero cannot lose it.
+        return bitcast<f32>(s | bitcast<u32>(f32(m) * 5.9604644775390625e-8));
+    }
+    return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
+}
+
+fn f32_to_f16(v: f32) -> u32 {
+    let x = bitcast<u32>(v);
+    let sign = (x & 0x80000000u) >> 16u;
+    let ex = x & 0x7f800000u;
+    let man = x & 0x007fffffu;
+    if ex == 0x7f800000u {
+        return sign | 0x7c00u | select(0u, 0x0200u, man != 0u) | (man >> 13u);
+    }
+    let he = i32(ex >> 23u) - 112;
+    if he >= 0x1f {
+        return sign | 0x7c00u;
+    }
+    if he <= 0 {
+        if 14 - he > 24 {
+            return sign;
+        }
+        let m = man | 0x00800000u;
+        var hm = m >> u32(14 - he);
+        let rb = 1u << u32(13 - he);
+        if (m & rb) != 0u && (m & (3u * rb - 1u)) != 0u {
+            hm += 1u;
+        }
+        return sign | hm;
+    }
+    let r = sign | (u32(he) << 10u) | (man >> 13u);
+    let rb = 0x00001000u;
+    if (man & rb) != 0u && (man & (3u * rb - 1u)) != 0u {
+        return r + 1u;
+    }
+    return r;
+}
+
+fn f32_to_bf16(v: f32) -> u32 {
+    let x = bitcast<u32>(v);
+    if (x & 0x7fffffffu) > 0x7f800000u {
+        return (x >> 16u) | 0x0040u;
+    }
+    let rb = 0x00008000u;
+    if (x & rb) != 0u && (x & (3u * rb - 1u)) != 0u {
+        return (x >> 16u) + 1u;
+    }
+    return x >> 16u;
+}
+
+// x, through an integer operation the compiler cannot fold: a product passed through it is
+// rounded on its own and never fused into the add that follows.
+fn opaque(x: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(x) ^ p.zero);
+}
+
+// Value h (0 or 1) of a 32-bit word.
+fn widen(word: u32, h: u32) -> f32 {
+    if DT == 0u {
+        return bitcast<f32>(word);
+    }
+    let bits = (word >> (16u * h)) & 0xffffu;
+    if DT == 2u {
+        return bitcast<f32>(bits << 16u);
+    }
+    return f16_to_f32(bits);
+}
+
+fn narrow(v: f32) -> u32 {
+    if DT == 2u {
+        return f32_to_bf16(v);
+    }
+    return f32_to_f16(v);
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tpr = 1u << p.tpr_shift;
+    let row = (wid.y * p.groups_x + wid.x) * (WG >> p.tpr_shift) + (lid >> p.tpr_shift);
+    if row >= p.rows {
+        return;
+    }
+    let lane = lid & (tpr - 1u);
+    let n = p.row_words;
+    // K (the prelude's constant) slots: their rows and weights once per thread.
+    var ids: array<u32, K>;
+    var wts: array<f32, K>;
+    for (var j = 0u; j < K; j++) {
+        ids[j] = idx[row * K + j];
+        // A dropped slot adds +0 * +0: nothing, whatever the compiler assumes about zeros.
+        wts[j] = select(weights[row * K + j], 0.0, ids[j] == ZERO_ROW);
+    }
+    for (var w = lane; w < n; w += tpr) {
+        // All K loads first, so that they are in flight together.
+        var words: array<Word, K>;
+        for (var j = 0u; j < K; j++) {
+            let i = ids[j];
+            if i == ZERO_ROW {
+                words[j] = word_zero();
+            } else if i < p.a_rows {
+                words[j] = src_a[i * n + w];
+            } else {
+                words[j] = src_b[(i - p.a_rows) * n + w];
+            }
+        }
+        // Start from a zero the compiler cannot see, so that it cannot fold 0 + x into x
+        // (which turns +0 into -0 where x is -0).
+        var acc: array<f32, LANES * PER>;
+        for (var a = 0u; a < LANES * PER; a++) {
+            acc[a] = bitcast<f32>(p.zero);
+        }
+        for (var j = 0u; j < K; j++) {
+            for (var l = 0u; l < LANES; l++) {
+                let u = word_lane(words[j], l);
+                for (var h = 0u; h < PER; h++) {
+                    acc[l * PER + h] = acc[l * PER + h] + opaque(wts[j] * widen(u, h));
+                }
+            }
+        }
+        var o: array<u32, LANES>;
+        for (var l = 0u; l < LANES; l++) {
+            if DT == 0u {
+                o[l] = bitcast<u32>(acc[l]);
+            } else {
+                o[l] = narrow(acc[l * PER]) | (narrow(acc[l * PER + 1u]) << 16u);
+            }
+        }
+        dst[row * n + w] = make_word(o);
+    }
+}
