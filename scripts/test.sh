@@ -12,12 +12,32 @@ die() { printf '\nscripts/test.sh: %s\n' "$*" >&2; exit 1; }
 say "system needs"
 command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs (1.85 or newer)"
 cargo --version
-# The core crate and the tools need nothing but Rust. The crates that need a system MPI
-# (backends/mpi) or a Vulkan/Metal driver (backends/wgpu) check for them here once they are
-# part of the workspace.
-for crate in backends/mpi backends/wgpu; do
-  [ -f "$crate/Cargo.toml" ] || echo "note: $crate is not in this tree yet; its system checks are skipped"
-done
+# The core crate needs nothing but Rust. The GPU tests (backends/wgpu, the tools' wgpu run)
+# need a wgpu adapter: Metal on macOS; on Linux a Vulkan driver, where Mesa's lavapipe (a
+# software Vulkan driver) is enough and is installed here when we can.
+[ -f backends/mpi/Cargo.toml ] || echo "note: backends/mpi is not in this tree yet; its system checks are skipped"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"   # silences a harmless lavapipe warning
+if [ "$(uname -s)" = Linux ]; then
+  # (No `cmd | grep -q` here: under pipefail, grep's early exit fails the pipeline.)
+  have_vulkan() {
+    local libs
+    libs=$(ldconfig -p 2>/dev/null || true)
+    [[ $libs == *libvulkan.so.1* ]] &&
+      { compgen -G '/usr/share/vulkan/icd.d/*.json' || compgen -G '/etc/vulkan/icd.d/*.json'; } >/dev/null
+  }
+  if ! have_vulkan; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "installing a Vulkan driver for the GPU tests: mesa-vulkan-drivers libvulkan1 (lavapipe)"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq >/dev/null || true
+      apt-get install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1 >/dev/null \
+        || die "apt-get could not install mesa-vulkan-drivers libvulkan1, which the GPU tests need"
+    fi
+    have_vulkan || die "no Vulkan driver: the GPU tests need one. Install Mesa's lavapipe (software Vulkan): \
+apt-get install mesa-vulkan-drivers libvulkan1 (Debian/Ubuntu, as root), or your GPU vendor's driver"
+  fi
+  echo "Vulkan drivers: $( (compgen -G '/usr/share/vulkan/icd.d/*.json'; compgen -G '/etc/vulkan/icd.d/*.json') | tr '\n' ' ')"
+fi
 
 say "format and lints"
 if cargo fmt --version >/dev/null 2>&1; then
@@ -29,6 +49,15 @@ if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --workspace --all-targets --locked -- -D warnings
 else
   echo "note: clippy not installed, lints skipped (rustup component add clippy)"
+fi
+
+say "Metal build check"
+# The Metal backend only builds for Apple targets: type-check the GPU crate for Apple Silicon.
+if command -v rustup >/dev/null && rustup target add aarch64-apple-darwin >/dev/null 2>&1; then
+  cargo check --locked --target aarch64-apple-darwin -p moe-ep-wgpu -p moe-ep-tools
+else
+  echo "note: the aarch64-apple-darwin target is not available here (rustup target add failed), so the"
+  echo "      Metal build check did not run; .github/workflows/gpu.yml builds and tests on macOS"
 fi
 
 say "benches compile"

@@ -41,3 +41,26 @@ fn ep_bench_rejects_bad_arguments_with_a_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dtype"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn ep_bench_runs_the_gpu_data_path() {
+    let dir = std::env::temp_dir().join(format!("ep-bench-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_ep-bench"))
+        .args(["--config", "tiny", "--world", "2", "--tokens", "24", "--iters", "1", "--warmup", "1"])
+        .args(["--backend", "wgpu", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ep-bench --backend wgpu failed (a GPU test needs a wgpu adapter: apt-get install mesa-vulkan-drivers): {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rank 0 engine: wgpu:"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert!(v["last_stats_rank0"]["backend"].as_str().unwrap().starts_with("wgpu:"), "{v}");
+    std::fs::remove_dir_all(&dir).ok();
+}

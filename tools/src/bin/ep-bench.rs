@@ -6,8 +6,9 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use moe_ep::{Capacity, DType, ForwardStats, Group, LocalGroup, MoeLayer, Placement, floor, random};
+use moe_ep::{Capacity, CpuEngine, DType, Engine, ForwardStats, Group, LocalGroup, MoeLayer, Placement, floor, random};
 use moe_ep_tools::{fmt_time, median, preset};
+use moe_ep_wgpu::{ContextOptions, GpuEngine};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -34,8 +35,10 @@ struct Args {
     /// Route every token's first choice to expert 0 (worst-case load imbalance).
     #[arg(long)]
     skew: bool,
-    /// Compute backend: auto picks the GPU when one is built in and found, else the CPU.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu"])]
+    /// Compute backend: auto takes wgpu when it finds a GPU (not a software driver such as
+    /// lavapipe), else the CPU; wgpu takes any adapter (MOE_EP_ADAPTER / WGPU_BACKEND choose).
+    /// On wgpu the data path runs on the GPU and the expert FFN on the CPU.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
     backend: String,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -89,9 +92,15 @@ fn run(args: Args) -> Result<(), String> {
     }
     cfg.validate().map_err(|e| e.to_string())?;
     let placement = Placement::balanced(cfg.num_experts, args.world).map_err(|e| e.to_string())?;
+    let gpus: Vec<String> = moe_ep_wgpu::list_adapters()
+        .into_iter()
+        .filter(|a| a.device_type != moe_ep_wgpu::wgpu::DeviceType::Cpu)
+        .map(|a| format!("{} ({:?})", a.name, a.backend))
+        .collect();
     let backend = match args.backend.as_str() {
-        // The wgpu engine is not part of this build yet; auto therefore means the CPU.
+        "auto" if !gpus.is_empty() => "wgpu",
         "auto" | "cpu" => "cpu",
+        "wgpu" => "wgpu",
         other => return Err(format!("unknown backend {other}")),
     };
 
@@ -120,7 +129,10 @@ fn run(args: Args) -> Result<(), String> {
         if args.skew { ", skewed routing" } else { "" }
     );
     if args.backend == "auto" {
-        println!("  auto: no GPU engine is built into this version, so the CPU runs every stage");
+        match gpus.first() {
+            Some(g) => println!("  auto: wgpu found {g}: data path on the GPU, experts on the CPU"),
+            None => println!("  auto: wgpu found no GPU (software drivers are skipped), so the CPU runs every stage"),
+        }
     }
 
     let memcpy_1t = floor::memcpy_gbps(256 << 20, 1, 5);
@@ -141,7 +153,17 @@ fn run(args: Args) -> Result<(), String> {
         if args.skew {
             (gate, x) = (random::skewed_gate(&gate), random::skewed_input(&x));
         }
-        let layer = MoeLayer::new(g, cfg.clone(), placement.clone(), gate, mine)?;
+        let engine: Box<dyn Engine> = match backend {
+            "wgpu" => {
+                let e = GpuEngine::new(&ContextOptions::from_env())?;
+                if rank == 0 {
+                    println!("  rank 0 engine: {}", e.name());
+                }
+                Box::new(e)
+            }
+            _ => Box::new(CpuEngine),
+        };
+        let layer = MoeLayer::with_engine(g, cfg.clone(), placement.clone(), gate, mine, engine)?;
         let mut out = Vec::with_capacity(args.iters);
         for i in 0..total_iters {
             layer.group().barrier()?;
