@@ -38,6 +38,16 @@ const PER: u32 = select(2u, 1u, DT == 0u);
 @group(0) @binding(5) var<storage, read_write> dst: array<Word>;
 
 fn f16_to_f32(h: u32) -> f32 {
+    let e = h & 0x7c00u;
+    if e != 0u && e != 0x7c00u {
+        // Normal: rebias the exponent (15 -> 127), widen the mantissa.
+        return bitcast<f32>(((h & 0x8000u) << 16u) | (((h & 0x7fffu) << 13u) + 0x38000000u));
+    }
+    return f16_to_f32_rare(h);
+}
+
+// Zeros, subnormals, infinities and NaNs.
+fn f16_to_f32_rare(h: u32) -> f32 {
     let s = (h & 0x8000u) << 16u;
     let e = (h >> 10u) & 0x1fu;
     let m = h & 0x3ffu;
@@ -53,6 +63,18 @@ fn f16_to_f32(h: u32) -> f32 {
 }
 
 fn f32_to_f16(v: f32) -> u32 {
+    let x = bitcast<u32>(v);
+    let a = x & 0x7fffffffu;
+    if a >= 0x38800000u && a < 0x477ff000u {
+        // Normal f16 result: rebias (127 -> 15) and round to nearest even by adding
+        // 0xfff + the kept lowest bit, so that a carry out of the mantissa bumps the exponent.
+        return ((x >> 16u) & 0x8000u) | ((a - 0x38000000u + 0xfffu + ((a >> 13u) & 1u)) >> 13u);
+    }
+    return f32_to_f16_rare(v);
+}
+
+// Results that are zero, subnormal, infinite or NaN in f16: the `half` crate's algorithm.
+fn f32_to_f16_rare(v: f32) -> u32 {
     let x = bitcast<u32>(v);
     let sign = (x & 0x80000000u) >> 16u;
     let ex = x & 0x7f800000u;

@@ -237,3 +237,40 @@ fn sizes_over_the_binding_limit_are_an_error() {
     gpu.gather_rows(&[&small], &[0, 15], &mut dst).unwrap();
     assert!(dst.as_bytes() == cpu_gather(&[&small], &[0, 15]).as_bytes());
 }
+
+#[test]
+fn combine_converts_every_16bit_value_as_the_cpu_does() {
+    // All 65536 bit patterns (subnormals, infinities and NaNs included), scaled by weights that
+    // round, overflow to infinity and underflow to subnormals and zero.
+    let gpu = GpuEngine::with_context(Arc::new(context()));
+    let bits: Vec<u16> = (0..=u16::MAX).collect();
+    for dtype in [DType::F16, DType::BF16] {
+        let mut x = Tensor::zeros(dtype, 1024, 64);
+        x.as_bytes_mut().copy_from_slice(bytemuck::cast_slice(&bits));
+        let idx: Vec<u32> = (0..1024).collect();
+        for w in [1.0f32, 0.3, 1.0 / 3.0, -1e-3, 3e-6, 1000.0, 7e4, 1e-30] {
+            let ws = vec![w; 1024];
+            let (mut want, mut got) = (Tensor::zeros(dtype, 1024, 64), Tensor::zeros(dtype, 1024, 64));
+            CpuEngine.combine(&[&x], &idx, &ws, 1, &mut want).unwrap();
+            gpu.combine(&[&x], &idx, &ws, 1, &mut got).unwrap();
+            let (g, c): (&[u16], &[u16]) =
+                (bytemuck::cast_slice(got.as_bytes()), bytemuck::cast_slice(want.as_bytes()));
+            let is_nan = |b: u16| match dtype {
+                DType::F16 => b & 0x7c00 == 0x7c00 && b & 0x03ff != 0,
+                _ => b & 0x7f80 == 0x7f80 && b & 0x007f != 0,
+            };
+            let value = |b: u16| match dtype {
+                DType::F16 => half::f16::from_bits(b).to_f32(),
+                _ => half::bf16::from_bits(b).to_f32(),
+            };
+            for i in 0..g.len() {
+                // NaN payloads may differ (GPUs may return a canonical NaN); NaN-ness may not.
+                // A GPU may flush an f32 product below 2^-126 to zero (Metal's fast math does).
+                let product = w * value(bits[i]);
+                let flushed = product != 0.0 && product.abs() < f32::MIN_POSITIVE && g[i] & 0x7fff == 0;
+                let same = g[i] == c[i] || (is_nan(g[i]) && is_nan(c[i])) || flushed;
+                assert!(same, "{dtype} w={w}: input {:#06x}: GPU {:#06x}, CPU {:#06x}", bits[i], g[i], c[i]);
+            }
+        }
+    }
+}
