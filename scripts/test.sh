@@ -15,7 +15,26 @@ cargo --version
 # The core crate needs nothing but Rust. The GPU tests (backends/wgpu, the tools' wgpu run)
 # need a wgpu adapter: Metal on macOS; on Linux a Vulkan driver, where Mesa's lavapipe (a
 # software Vulkan driver) is enough and is installed here when we can.
-[ -f backends/mpi/Cargo.toml ] || echo "note: backends/mpi is not in this tree yet; its system checks are skipped"
+# The MPI crate (backends/mpi) needs a system MPI found through pkg-config, libclang (its
+# bindings are generated at build time) and mpirun for the multi-process tests.
+have_mpi() {
+  command -v mpirun >/dev/null && command -v pkg-config >/dev/null &&
+    { pkg-config --exists ompi || pkg-config --exists mpich || pkg-config --exists mpi; } &&
+    { compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' || compgen -G '/usr/lib/*/libclang*.so*' ||
+      [ -n "${LIBCLANG_PATH:-}" ]; } >/dev/null
+}
+if ! have_mpi; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing MPI for the MPI tests: openmpi-bin libopenmpi-dev libclang-dev pkg-config"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null || true
+    apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev libclang-dev pkg-config >/dev/null \
+      || die "apt-get could not install openmpi-bin libopenmpi-dev libclang-dev pkg-config, which the MPI tests need"
+  fi
+  have_mpi || die "MPI is missing: the MPI tests need mpirun, an MPI found by pkg-config (ompi or mpich) and libclang. \
+Install them (Debian/Ubuntu, as root): apt-get install openmpi-bin libopenmpi-dev libclang-dev pkg-config"
+fi
+echo "MPI: $(mpirun --version 2>&1 | head -n 1)"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"   # silences a harmless lavapipe warning
 if [ "$(uname -s)" = Linux ]; then
   # (No `cmd | grep -q` here: under pipefail, grep's early exit fails the pipeline.)

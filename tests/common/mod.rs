@@ -74,16 +74,43 @@ impl Case {
     pub fn run_with(&self, engine: MakeEngine<'_>) -> Vec<(Tensor, ForwardStats)> {
         let outs = LocalGroup::run(self.world, TIMEOUT, |g| {
             let rank = g.rank();
-            let p = self.placement();
-            let mine = random::experts(&self.cfg, self.seed, p.experts_of(rank));
-            let layer = MoeLayer::with_engine(g, self.cfg.clone(), p, self.gate(), mine, engine(rank)?)?;
-            layer.forward_with_stats(&self.input(rank))
+            self.run_rank(g, engine(rank)?).map(|(out, _)| out)
         })
         .unwrap();
         outs.into_iter()
             .enumerate()
             .map(|(r, o)| o.unwrap_or_else(|_| panic!("rank {r} panicked")).unwrap_or_else(|e| panic!("rank {r}: {e}")))
             .collect()
+    }
+
+    /// One rank's part of the case on any group (threads, MPI): build the layer, run one
+    /// forward; (y, stats) and the group back for the next case.
+    pub fn run_rank<G: Group>(&self, g: G, engine: Box<dyn Engine>) -> moe_ep::Result<((Tensor, ForwardStats), G)> {
+        assert_eq!(g.size(), self.world, "the group's size is the case's world");
+        let rank = g.rank();
+        let p = self.placement();
+        let mine = random::experts(&self.cfg, self.seed, p.experts_of(rank));
+        let layer = MoeLayer::with_engine(g, self.cfg.clone(), p, self.gate(), mine, engine)?;
+        let out = layer.forward_with_stats(&self.input(rank))?;
+        Ok((out, layer.into_group()))
+    }
+
+    /// Compare rank `r`'s output and statistics with the f64 dense reference.
+    pub fn check_rank(&self, r: usize, y: &Tensor, stats: &ForwardStats) {
+        let experts = self.all_experts();
+        let w = reference::dense_moe(&self.input(r), &self.gate(), &experts, &self.cfg);
+        let tol = tolerance(self.cfg.act_dtype);
+        assert_eq!((y.rows(), y.cols()), (self.tokens[r], self.cfg.hidden), "rank {r}: output shape");
+        assert_eq!(y.dtype(), self.cfg.act_dtype, "rank {r}: output dtype");
+        assert_close(&y.to_f64_vec(), &w.y, tol, &format!("{self:?} rank {r}"));
+        let dropped = w.dropped.iter().filter(|&&d| d).count();
+        assert_eq!(stats.dropped, dropped, "rank {r}: dropped count");
+        assert_eq!(stats.tokens, self.tokens[r]);
+        assert_eq!(
+            stats.rows_sent.iter().sum::<usize>() + dropped,
+            self.tokens[r] * self.cfg.top_k,
+            "rank {r}: rows sent"
+        );
     }
 
     /// The f64 dense reference for each rank's tokens.
@@ -100,20 +127,8 @@ impl Case {
 
     /// Compare each rank's (y, stats) with the reference; returns the stats.
     pub fn check_outputs(&self, got: Vec<(Tensor, ForwardStats)>) -> Vec<ForwardStats> {
-        let want = self.reference();
-        let tol = tolerance(self.cfg.act_dtype);
-        for (r, ((y, stats), w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!((y.rows(), y.cols()), (self.tokens[r], self.cfg.hidden), "rank {r}: output shape");
-            assert_eq!(y.dtype(), self.cfg.act_dtype, "rank {r}: output dtype");
-            assert_close(&y.to_f64_vec(), &w.y, tol, &format!("{self:?} rank {r}"));
-            let dropped = w.dropped.iter().filter(|&&d| d).count();
-            assert_eq!(stats.dropped, dropped, "rank {r}: dropped count");
-            assert_eq!(stats.tokens, self.tokens[r]);
-            assert_eq!(
-                stats.rows_sent.iter().sum::<usize>() + dropped,
-                self.tokens[r] * self.cfg.top_k,
-                "rank {r}: rows sent"
-            );
+        for (r, (y, stats)) in got.iter().enumerate() {
+            self.check_rank(r, y, stats);
         }
         // Conservation: what rank a sent to rank b is what b received from a.
         for a in 0..self.world {

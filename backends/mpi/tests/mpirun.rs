@@ -1,0 +1,94 @@
+//! The multi-rank suite over MPI at 2, 3 and 4 processes (mpirun), and what happens when a
+//! peer stalls or dies. Needs `mpirun` (Open MPI or MPICH); scripts/test.sh installs or checks it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The example binary cargo built beside this test.
+fn suite_exe() -> PathBuf {
+    let mut p = std::env::current_exe().unwrap();
+    p.pop(); // deps/
+    p.pop();
+    p.push("examples");
+    p.push(format!("mpi_suite{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.exists(), "{} not built (cargo test builds examples)", p.display());
+    p
+}
+
+/// `mpirun -n <n> mpi_suite <scenario>`, as root if need be, oversubscribing the cores.
+fn mpirun(n: usize, scenario: &str) -> (Output, Duration) {
+    let mut cmd = Command::new("mpirun");
+    // Open MPI refuses root without this flag and more ranks than cores without the other;
+    // MPICH's mpirun ignores neither, so only pass them to Open MPI.
+    let version = Command::new("mpirun").arg("--version").output().expect(
+        "mpirun not found: install MPI (apt-get install openmpi-bin libopenmpi-dev), or run scripts/test.sh, which does",
+    );
+    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
+        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
+    }
+    cmd.args(["-n", &n.to_string()]).arg(suite_exe()).arg(scenario);
+    let t = Instant::now();
+    let out = cmd.output().expect("run mpirun");
+    (out, t.elapsed())
+}
+
+fn text(o: &Output) -> String {
+    format!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn suite_at_two_three_and_four_ranks() {
+    for n in [2, 3, 4] {
+        let (out, t) = mpirun(n, "suite");
+        let all = text(&out);
+        assert!(out.status.success(), "mpirun -n {n} suite failed after {t:?}:\n{all}");
+        for r in 0..n {
+            assert!(all.contains(&format!("rank {r}: suite ok")), "rank {r} of {n} did not finish:\n{all}");
+        }
+        eprintln!("mpirun -n {n} suite: {t:?}");
+    }
+}
+
+#[test]
+fn a_stalled_peer_is_named_within_the_timeout() {
+    let n = 3;
+    let (out, t) = mpirun(n, "stall");
+    let all = text(&out);
+    assert!(!out.status.success(), "the job should fail:\n{all}");
+    for r in 0..n - 1 {
+        // exchange_v's counts round is an all_to_all: that is where the stall shows.
+        assert!(
+            all.contains(&format!(
+                "rank {r}: error: rank {r}: all_to_all timed out after 2s waiting for rank {}",
+                n - 1
+            )),
+            "rank {r} should time out naming rank {}:\n{all}",
+            n - 1
+        );
+    }
+    // 2 s timeout; the stalled rank sleeps 20 s, which the job must not wait for.
+    assert!(t < Duration::from_secs(15), "the job took {t:?}:\n{all}");
+}
+
+#[test]
+fn a_killed_peer_ends_the_job_with_its_name() {
+    let n = 3;
+    let (out, t) = mpirun(n, "kill");
+    let all = text(&out);
+    assert!(!out.status.success(), "the job should fail:\n{all}");
+    assert!(all.contains(&format!("rank {}: aborting itself", n - 1)), "{all}");
+    // Either our error on a survivor, or MPI's own report, names the dead rank; no survivor
+    // finishes as if nothing happened, and nothing hangs.
+    let ours = (0..n - 1)
+        .any(|r| all.contains(&format!("rank {r}: error: rank {r}:")) && all.contains(&format!("rank {}", n - 1)));
+    // Open MPI: "mpirun noticed that process rank 2 ..."; MPICH: "... RANK 2 PID ...".
+    let lower = all.to_lowercase();
+    let mpis = lower.contains(&format!("process rank {}", n - 1)) || lower.contains(&format!("rank {} pid", n - 1));
+    assert!(ours || mpis, "nothing names rank {}:\n{all}", n - 1);
+    for r in 0..n - 1 {
+        assert!(!all.contains(&format!("rank {r}: kill ok")), "rank {r} finished despite the dead peer:\n{all}");
+    }
+    assert!(t < Duration::from_secs(30), "the job took {t:?}:\n{all}");
+    eprintln!("kill: {t:?}\n{all}");
+}
