@@ -65,7 +65,7 @@ else
   echo "note: rustfmt not installed, format check skipped (rustup component add rustfmt)"
 fi
 if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --workspace --all-targets --locked -- -D warnings
+  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 else
   echo "note: clippy not installed, lints skipped (rustup component add clippy)"
 fi
@@ -80,12 +80,12 @@ else
 fi
 
 say "benches compile"
-cargo bench --workspace --locked --no-run
+cargo bench --workspace --all-features --locked --no-run
 
 say "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --all-features --locked 2>&1 | tee "$log"
 # One closing line over every test binary: "tests: N passed, M failed".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\ntests: %d passed, %d failed\n", p, f; if (p == 0) { print "scripts/test.sh: no test ran" > "/dev/stderr"; exit 1 } }' "$log"

@@ -132,3 +132,14 @@ fn bad_arguments_are_errors_naming_the_rank() {
     }
     assert!(LocalGroup::world(0, TIMEOUT).is_err());
 }
+
+/// The group-operation suite that MPI processes run too (backends/mpi/examples/mpi_suite.rs).
+#[test]
+fn shared_group_suite_on_thread_ranks() {
+    for world in 1..=4 {
+        let outs = LocalGroup::run(world, TIMEOUT, |g| common::group_ops(&g, 7, 300)).unwrap();
+        for (r, o) in outs.into_iter().enumerate() {
+            o.unwrap_or_else(|_| panic!("rank {r} of {world} panicked")).unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        }
+    }
+}

@@ -101,3 +101,13 @@ fn two_runs_are_bitwise_equal() {
         }
     }
 }
+
+/// The layer cases that MPI processes run too (backends/mpi/examples/mpi_suite.rs).
+#[test]
+fn shared_layer_suite_on_thread_ranks() {
+    for world in [2, 3, 4] {
+        for case in common::suite_cases(world) {
+            case.check();
+        }
+    }
+}

@@ -64,3 +64,25 @@ fn ep_bench_runs_the_gpu_data_path() {
     assert!(v["last_stats_rank0"]["backend"].as_str().unwrap().starts_with("wgpu:"), "{v}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--group mpi` under mpirun (the tools built with `--features mpi`, as scripts/test.sh does).
+#[cfg(feature = "mpi")]
+#[test]
+fn ep_bench_runs_over_mpi() {
+    let version = Command::new("mpirun").arg("--version").output().expect("mpirun not found: install MPI");
+    let mut cmd = Command::new("mpirun");
+    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
+        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
+    }
+    let out = cmd
+        .args(["-n", "2", env!("CARGO_BIN_EXE_ep-bench"), "--group", "mpi", "--backend", "cpu"])
+        .args(["--config", "tiny", "--tokens", "24", "--iters", "2", "--warmup", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("2 ranks as MPI processes"), "{stdout}");
+    // Rank 0 alone reports, with both ranks' rows.
+    assert_eq!(stdout.matches("forward").count(), 1, "{stdout}");
+    assert!(stdout.contains("rank 0: rows sent per rank ["), "{stdout}");
+}

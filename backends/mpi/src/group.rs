@@ -19,6 +19,9 @@ use mpi::ffi;
 use mpi::raw::AsRaw;
 use mpi::topology::{Communicator, SimpleCommunicator};
 
+/// Per-peer lists: no allocation up to 16 ranks (small exchanges are latency-bound).
+type Peers<T> = smallvec::SmallVec<[T; 16]>;
+
 /// Largest message MPI's `int` counts allow, in bytes; longer transfers are split.
 pub const MAX_MESSAGE: usize = i32::MAX as usize;
 
@@ -402,7 +405,7 @@ impl MpiGroup {
 }
 
 /// `off[p]..off[p] + counts[p]` for each rank.
-fn segments(counts: &[usize]) -> Vec<usize> {
+fn segments(counts: &[usize]) -> Peers<usize> {
     counts
         .iter()
         .scan(0, |s, &c| {
@@ -413,8 +416,8 @@ fn segments(counts: &[usize]) -> Vec<usize> {
 }
 
 /// Split `buf` into per-rank segments of `counts`.
-fn split_mut<'a>(mut buf: &'a mut [u8], counts: &[usize]) -> Vec<&'a mut [u8]> {
-    let mut out = Vec::with_capacity(counts.len());
+fn split_mut<'a>(mut buf: &'a mut [u8], counts: &[usize]) -> Peers<&'a mut [u8]> {
+    let mut out = Peers::with_capacity(counts.len());
     for &c in counts {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(c);
         out.push(head);
@@ -449,7 +452,8 @@ impl Group for MpiGroup {
             ));
         }
         let c = send.len() / n;
-        self.exchange(Op::AllToAll, send, &vec![c; n], recv, &vec![c; n])
+        let counts: Peers<usize> = smallvec::smallvec![c; n];
+        self.exchange(Op::AllToAll, send, &counts, recv, &counts)
     }
 
     fn exchange_v_known_into(
@@ -505,13 +509,13 @@ impl MpiGroup {
             ));
         }
         let soff = segments(send_counts);
-        let sends: Vec<(usize, &[u8])> = (0..self.size)
+        let sends: Peers<(usize, &[u8])> = (0..self.size)
             .filter(|&p| p != me && send_counts[p] > 0)
             .map(|p| (p, &send[soff[p]..soff[p] + send_counts[p]]))
             .collect();
         let mut parts = split_mut(recv, recv_counts);
         parts[me].copy_from_slice(&send[soff[me]..soff[me] + send_counts[me]]);
-        let mut recvs: Vec<(usize, &mut [u8])> =
+        let mut recvs: Peers<(usize, &mut [u8])> =
             parts.into_iter().enumerate().filter(|(p, b)| *p != me && !b.is_empty()).collect();
         self.transfer(op, &sends, &mut recvs)
     }
@@ -525,11 +529,12 @@ impl MpiGroup {
                 format!("{}: recv has {} bytes for {n} ranks of {}", op.name(), recv.len(), send.len()),
             ));
         }
-        let sends: Vec<(usize, &[u8])> =
-            if send.is_empty() { Vec::new() } else { (0..n).filter(|&p| p != me).map(|p| (p, send)).collect() };
-        let mut parts = split_mut(recv, &vec![send.len(); n]);
+        let sends: Peers<(usize, &[u8])> =
+            if send.is_empty() { Peers::new() } else { (0..n).filter(|&p| p != me).map(|p| (p, send)).collect() };
+        let counts: Peers<usize> = smallvec::smallvec![send.len(); n];
+        let mut parts = split_mut(recv, &counts);
         parts[me].copy_from_slice(send);
-        let mut recvs: Vec<(usize, &mut [u8])> =
+        let mut recvs: Peers<(usize, &mut [u8])> =
             parts.into_iter().enumerate().filter(|(p, b)| *p != me && !b.is_empty()).collect();
         self.transfer(op, &sends, &mut recvs)
     }

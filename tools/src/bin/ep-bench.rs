@@ -1,7 +1,11 @@
-//! ep-bench: one expert-parallel MoE layer over thread ranks, timed stage by stage.
+//! ep-bench: one expert-parallel MoE layer over thread ranks (or MPI processes), timed stage
+//! by stage.
 //!
 //! Prints the per-stage time table (median over iterations of the slowest rank), the layer
 //! time, and the data-movement and FLOP rates against the floors measured in the same run.
+//!
+//! Over MPI (built with `--features mpi`): `mpirun -n 4 ep-bench --group mpi`; one rank per
+//! process, rank 0 prints.
 
 use std::time::{Duration, Instant};
 
@@ -17,9 +21,13 @@ struct Args {
     /// Layer shape after a real model: deepseek-v2-lite, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3-scaled, tiny.
     #[arg(long, default_value = "deepseek-v2-lite")]
     config: String,
-    /// Ranks (threads).
+    /// Ranks (threads). With `--group mpi` the MPI job's size instead.
     #[arg(long, default_value_t = 4)]
     world: usize,
+    /// Where ranks live: threads of this process, or MPI processes (run under mpirun; needs a
+    /// build with `--features mpi`).
+    #[arg(long, default_value = "local", value_parser = ["local", "mpi"])]
+    group: String,
     /// Tokens per rank.
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -83,7 +91,81 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+/// What every rank needs to build and time its layer.
+struct RankJob<'a> {
+    cfg: &'a moe_ep::MoeConfig,
+    placement: &'a Placement,
+    backend: &'a str,
+    tokens: usize,
+    seed: u64,
+    skew: bool,
+    warmup: usize,
+    iters: usize,
+}
+
+/// One rank: build its layer, then time `warmup + iters` forwards (each after a barrier);
+/// the timed ones' (wall seconds, stats), and the group back.
+fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, ForwardStats)>, G)> {
+    let (cfg, rank) = (job.cfg, g.rank());
+    let mine = random::experts(cfg, job.seed, job.placement.experts_of(rank));
+    let (mut gate, mut x) = (random::gate(cfg, job.seed), random::input(cfg, job.tokens, job.seed, rank));
+    if job.skew {
+        (gate, x) = (random::skewed_gate(&gate), random::skewed_input(&x));
+    }
+    let engine: Box<dyn Engine> = match job.backend {
+        "wgpu" => {
+            let e = GpuEngine::new(&ContextOptions::from_env())?;
+            if rank == 0 {
+                println!("  rank 0 engine: {}", e.name());
+            }
+            Box::new(e)
+        }
+        _ => Box::new(CpuEngine),
+    };
+    let layer = MoeLayer::with_engine(g, cfg.clone(), job.placement.clone(), gate, mine, engine)?;
+    let mut out = Vec::with_capacity(job.iters);
+    for i in 0..job.warmup + job.iters {
+        layer.group().barrier()?;
+        let t = Instant::now();
+        let (_, stats) = layer.forward_with_stats(&x)?;
+        let wall = t.elapsed().as_secs_f64();
+        if i >= job.warmup {
+            out.push((wall, stats));
+        }
+    }
+    Ok((out, layer.into_group()))
+}
+
+/// Every rank's results on every rank (JSON over the group: sizes first, then padded bytes).
+fn gather_results<G: Group>(g: &G, mine: &[(f64, ForwardStats)]) -> Result<Vec<Vec<(f64, ForwardStats)>>, String> {
+    let bytes = serde_json::to_vec(mine).map_err(|e| e.to_string())?;
+    let lens = g.all_gather_u64(&[bytes.len() as u64]).map_err(|e| e.to_string())?;
+    let max = lens.iter().copied().max().unwrap_or(0) as usize;
+    let mut padded = bytes;
+    padded.resize(max, b' ');
+    let all = g.all_gather(&padded).map_err(|e| e.to_string())?;
+    all.chunks(max.max(1))
+        .zip(&lens)
+        .map(|(c, &l)| serde_json::from_slice(&c[..l as usize]).map_err(|e| e.to_string()))
+        .collect()
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_group() -> Result<moe_ep_mpi::MpiGroup, String> {
+    moe_ep_mpi::MpiGroup::init(Duration::from_secs(600)).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_group() -> Result<LocalGroup, String> {
+    Err("this ep-bench was built without MPI: cargo build --release -p moe-ep-tools --features mpi".into())
+}
+
+fn run(mut args: Args) -> Result<(), String> {
+    let mpi = if args.group == "mpi" { Some(mpi_group()?) } else { None };
+    if let Some(g) = &mpi {
+        args.world = g.size();
+    }
+    let root = mpi.as_ref().is_none_or(|g| g.rank() == 0);
     let p = preset(&args.config)?;
     let wdt = args.weight_dtype.unwrap_or(args.dtype);
     let mut cfg = p.config(args.dtype, wdt);
@@ -103,10 +185,34 @@ fn run(args: Args) -> Result<(), String> {
         "wgpu" => "wgpu",
         other => return Err(format!("unknown backend {other}")),
     };
+    if !root {
+        // Other MPI ranks: the same layer, silently; rank 0 reports.
+        let job = RankJob {
+            cfg: &cfg,
+            placement: &placement,
+            backend,
+            tokens: args.tokens,
+            seed: args.seed,
+            skew: args.skew,
+            warmup: args.warmup,
+            iters: args.iters,
+        };
+        let g = mpi.expect("only MPI has other ranks");
+        let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
+        gather_results(&g, &mine)?;
+        return Ok(());
+    }
 
     println!(
-        "ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as threads, {} tokens per rank",
-        p.name, cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, args.world, args.tokens
+        "ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as {}, {} tokens per rank",
+        p.name,
+        cfg.num_experts,
+        cfg.hidden,
+        cfg.intermediate,
+        cfg.top_k,
+        args.world,
+        if args.group == "mpi" { "MPI processes" } else { "threads" },
+        args.tokens
     );
     if cfg.num_experts % args.world != 0 {
         println!(
@@ -146,41 +252,31 @@ fn run(args: Args) -> Result<(), String> {
     println!("  generating {:.2} GB of expert weights ...", weight_bytes as f64 / 1e9);
     let t0 = Instant::now();
     let total_iters = args.warmup + args.iters;
-    let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| -> moe_ep::Result<Vec<(f64, ForwardStats)>> {
-        let rank = g.rank();
-        let mine = random::experts(&cfg, args.seed, placement.experts_of(rank));
-        let (mut gate, mut x) = (random::gate(&cfg, args.seed), random::input(&cfg, args.tokens, args.seed, rank));
-        if args.skew {
-            (gate, x) = (random::skewed_gate(&gate), random::skewed_input(&x));
+    let job = RankJob {
+        cfg: &cfg,
+        placement: &placement,
+        backend,
+        tokens: args.tokens,
+        seed: args.seed,
+        skew: args.skew,
+        warmup: args.warmup,
+        iters: args.iters,
+    };
+    let per_rank = match mpi {
+        Some(g) => {
+            let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
+            gather_results(&g, &mine)?
         }
-        let engine: Box<dyn Engine> = match backend {
-            "wgpu" => {
-                let e = GpuEngine::new(&ContextOptions::from_env())?;
-                if rank == 0 {
-                    println!("  rank 0 engine: {}", e.name());
-                }
-                Box::new(e)
+        None => {
+            let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| run_rank(g, &job).map(|(out, _)| out))
+                .map_err(|e| e.to_string())?;
+            let mut per_rank = Vec::new();
+            for (r, o) in outs.into_iter().enumerate() {
+                per_rank.push(o.map_err(|_| format!("rank {r} panicked"))?.map_err(|e| e.to_string())?);
             }
-            _ => Box::new(CpuEngine),
-        };
-        let layer = MoeLayer::with_engine(g, cfg.clone(), placement.clone(), gate, mine, engine)?;
-        let mut out = Vec::with_capacity(args.iters);
-        for i in 0..total_iters {
-            layer.group().barrier()?;
-            let t = Instant::now();
-            let (_, stats) = layer.forward_with_stats(&x)?;
-            let wall = t.elapsed().as_secs_f64();
-            if i >= args.warmup {
-                out.push((wall, stats));
-            }
+            per_rank
         }
-        Ok(out)
-    })
-    .map_err(|e| e.to_string())?;
-    let mut per_rank = Vec::new();
-    for (r, o) in outs.into_iter().enumerate() {
-        per_rank.push(o.map_err(|_| format!("rank {r} panicked"))?.map_err(|e| e.to_string())?);
-    }
+    };
     println!("  setup + {total_iters} iterations took {:.1} s", t0.elapsed().as_secs_f64());
 
     // Per iteration, the slowest rank; then the median over iterations.
