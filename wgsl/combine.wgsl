@@ -9,8 +9,10 @@
 // runtime zero). ZERO_ROW slots (dropped) contribute nothing.
 //
 // The prelude (added by the loader) defines `Word`, `LANES` (u32 words in a Word),
-// `word_lane(w, l)`, `make_word(a)`, `DT` (0 = f32, 1 = f16, 2 = bf16) and `K`, the slots per
-// token (a constant, so that the loops over slots unroll and keep their loads in flight). Conversions are
+// `word_lane(w, l)`, `make_word(a)`, `DT` (0 = f32, 1 = f16, 2 = bf16), `K`, the slots per
+// token (a constant, so that the loops over slots unroll and keep their loads in flight), and
+// `widen_f16(word, h)`: `unpack2x16float` where the adapter has SHADER_F16_IN_F32 (every
+// Vulkan, Metal and DX12 one), else this file's integer `f16_to_f32`. Both are exact. Conversions are
 // done with integer operations (no SHADER_F16 needed) and round to nearest even, exactly as
 // the `half` crate does on the CPU.
 
@@ -133,7 +135,7 @@ fn widen(word: u32, h: u32) -> f32 {
     if DT == 2u {
         return bitcast<f32>(bits << 16u);
     }
-    return f16_to_f32(bits);
+    return widen_f16(word, h);
 }
 
 fn narrow(v: f32) -> u32 {

@@ -31,11 +31,14 @@ pub struct ContextOptions {
     pub max_binding_bytes: Option<u64>,
     /// How long to wait for the GPU to finish one submission before giving up with an error.
     pub timeout: Duration,
+    /// Use faster kernel variants where the adapter's capabilities allow (default); off, every
+    /// kernel is the portable one (tests compare the two).
+    pub fast_variants: bool,
 }
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { adapter: None, max_binding_bytes: None, timeout: Duration::from_secs(60) }
+        ContextOptions { adapter: None, max_binding_bytes: None, timeout: Duration::from_secs(60), fast_variants: true }
     }
 }
 
@@ -60,6 +63,7 @@ pub struct GpuContext {
     limits: wgpu::Limits,
     max_binding: u64,
     timeout: Duration,
+    unpack_f16: bool,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
@@ -115,6 +119,8 @@ impl GpuContext {
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
+        let unpack_f16 = opts.fast_variants
+            && adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moe-ep"),
             required_features: features,
@@ -145,6 +151,7 @@ impl GpuContext {
             limits,
             max_binding,
             timeout: opts.timeout,
+            unpack_f16,
             pipelines: PipelineCache::default(),
             pool: BufferPool::default(),
             errors,
@@ -164,6 +171,11 @@ impl GpuContext {
     /// The device's limits (the adapter's own, not WebGPU's defaults).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Whether f16 kernels widen with `unpack2x16float` (SHADER_F16_IN_F32, fast variants on).
+    pub fn unpack_f16(&self) -> bool {
+        self.unpack_f16
     }
 
     /// Largest storage binding, in bytes, any kernel may use on this device.

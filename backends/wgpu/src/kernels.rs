@@ -66,6 +66,9 @@ pub struct Variant {
     pub dtype: DType,
     /// Slots per token the combine is compiled for (0 for data movement).
     pub k: u32,
+    /// f16 widening with `unpack2x16float` (needs the SHADER_F16_IN_F32 downlevel
+    /// capability) instead of integer operations; only meaningful for an f16 combine.
+    pub unpack_f16: bool,
 }
 
 /// Largest top-k the combine is compiled for.
@@ -74,12 +77,18 @@ pub const MAX_K: usize = 64;
 impl Variant {
     /// The row gather moving `word`s.
     pub fn gather(word: Word) -> Self {
-        Variant { kernel: Kernel::GatherRows, word, dtype: DType::F32, k: 0 }
+        Variant { kernel: Kernel::GatherRows, word, dtype: DType::F32, k: 0, unpack_f16: false }
     }
 
-    /// The combine of `dtype` rows moving `word`s, `k` (1..=[`MAX_K`]) slots per token.
-    pub fn combine(word: Word, dtype: DType, k: u32) -> Self {
-        Variant { kernel: Kernel::Combine, word, dtype, k }
+    /// The combine of `dtype` rows moving `word`s, `k` (1..=[`MAX_K`]) slots per token;
+    /// `unpack_f16` asks for the hardware f16 widening (ignored for other dtypes).
+    pub fn combine(word: Word, dtype: DType, k: u32, unpack_f16: bool) -> Self {
+        Variant { kernel: Kernel::Combine, word, dtype, k, unpack_f16: unpack_f16 && dtype == DType::F16 }
+    }
+
+    /// The naga capabilities the variant needs beyond core WGSL.
+    pub fn capabilities(&self) -> &'static str {
+        if self.unpack_f16 { "SHADER_FLOAT16_IN_FLOAT32" } else { "" }
     }
 
     /// Every variant the crate can compile (what the naga test validates).
@@ -89,7 +98,10 @@ impl Variant {
             v.push(Variant::gather(word));
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 for k in [1, 2, 8, MAX_K as u32] {
-                    v.push(Variant::combine(word, dtype, k));
+                    v.push(Variant::combine(word, dtype, k, false));
+                    if dtype == DType::F16 {
+                        v.push(Variant::combine(word, dtype, k, true));
+                    }
                 }
             }
         }
@@ -104,7 +116,9 @@ impl Variant {
         };
         match self.kernel {
             Kernel::GatherRows => format!("gather_rows.{word}"),
-            Kernel::Combine => format!("combine.{word}.{}.k{}", self.dtype, self.k),
+            Kernel::Combine => {
+                format!("combine.{word}.{}.k{}{}", self.dtype, self.k, if self.unpack_f16 { ".unpack" } else { "" })
+            }
         }
     }
 
@@ -134,7 +148,12 @@ impl Variant {
                     DType::F16 => 1,
                     DType::BF16 => 2,
                 };
-                format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n\n{COMBINE}", self.k)
+                let widen = if self.unpack_f16 {
+                    "fn widen_f16(word: u32, h: u32) -> f32 { return unpack2x16float(word)[h]; }"
+                } else {
+                    "fn widen_f16(word: u32, h: u32) -> f32 { return f16_to_f32((word >> (16u * h)) & 0xffffu); }"
+                };
+                format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{COMBINE}", self.k)
             }
         }
     }

@@ -254,7 +254,7 @@ impl GpuContext {
         self.check_holds("combine output", c.dst, c.rows as u64 * rb)?;
         let words = c.row_bytes / word.bytes();
         let (shift, gx, gy) = geometry(self, c.rows, words)?;
-        let v = Variant::combine(word, c.dtype, c.k as u32);
+        let v = Variant::combine(word, c.dtype, c.k as u32, self.unpack_f16());
         let pipeline = self.pipeline(v, checked);
         let params = self.params([
             u32_of("rows", c.rows)?,

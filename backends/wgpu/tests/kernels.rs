@@ -242,9 +242,14 @@ fn sizes_over_the_binding_limit_are_an_error() {
 fn combine_converts_every_16bit_value_as_the_cpu_does() {
     // All 65536 bit patterns (subnormals, infinities and NaNs included), scaled by weights that
     // round, overflow to infinity and underflow to subnormals and zero.
-    let gpu = GpuEngine::with_context(Arc::new(context()));
+    let fast = GpuEngine::with_context(Arc::new(context()));
+    let portable = GpuEngine::with_context(Arc::new(context_with(&ContextOptions {
+        fast_variants: false,
+        ..ContextOptions::from_env()
+    })));
+    eprintln!("fast variants: unpack2x16float for f16: {}", fast.context().unpack_f16());
     let bits: Vec<u16> = (0..=u16::MAX).collect();
-    for dtype in [DType::F16, DType::BF16] {
+    for (gpu, dtype) in [(&fast, DType::F16), (&portable, DType::F16), (&fast, DType::BF16)] {
         let mut x = Tensor::zeros(dtype, 1024, 64);
         x.as_bytes_mut().copy_from_slice(bytemuck::cast_slice(&bits));
         let idx: Vec<u32> = (0..1024).collect();

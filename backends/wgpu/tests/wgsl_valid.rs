@@ -1,5 +1,5 @@
-//! Every WGSL kernel variant parses, validates with no optional capability (so it needs no
-//! adapter feature), and translates to SPIR-V (Vulkan) and MSL (Metal). Needs no GPU.
+//! Every WGSL kernel variant parses, validates with no capability beyond the ones it declares
+//! (the portable variants: none), and translates to SPIR-V (Vulkan) and MSL (Metal). Needs no GPU.
 
 use moe_ep_wgpu::kernels::Variant;
 
@@ -11,7 +11,12 @@ fn every_kernel_validates_and_translates() {
         let src = v.source();
         let module =
             naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
-        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+        let caps = match v.capabilities() {
+            "" => naga::valid::Capabilities::empty(),
+            "SHADER_FLOAT16_IN_FLOAT32" => naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+            other => panic!("{}: unknown capability {other}", v.label()),
+        };
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
             .validate(&module)
             .unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
         assert_eq!(module.entry_points.len(), 1, "{}: one entry point", v.label());

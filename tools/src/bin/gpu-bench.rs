@@ -44,6 +44,9 @@ struct Args {
     /// Tokens of the latency section (0 skips it).
     #[arg(long, default_value_t = 128)]
     latency_tokens: usize,
+    /// Only the portable kernel variants (no adapter-specific faster ones).
+    #[arg(long)]
+    portable: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -98,9 +101,9 @@ fn main() {
 
 fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let dtype: DType = a.dtype.parse()?;
-    let ctx = GpuContext::new(&ContextOptions::from_env())?;
+    let ctx = GpuContext::new(&ContextOptions { fast_variants: !a.portable, ..ContextOptions::from_env() })?;
     let adapter = ctx.describe();
-    println!("adapter: {adapter}");
+    println!("adapter: {adapter}{}", if a.portable { " (portable kernels only)" } else { "" });
     let timer = GpuTimer::new(&ctx, a.iters)?;
     let (n, k, d) = (a.tokens, a.top_k, a.hidden);
     let rb = d * dtype.size();
