@@ -210,56 +210,34 @@ impl MpiGroup {
         let Scratch { requests, posted, indices, statuses } = &mut scratch;
         requests.clear();
         posted.clear();
-        let mut result = Ok(());
         // Receives first, so that sends find them posted.
-        'post: for (peer, buf) in recvs.iter_mut() {
-            for chunk in buf.chunks_mut(self.max_message) {
-                let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
-                // SAFETY: `chunk` outlives the request: every request is completed or cancelled
-                // and freed before this function returns.
-                let rc = unsafe {
-                    ffi::MPI_Irecv(
-                        chunk.as_mut_ptr() as *mut c_void,
-                        chunk.len() as c_int,
-                        ffi::RSMPI_UINT8_T,
-                        *peer as c_int,
-                        tag,
-                        comm,
-                        &mut req,
-                    )
-                };
-                if rc != 0 {
-                    result = Err(mpi_error(self.rank, "MPI_Irecv", rc));
-                    break 'post;
+        let recv_chunks = recvs.iter_mut().flat_map(|(peer, buf)| {
+            let peer = *peer;
+            buf.chunks_mut(self.max_message).map(move |c| (peer, true, c.as_mut_ptr() as *mut c_void, c.len()))
+        });
+        let send_chunks = sends.iter().flat_map(|&(peer, buf)| {
+            buf.chunks(self.max_message).map(move |c| (peer, false, c.as_ptr() as *mut c_void, c.len()))
+        });
+        let mut result = Ok(());
+        for (peer, recv, ptr, len) in recv_chunks.chain(send_chunks) {
+            let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+            // SAFETY: each chunk outlives its request: every request is completed or cancelled
+            // and freed before this function returns; MPI only reads a send chunk.
+            let (rc, what) = unsafe {
+                if recv {
+                    let rc = ffi::MPI_Irecv(ptr, len as c_int, ffi::RSMPI_UINT8_T, peer as c_int, tag, comm, &mut req);
+                    (rc, "MPI_Irecv")
+                } else {
+                    let rc = ffi::MPI_Isend(ptr, len as c_int, ffi::RSMPI_UINT8_T, peer as c_int, tag, comm, &mut req);
+                    (rc, "MPI_Isend")
                 }
-                requests.push(req);
-                posted.push(Posted { peer: *peer, recv: true, len: chunk.len() });
+            };
+            if rc != 0 {
+                result = Err(mpi_error(self.rank, what, rc));
+                break;
             }
-        }
-        if result.is_ok() {
-            'post: for (peer, buf) in sends {
-                for chunk in buf.chunks(self.max_message) {
-                    let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
-                    // SAFETY: as above; MPI only reads the chunk.
-                    let rc = unsafe {
-                        ffi::MPI_Isend(
-                            chunk.as_ptr() as *const c_void,
-                            chunk.len() as c_int,
-                            ffi::RSMPI_UINT8_T,
-                            *peer as c_int,
-                            tag,
-                            comm,
-                            &mut req,
-                        )
-                    };
-                    if rc != 0 {
-                        result = Err(mpi_error(self.rank, "MPI_Isend", rc));
-                        break 'post;
-                    }
-                    requests.push(req);
-                    posted.push(Posted { peer: *peer, recv: false, len: chunk.len() });
-                }
-            }
+            requests.push(req);
+            posted.push(Posted { peer, recv, len });
         }
         if result.is_ok() {
             result = self.complete(op, requests, posted, indices, statuses);

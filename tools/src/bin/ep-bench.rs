@@ -185,18 +185,18 @@ fn run(mut args: Args) -> Result<(), String> {
         "wgpu" => "wgpu",
         other => return Err(format!("unknown backend {other}")),
     };
+    let job = RankJob {
+        cfg: &cfg,
+        placement: &placement,
+        backend,
+        tokens: args.tokens,
+        seed: args.seed,
+        skew: args.skew,
+        warmup: args.warmup,
+        iters: args.iters,
+    };
     if !root {
         // Other MPI ranks: the same layer, silently; rank 0 reports.
-        let job = RankJob {
-            cfg: &cfg,
-            placement: &placement,
-            backend,
-            tokens: args.tokens,
-            seed: args.seed,
-            skew: args.skew,
-            warmup: args.warmup,
-            iters: args.iters,
-        };
         let g = mpi.expect("only MPI has other ranks");
         let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
         gather_results(&g, &mine)?;
@@ -252,16 +252,6 @@ fn run(mut args: Args) -> Result<(), String> {
     println!("  generating {:.2} GB of expert weights ...", weight_bytes as f64 / 1e9);
     let t0 = Instant::now();
     let total_iters = args.warmup + args.iters;
-    let job = RankJob {
-        cfg: &cfg,
-        placement: &placement,
-        backend,
-        tokens: args.tokens,
-        seed: args.seed,
-        skew: args.skew,
-        warmup: args.warmup,
-        iters: args.iters,
-    };
     let per_rank = match mpi {
         Some(g) => {
             let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
