@@ -52,6 +52,12 @@ pub struct MoeConfig {
     pub weight_dtype: DType,
     /// Dropless (default) or a capacity limit.
     pub capacity: Capacity,
+    /// Batch-invariant results: a token's output is bitwise the same whatever other tokens
+    /// share its batch and whatever the world size. The layer then runs every call on one
+    /// backend (never switching between CPU and GPU by batch size) and engines use kernels
+    /// with one fixed reduction order. Off by default.
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 impl MoeConfig {
@@ -66,6 +72,7 @@ impl MoeConfig {
             act_dtype: DType::F32,
             weight_dtype: DType::F32,
             capacity: Capacity::Dropless,
+            deterministic: false,
         }
     }
 
@@ -77,6 +84,11 @@ impl MoeConfig {
 
     pub fn with_capacity(mut self, capacity: Capacity) -> Self {
         self.capacity = capacity;
+        self
+    }
+
+    pub fn with_deterministic(mut self, on: bool) -> Self {
+        self.deterministic = on;
         self
     }
 
@@ -129,6 +141,7 @@ impl MoeConfig {
             ("weight_dtype", self.weight_dtype.code()),
             ("capacity kind", cap_kind),
             ("capacity value", cap_val),
+            ("deterministic", self.deterministic as u64),
         ]
     }
 }

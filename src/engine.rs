@@ -6,7 +6,8 @@
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::weights::ExpertWeights;
+use crate::dtype::DType;
+use crate::weights::ExpertSet;
 
 /// An index in a row map that writes a row of zeros instead of reading a source row.
 pub const ZERO_ROW: u32 = u32::MAX;
@@ -25,12 +26,85 @@ pub trait Engine: Send + Sync {
     /// SwiGLU of each local expert over its rows: rows `offsets[l]..offsets[l+1]` of `batch`
     /// (`[rows, D]`) go through `experts[l]`; `out` is `[rows, D]` in `batch`'s dtype. Sums
     /// accumulate in f32 and are cast once.
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &mut Tensor) -> Result<()>;
+    ///
+    /// With `deterministic`, every output row depends only on its own input row and its
+    /// expert's weights: bitwise the same whichever other rows share the call (a fixed
+    /// reduction order, no shape-dependent kernel that changes it). Without it an engine may
+    /// pick faster kernels by shape (cooperative matrices with f16 intermediates, for one);
+    /// results are still the same on every run of the same call.
+    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, deterministic: bool, out: &mut Tensor)
+    -> Result<()>;
 
     /// `y[t] = sum_j weights[t*k + j] * cat(srcs)[idx[t*k + j]]` over slots `j` in order, with
     /// f32 accumulation and one cast to `y`'s dtype; [`ZERO_ROW`] slots contribute nothing.
     /// `y` has `idx.len() / k` rows.
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()>;
+
+    /// Whether this engine runs on an accelerator (what the layer's backend policy weighs
+    /// against the CPU).
+    fn is_accelerator(&self) -> bool {
+        false
+    }
+
+    /// Get ready for calls on `experts` with `act` activations of up to `max_rows` rows per
+    /// call: compile kernels, upload weights, fill buffer pools. Idempotent; cheap once done.
+    fn warm_up(&self, experts: &ExpertSet, act: DType, max_rows: usize) -> Result<()> {
+        let _ = (experts, act, max_rows);
+        Ok(())
+    }
+
+    /// Drop any copy of the expert set `id` (see [`ExpertSet::id`]); called when a layer is dropped.
+    fn release(&self, id: u64) {
+        let _ = id;
+    }
+}
+
+/// Check the arguments of [`Engine::ffn`]: `offsets` has one more entry than `experts`, is
+/// non-decreasing from 0 to `batch.rows()`, every expert is `gate [F, D]`, `up [F, D]`,
+/// `down [D, F]` in one dtype with `D = batch.cols()`, and `out` has `batch`'s shape and dtype.
+pub fn check_ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &Tensor) -> Result<()> {
+    if offsets.len() != experts.len() + 1 || offsets.windows(2).any(|w| w[0] > w[1]) {
+        return Err(Error::invalid(format!(
+            "ffn: {} offsets for {} experts (need experts + 1, non-decreasing)",
+            offsets.len(),
+            experts.len()
+        )));
+    }
+    let rows = batch.rows();
+    if offsets.first() != Some(&0) || offsets.last() != Some(&rows) {
+        return Err(Error::invalid(format!(
+            "ffn: offsets span {:?}..{:?} but the batch has {rows} rows",
+            offsets.first(),
+            offsets.last()
+        )));
+    }
+    if out.rows() != rows || out.cols() != batch.cols() || out.dtype() != batch.dtype() {
+        return Err(Error::invalid(format!(
+            "ffn: output is [{}, {}] {} but the batch is [{rows}, {}] {}",
+            out.rows(),
+            out.cols(),
+            out.dtype(),
+            batch.cols(),
+            batch.dtype()
+        )));
+    }
+    let d = batch.cols();
+    let dtype = experts.first().map(|w| w.gate.dtype());
+    for (l, w) in experts.iter().enumerate() {
+        let f = w.gate.rows();
+        if w.gate.cols() != d || w.up.rows() != f || w.up.cols() != d || w.down.rows() != d || w.down.cols() != f {
+            return Err(Error::invalid(format!(
+                "ffn: local expert {l} has gate {:?}, up {:?}, down {:?}; batch rows have {d} features",
+                (w.gate.rows(), w.gate.cols()),
+                (w.up.rows(), w.up.cols()),
+                (w.down.rows(), w.down.cols())
+            )));
+        }
+        if [&w.gate, &w.up, &w.down].iter().any(|t| Some(t.dtype()) != dtype) {
+            return Err(Error::invalid(format!("ffn: local expert {l} mixes weight dtypes")));
+        }
+    }
+    Ok(())
 }
 
 /// Check the arguments of [`Engine::gather_rows`]: `dst` has one row per index, every source

@@ -1,6 +1,8 @@
 //! `MoeLayer`: route, dispatch, experts, combine on one rank of a group.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::config::MoeConfig;
@@ -10,11 +12,43 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::group::Group;
 use crate::placement::Placement;
+use crate::policy::{BackendChoice, LayerOptions, WithFallback};
 use crate::router;
-use crate::stats::ForwardStats;
+use crate::stats::{ForwardStats, LayerMetrics};
 use crate::tensor::Tensor;
-use crate::weights::{ExpertWeights, validate_router};
+use crate::warmup::{WarmUpReport, measure_crossover};
+use crate::weights::{ExpertSet, ExpertWeights, validate_router};
 use crate::workspace::Workspace;
+
+/// `crossover` value: not decided yet (measured at warm-up or on the first call).
+const UNDECIDED: usize = usize::MAX - 1;
+/// `crossover` value: never the GPU.
+const NEVER: usize = usize::MAX;
+
+/// The engines of a layer and the policy between them.
+struct Engines {
+    /// Runs every call without a GPU engine, and the calls below the crossover: the CPU
+    /// engine, or the one engine given to [`MoeLayer::with_engine`].
+    base: Box<dyn Engine>,
+    /// The GPU engine, if the layer has one.
+    gpu: Option<Box<dyn Engine>>,
+    options: LayerOptions,
+    /// Tokens from which the GPU runs a call ([`UNDECIDED`], [`NEVER`], or a count).
+    crossover: AtomicUsize,
+    /// Set by the first complete warm-up.
+    warm: Mutex<Option<WarmUpReport>>,
+    /// The expert set's id, released from every engine on drop.
+    experts_id: u64,
+}
+
+impl Drop for Engines {
+    fn drop(&mut self) {
+        self.base.release(self.experts_id);
+        if let Some(g) = &self.gpu {
+            g.release(self.experts_id);
+        }
+    }
+}
 
 /// One rank's part of an expert-parallel MoE layer: the router (replicated), this rank's
 /// experts, and the group it shares with the other ranks.
@@ -23,8 +57,9 @@ pub struct MoeLayer<G: Group> {
     config: MoeConfig,
     placement: Placement,
     gate: Tensor,
-    experts: Vec<ExpertWeights>,
-    engine: Box<dyn Engine>,
+    experts: ExpertSet,
+    engines: Engines,
+    metrics: Mutex<LayerMetrics>,
     ws: Workspace,
 }
 
@@ -35,7 +70,9 @@ impl<G: Group> std::fmt::Debug for MoeLayer<G> {
             .field("world", &self.group.size())
             .field("config", &self.config)
             .field("local_experts", &self.placement.experts_of(self.group.rank()))
-            .field("engine", &self.engine.name())
+            .field("base", &self.engines.base.name())
+            .field("gpu", &self.engines.gpu.as_ref().map(|g| g.name()))
+            .field("options", &self.engines.options)
             .finish()
     }
 }
@@ -60,10 +97,11 @@ impl<G: Group> MoeLayer<G> {
         gate: Tensor,
         experts: Vec<ExpertWeights>,
     ) -> Result<Self> {
-        Self::with_engine(group, config, placement, gate, experts, Box::new(CpuEngine))
+        Self::build(group, config, placement, gate, experts, Box::new(CpuEngine), None, LayerOptions::default())
     }
 
-    /// [`MoeLayer::new`] with another compute engine.
+    /// [`MoeLayer::new`] with one engine that runs every call, whatever its size; its
+    /// errors are returned as they are (no fallback).
     pub fn with_engine(
         group: G,
         config: MoeConfig,
@@ -71,6 +109,37 @@ impl<G: Group> MoeLayer<G> {
         gate: Tensor,
         experts: Vec<ExpertWeights>,
         engine: Box<dyn Engine>,
+    ) -> Result<Self> {
+        Self::build(group, config, placement, gate, experts, engine, None, LayerOptions::default())
+    }
+
+    /// [`MoeLayer::new`] with a GPU engine beside the CPU one, chosen per call by `options`
+    /// (and the environment: [`crate::policy::BACKEND_ENV`], [`crate::policy::GPU_ERRORS_ENV`]).
+    /// With [`BackendChoice::Auto`] the crossover is measured by [`MoeLayer::warm_up`] (or
+    /// by the first forward call, if warm-up was not called). Errors also when the options
+    /// or the environment do not parse, or ask for a crossover in deterministic mode.
+    pub fn with_gpu(
+        group: G,
+        config: MoeConfig,
+        placement: Placement,
+        gate: Tensor,
+        experts: Vec<ExpertWeights>,
+        gpu: Box<dyn Engine>,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        Self::build(group, config, placement, gate, experts, Box::new(CpuEngine), Some(gpu), options)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        group: G,
+        config: MoeConfig,
+        placement: Placement,
+        gate: Tensor,
+        experts: Vec<ExpertWeights>,
+        cpu: Box<dyn Engine>,
+        gpu: Option<Box<dyn Engine>>,
+        options: LayerOptions,
     ) -> Result<Self> {
         let rank = group.rank();
         let _span = tracing::debug_span!("moe_layer_new", rank).entered();
@@ -102,7 +171,21 @@ impl<G: Group> MoeLayer<G> {
             for (w, &e) in experts.iter().zip(mine) {
                 w.validate(&config, &format!("expert {e}"))?;
             }
-            Ok(())
+            let options = if gpu.is_some() { options.clone().with_env()? } else { options.clone() };
+            let crossover = match (options.backend, &gpu) {
+                (_, None) | (BackendChoice::Cpu, _) => NEVER,
+                (BackendChoice::Gpu, _) => 0,
+                (BackendChoice::Auto, _) if config.deterministic => 0,
+                (BackendChoice::Auto, _) => UNDECIDED,
+                (BackendChoice::Crossover(_), _) if config.deterministic => {
+                    return Err(Error::invalid(
+                        "deterministic mode runs every call on one backend: a CPU/GPU crossover would make a \
+                         token's bits depend on its batch (use backend auto, cpu or gpu)",
+                    ));
+                }
+                (BackendChoice::Crossover(n), _) => n.min(NEVER - 2),
+            };
+            Ok((options, crossover))
         })()
         .map_err(|e| e.on_rank(rank));
 
@@ -115,7 +198,7 @@ impl<G: Group> MoeLayer<G> {
         fields.push(("router weight", if local.is_ok() { hash_bytes(gate.as_bytes()) } else { 0 }));
         let mine: Vec<u64> = fields.iter().map(|f| f.1).collect();
         let all = group.all_gather_u64(&mine)?;
-        local?;
+        let (options, crossover) = local?;
         let m = mine.len();
         for peer in 0..group.size() {
             if all[peer * m] != 0 {
@@ -132,7 +215,25 @@ impl<G: Group> MoeLayer<G> {
                 return Err(Error::ConfigMismatch { rank, detail: what });
             }
         }
-        Ok(MoeLayer { group, config, placement, gate, experts, engine, ws: Workspace::new() })
+        let experts = ExpertSet::new(experts);
+        let engines = Engines {
+            base: cpu,
+            gpu,
+            options,
+            crossover: AtomicUsize::new(crossover),
+            warm: Mutex::new(None),
+            experts_id: experts.id(),
+        };
+        Ok(MoeLayer {
+            group,
+            config,
+            placement,
+            gate,
+            experts,
+            engines,
+            metrics: Mutex::new(LayerMetrics { rank, ..Default::default() }),
+            ws: Workspace::new(),
+        })
     }
 
     pub fn config(&self) -> &MoeConfig {
@@ -144,16 +245,122 @@ impl<G: Group> MoeLayer<G> {
     pub fn group(&self) -> &G {
         &self.group
     }
-    pub fn engine(&self) -> &dyn Engine {
-        self.engine.as_ref()
+    /// The engine that runs calls without a GPU engine and those below the crossover (the CPU
+    /// engine, or the one given to [`MoeLayer::with_engine`]).
+    pub fn base_engine(&self) -> &dyn Engine {
+        self.engines.base.as_ref()
+    }
+    /// The GPU engine, if the layer has one.
+    pub fn gpu_engine(&self) -> Option<&dyn Engine> {
+        self.engines.gpu.as_deref()
+    }
+    /// The policy options in force (after the environment's overrides).
+    pub fn options(&self) -> &LayerOptions {
+        &self.engines.options
+    }
+    /// Tokens of a call from which the GPU engine runs it: `Some(0)` always, `None` never or
+    /// not measured yet.
+    pub fn crossover(&self) -> Option<usize> {
+        match self.engines.crossover.load(Ordering::Relaxed) {
+            NEVER | UNDECIDED => None,
+            n => Some(n),
+        }
+    }
+    /// Totals over this rank's forward calls so far.
+    pub fn metrics(&self) -> LayerMetrics {
+        self.metrics.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     /// This rank's experts' weights, in local order.
     pub fn local_experts(&self) -> &[ExpertWeights] {
-        &self.experts
+        self.experts.weights()
     }
     /// Take the group back (to build another layer on it).
     pub fn into_group(self) -> G {
         self.group
+    }
+
+    /// Warm up: compile kernels, upload weights and fill pools on the GPU engine, measure the
+    /// CPU/GPU crossover (with [`BackendChoice::Auto`]) and run one small forward call through
+    /// the exchange. Collective. Idempotent: once done, a call returns the first report at once.
+    pub fn warm_up(&self) -> Result<WarmUpReport> {
+        let rank = self.group.rank();
+        let _span = tracing::info_span!("warm_up", rank).entered();
+        let done = self.engines.warm.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(mut r) = done {
+            r.total_s = 0.0;
+            return Ok(r);
+        }
+        let t0 = Instant::now();
+        let cfg = &self.config;
+        let max_rows = self.engines.options.crossover_max_tokens.max(1) * cfg.top_k;
+        let local = (|| -> Result<WarmUpReport> {
+            let mut report = WarmUpReport { rank, engines: vec![self.engines.base.name()], ..Default::default() };
+            self.engines.base.warm_up(&self.experts, cfg.act_dtype, max_rows)?;
+            if let Some(g) = &self.engines.gpu {
+                report.engines.push(g.name());
+                g.warm_up(&self.experts, cfg.act_dtype, max_rows)?;
+            }
+            report.engine_s = t0.elapsed().as_secs_f64();
+            self.decide_crossover(&mut report)?;
+            Ok(report)
+        })()
+        .map_err(|e| e.on_rank(rank));
+        // The small exchange: every rank sends one token, whatever happened above, so that a
+        // rank's failure reaches the others as an error rather than a hang.
+        let t = Instant::now();
+        let x = crate::random::input(cfg, usize::from(local.is_ok()), 0x3a7, rank);
+        let fwd = self.forward_with_stats(&x);
+        let mut report = local?;
+        fwd?;
+        report.exchange_s = t.elapsed().as_secs_f64();
+        report.total_s = t0.elapsed().as_secs_f64();
+        *self.engines.warm.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        Ok(report)
+    }
+
+    /// Settle the crossover if it is undecided (measuring it), and say where it came from.
+    fn decide_crossover(&self, report: &mut WarmUpReport) -> Result<()> {
+        let e = &self.engines;
+        let source = match (&e.gpu, e.options.backend) {
+            (None, _) => "no gpu",
+            (_, BackendChoice::Auto) if self.config.deterministic => "deterministic",
+            (Some(gpu), BackendChoice::Auto) => {
+                if e.crossover.load(Ordering::Relaxed) == UNDECIDED {
+                    let (n, points) = measure_crossover(
+                        e.base.as_ref(),
+                        gpu.as_ref(),
+                        &self.experts,
+                        &self.config,
+                        e.options.crossover_max_tokens,
+                        e.options.crossover_budget_s,
+                    )?;
+                    e.crossover.store(n.unwrap_or(NEVER), Ordering::Relaxed);
+                    report.points = points;
+                }
+                "measured"
+            }
+            _ => "options",
+        };
+        report.crossover = self.crossover();
+        report.crossover_source = source.into();
+        Ok(())
+    }
+
+    /// Whether the GPU engine runs a call of `n` tokens; measures the crossover first if it
+    /// is still undecided (a local measurement, no collective call). A failed measurement
+    /// leaves the CPU in charge, with a warning.
+    fn use_gpu(&self, n: usize) -> bool {
+        if self.engines.gpu.is_none() {
+            return false;
+        }
+        if self.engines.crossover.load(Ordering::Relaxed) == UNDECIDED {
+            let mut r = WarmUpReport::default();
+            if let Err(err) = self.decide_crossover(&mut r) {
+                tracing::warn!(rank = self.group.rank(), error = %err, "crossover measurement failed; using the CPU");
+                self.engines.crossover.store(NEVER, Ordering::Relaxed);
+            }
+        }
+        n >= self.engines.crossover.load(Ordering::Relaxed)
     }
 
     /// `y = MoE(x)` for this rank's tokens `x` (`[N, D]` in the activation dtype; N may be 0
@@ -168,16 +375,32 @@ impl<G: Group> MoeLayer<G> {
         let cfg = &self.config;
         let _span = tracing::debug_span!("moe_forward", rank, tokens = x.rows()).entered();
 
+        let gpu_call = self.use_gpu(x.rows());
+        let fallback = match (&self.engines.gpu, gpu_call) {
+            (Some(g), true) => {
+                let cpu = self.engines.base.as_ref();
+                let policy = self.engines.options.on_gpu_error;
+                Some(WithFallback::new(g.as_ref(), cpu, policy, rank))
+            }
+            _ => None,
+        };
+        let engine: &dyn Engine = match &fallback {
+            Some(f) => f,
+            None => self.engines.base.as_ref(),
+        };
+
         let t = Instant::now();
-        let routing = x
-            .expect("input x", cfg.act_dtype, None, cfg.hidden)
-            .and_then(|_| router::route(x, &self.gate, cfg.top_k, cfg.norm_topk_prob))
-            .map_err(|e| e.on_rank(rank));
+        let routing = {
+            let _s = tracing::debug_span!("route", rank).entered();
+            x.expect("input x", cfg.act_dtype, None, cfg.hidden)
+                .and_then(|_| router::route(x, &self.gate, cfg.top_k, cfg.norm_topk_prob))
+                .map_err(|e| e.on_rank(rank))
+        };
         let route_time = t.elapsed().as_secs_f64();
 
         let d = dispatch_or_fail(
             &self.group,
-            self.engine.as_ref(),
+            engine,
             &self.ws,
             &self.placement,
             cfg.capacity,
@@ -189,15 +412,20 @@ impl<G: Group> MoeLayer<G> {
         let mut out = self.ws.take(cfg.act_dtype, d.batch.rows(), cfg.hidden);
         let ffn = {
             let _s = tracing::debug_span!("experts", rank, rows = d.batch.rows()).entered();
-            self.engine.ffn(&d.batch, &d.expert_offsets, &self.experts, &mut out)
+            engine.ffn(&d.batch, &d.expert_offsets, &self.experts, cfg.deterministic, &mut out)
         };
         let experts_time = t.elapsed().as_secs_f64();
 
         self.ws.recycle(d.batch);
-        let (y, mut stats) = combine_or_fail(&self.group, self.engine.as_ref(), &self.ws, d.handle, ffn.map(|_| &out))?;
+        let (y, mut stats) = combine_or_fail(&self.group, engine, &self.ws, d.handle, ffn.map(|_| &out))?;
         self.ws.recycle(out);
         stats.times.route = route_time;
         stats.times.experts = experts_time;
+        if let Some(f) = &fallback {
+            stats.fallbacks = f.fallbacks.load(Ordering::Relaxed);
+            stats.fallback_error = f.first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        self.metrics.lock().unwrap_or_else(|p| p.into_inner()).record(&stats, gpu_call);
         Ok((y, stats))
     }
 }

@@ -47,8 +47,12 @@ pub struct ForwardStats {
     pub world: usize,
     /// Tokens of this rank.
     pub tokens: usize,
-    /// Engine that ran the stages (`cpu`, `wgpu:...`).
+    /// Engine the policy chose for the call (`cpu`, `wgpu:...`).
     pub backend: String,
+    /// Stages of this call that failed on the GPU and ran again on the CPU.
+    pub fallbacks: usize,
+    /// The first such failure, if any.
+    pub fallback_error: Option<String>,
     /// Rows this rank sent to each rank (its own entry: rows that stayed local, never copied).
     pub rows_sent: Vec<usize>,
     /// Rows this rank's experts received from each rank (its own entry: its local rows).
@@ -69,4 +73,62 @@ pub struct ForwardStats {
     /// Rows each local expert computed, `[local experts]`.
     pub rows_per_local_expert: Vec<usize>,
     pub times: StageTimes,
+}
+
+/// Totals over a layer's forward calls on one rank, serializable to JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerMetrics {
+    pub rank: usize,
+    pub calls: u64,
+    /// Calls the policy gave to the CPU and to the GPU engine.
+    pub cpu_calls: u64,
+    pub gpu_calls: u64,
+    /// GPU stages that failed and ran again on the CPU.
+    pub fallbacks: u64,
+    /// The most recent fallback's error.
+    pub last_fallback_error: Option<String>,
+    pub tokens: u64,
+    pub local_rows: u64,
+    pub remote_rows_sent: u64,
+    pub remote_rows_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub dropped: u64,
+    /// Sum of each stage's wall time over all calls, in seconds.
+    pub times: StageTimes,
+}
+
+impl LayerMetrics {
+    /// Add one call's statistics; `gpu` says which engine the policy chose.
+    pub fn record(&mut self, s: &ForwardStats, gpu: bool) {
+        self.rank = s.rank;
+        self.calls += 1;
+        if gpu {
+            self.gpu_calls += 1;
+        } else {
+            self.cpu_calls += 1;
+        }
+        self.fallbacks += s.fallbacks as u64;
+        if s.fallback_error.is_some() {
+            self.last_fallback_error.clone_from(&s.fallback_error);
+        }
+        self.tokens += s.tokens as u64;
+        self.local_rows += s.local_rows as u64;
+        self.remote_rows_sent += s.remote_rows_sent as u64;
+        self.remote_rows_received += s.remote_rows_received as u64;
+        self.bytes_sent += s.bytes_sent as u64;
+        self.bytes_received += s.bytes_received as u64;
+        self.dropped += s.dropped as u64;
+        let t = &mut self.times;
+        let u = &s.times;
+        t.route += u.route;
+        t.plan += u.plan;
+        t.pack += u.pack;
+        t.exchange += u.exchange;
+        t.scatter += u.scatter;
+        t.experts += u.experts;
+        t.gather += u.gather;
+        t.exchange_back += u.exchange_back;
+        t.combine += u.combine;
+    }
 }

@@ -39,3 +39,41 @@ impl ExpertWeights {
 pub fn validate_router(gate: &Tensor, config: &MoeConfig) -> Result<()> {
     gate.expect("router weight", config.weight_dtype, Some(config.num_experts), config.hidden)
 }
+
+/// One rank's expert weights as a unit that engines may keep copies of (a GPU engine uploads
+/// them once), identified by an id unique in the process.
+#[derive(Debug)]
+pub struct ExpertSet {
+    id: u64,
+    weights: Vec<ExpertWeights>,
+}
+
+impl ExpertSet {
+    /// Wrap `weights` (local experts in increasing global id) under a fresh id.
+    pub fn new(weights: Vec<ExpertWeights>) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        ExpertSet { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), weights }
+    }
+
+    /// The id engines key their copies by; never reused within the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The weights, in local expert order.
+    pub fn weights(&self) -> &[ExpertWeights] {
+        &self.weights
+    }
+
+    /// Bytes of every matrix of every expert.
+    pub fn bytes(&self) -> usize {
+        self.weights.iter().map(ExpertWeights::bytes).sum()
+    }
+}
+
+impl std::ops::Deref for ExpertSet {
+    type Target = [ExpertWeights];
+    fn deref(&self) -> &[ExpertWeights] {
+        &self.weights
+    }
+}

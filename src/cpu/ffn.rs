@@ -12,9 +12,9 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul_bt, matmul_bt_strided};
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::{Storage, Tensor};
-use crate::weights::ExpertWeights;
+use crate::weights::ExpertSet;
 use crate::with_storage;
 
 /// Weight rows widened and applied together.
@@ -42,38 +42,11 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// See [`crate::Engine::ffn`].
-pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &mut Tensor) -> Result<()> {
-    if offsets.len() != experts.len() + 1 || offsets.windows(2).any(|w| w[0] > w[1]) {
-        return Err(Error::invalid(format!(
-            "ffn: {} offsets for {} experts (need experts + 1, non-decreasing)",
-            offsets.len(),
-            experts.len()
-        )));
-    }
-    let rows = batch.rows();
-    if offsets.first() != Some(&0) || offsets.last() != Some(&rows) {
-        return Err(Error::invalid(format!(
-            "ffn: offsets span {:?}..{:?} but the batch has {rows} rows",
-            offsets.first(),
-            offsets.last()
-        )));
-    }
-    if out.rows() != rows || out.cols() != batch.cols() || out.dtype() != batch.dtype() {
-        return Err(Error::invalid("ffn: output shape or dtype differs from the batch"));
-    }
+/// See [`crate::Engine::ffn`]. Always deterministic in its sense: each output element is one
+/// f32 sum in a fixed order (`matrixmultiply`'s, which does not depend on the row count).
+pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &mut Tensor) -> Result<()> {
+    crate::engine::check_ffn(batch, offsets, experts, out)?;
     let d = batch.cols();
-    for (l, w) in experts.iter().enumerate() {
-        let f = w.gate.rows();
-        if w.gate.cols() != d || w.up.rows() != f || w.up.cols() != d || w.down.rows() != d || w.down.cols() != f {
-            return Err(Error::invalid(format!(
-                "ffn: local expert {l} has gate {:?}, up {:?}, down {:?}; batch rows have {d} features",
-                (w.gate.rows(), w.gate.cols()),
-                (w.up.rows(), w.up.cols()),
-                (w.down.rows(), w.down.cols())
-            )));
-        }
-    }
     let active: Vec<usize> = (0..experts.len()).filter(|&l| offsets[l + 1] > offsets[l]).collect();
     if active.is_empty() {
         return Ok(());

@@ -7,7 +7,7 @@ pub mod rows;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::tensor::Tensor;
-use crate::weights::ExpertWeights;
+use crate::weights::ExpertSet;
 
 /// Runs every stage on the CPU (the rayon global pool).
 #[derive(Debug, Default, Clone, Copy)]
@@ -20,7 +20,7 @@ impl Engine for CpuEngine {
     fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
         rows::gather_rows(srcs, idx, dst)
     }
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &mut Tensor) -> Result<()> {
+    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, _det: bool, out: &mut Tensor) -> Result<()> {
         ffn::ffn(batch, offsets, experts, out)
     }
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {

@@ -1,30 +1,93 @@
 //! [`GpuEngine`]: the [`Engine`] of a layer on one wgpu device.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
-use moe_ep::engine::{check_combine, check_gather};
-use moe_ep::{CpuEngine, Engine, ExpertWeights, Result, Tensor};
+use moe_ep::engine::{ZERO_ROW, check_combine, check_ffn, check_gather};
+use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
+use crate::ffn::{DeviceExperts, FfnBuffers, check_shape, choose_tile};
+use crate::kernels::Tile;
 use crate::ops::{Combine, Gather, word_for};
 
-/// Runs the data path (pack, scatter, gather back, combine) on the GPU: each stage uploads
-/// its host rows, runs one kernel and reads the result back, in one submit. The expert FFN
-/// runs on the CPU until the GPU FFN exists. Results are bitwise those of [`CpuEngine`].
+/// Runs every compute stage on the GPU: each stage uploads its host rows, runs its kernels
+/// and reads the result back, in one submit. Expert weights are uploaded once per expert set
+/// (at warm-up or on first use) and stay on the device until the set is released.
+///
+/// Data movement is bitwise that of [`moe_ep::CpuEngine`], and so is the combine; the FFN
+/// sums in f32 in a fixed order (`wgsl/ffn.wgsl`) and differs from the CPU's by rounding only.
 #[derive(Debug, Clone)]
 pub struct GpuEngine {
     ctx: Arc<GpuContext>,
+    experts: Arc<RwLock<HashMap<u64, Arc<DeviceExperts>>>>,
 }
 
 impl GpuEngine {
     /// An engine on a new device chosen by `opts`.
     pub fn new(opts: &ContextOptions) -> Result<Self> {
-        Ok(GpuEngine { ctx: Arc::new(GpuContext::new(opts)?) })
+        Ok(Self::with_context(Arc::new(GpuContext::new(opts)?)))
     }
 
     /// An engine on an existing context.
     pub fn with_context(ctx: Arc<GpuContext>) -> Self {
-        GpuEngine { ctx }
+        GpuEngine { ctx, experts: Arc::default() }
+    }
+
+    /// The device copy of `experts`, uploaded on first use.
+    pub fn resident(&self, experts: &ExpertSet) -> Result<Arc<DeviceExperts>> {
+        if let Some(d) = self.experts.read().unwrap_or_else(|p| p.into_inner()).get(&experts.id()) {
+            return Ok(d.clone());
+        }
+        let dev = Arc::new(DeviceExperts::upload(&self.ctx, experts)?);
+        self.experts.write().unwrap_or_else(|p| p.into_inner()).insert(experts.id(), dev.clone());
+        Ok(dev)
+    }
+
+    /// Bytes of expert weights held on the device.
+    pub fn resident_bytes(&self) -> u64 {
+        self.experts.read().unwrap_or_else(|p| p.into_inner()).values().map(|d| d.bytes).sum()
+    }
+
+    /// [`Engine::ffn`] with a given tile shape (benchmarks and tests compare the shapes).
+    pub fn ffn_with_tile(
+        &self,
+        batch: &Tensor,
+        offsets: &[usize],
+        experts: &ExpertSet,
+        tile: Tile,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        check_ffn(batch, offsets, experts, out)?;
+        let rows = batch.rows();
+        if rows == 0 || experts.is_empty() || batch.cols() == 0 {
+            return Ok(());
+        }
+        let act = batch.dtype();
+        let (d, f) = (batch.cols(), experts[0].gate.rows());
+        check_shape(act, experts[0].gate.dtype(), d, f)?;
+        let _span = tracing::trace_span!("gpu_ffn", rows, experts = experts.len()).entered();
+        let dev = self.resident(experts)?;
+        let ctx = &self.ctx;
+        let batch_buf = ctx.upload("ffn batch", batch.as_bytes())?;
+        let inter = ctx.storage("ffn intermediate", (rows * f * 4) as u64)?;
+        let out32 = ctx.storage("ffn output", (rows * d * 4) as u64)?;
+        let out16 = if act == DType::F32 { None } else { Some(ctx.storage("ffn output", (rows * d * 2) as u64)?) };
+        let mut scratch = Vec::new();
+        let bufs = FfnBuffers { batch: &batch_buf, inter: &inter, out32: &out32, out16: out16.as_ref() };
+        let res = ctx.ffn_launches(&dev, act, offsets, tile, &bufs, &mut scratch).and_then(|launches| {
+            let mut enc = ctx.encoder("ffn");
+            {
+                let mut pass =
+                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ffn"), timestamp_writes: None });
+                for l in &launches {
+                    l.encode(&mut pass);
+                }
+            }
+            ctx.submit_and_read(enc, out16.as_ref().unwrap_or(&out32), out.as_bytes_mut())
+        });
+        self.release_buffers(scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16));
+        res
     }
 
     /// The device context.
@@ -56,7 +119,7 @@ impl GpuEngine {
         Ok(out)
     }
 
-    fn release(&self, bufs: impl IntoIterator<Item = wgpu::Buffer>) {
+    fn release_buffers(&self, bufs: impl IntoIterator<Item = wgpu::Buffer>) {
         for b in bufs {
             self.ctx.recycle(b);
         }
@@ -105,12 +168,14 @@ impl Engine for GpuEngine {
         let mut enc = ctx.encoder("gather_rows");
         launch.encode_pass(&mut enc);
         let res = ctx.submit_and_read(enc, &out, dst.as_bytes_mut());
-        self.release(sources.into_iter().map(|(b, _)| b).chain([idx_buf, out]));
+        self.release_buffers(sources.into_iter().map(|(b, _)| b).chain([idx_buf, out]));
         res
     }
 
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], out: &mut Tensor) -> Result<()> {
-        CpuEngine.ffn(batch, offsets, experts, out)
+    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, _det: bool, out: &mut Tensor) -> Result<()> {
+        // Both tile shapes sum in the same order, so choosing by shape keeps the deterministic
+        // mode's guarantee.
+        self.ffn_with_tile(batch, offsets, experts, choose_tile(offsets), out)
     }
 
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
@@ -153,7 +218,45 @@ impl Engine for GpuEngine {
         let mut enc = ctx.encoder("combine");
         launch.encode_pass(&mut enc);
         let res = ctx.submit_and_read(enc, &out, y.as_bytes_mut());
-        self.release(sources.into_iter().map(|(b, _)| b).chain([idx_buf, w_buf, out]));
+        self.release_buffers(sources.into_iter().map(|(b, _)| b).chain([idx_buf, w_buf, out]));
         res
+    }
+
+    fn is_accelerator(&self) -> bool {
+        self.ctx.adapter_info().device_type != wgpu::DeviceType::Cpu
+    }
+
+    /// Upload the weights, then run the FFN at both tile shapes and a combine and a gather at
+    /// `max_rows` rows on random data: that compiles every pipeline a call of this layer
+    /// uses and leaves buffers of those sizes in the pool.
+    fn warm_up(&self, experts: &ExpertSet, act: DType, max_rows: usize) -> Result<()> {
+        let _span = tracing::debug_span!("gpu_warm_up", max_rows).entered();
+        if experts.is_empty() {
+            return Ok(());
+        }
+        self.resident(experts)?;
+        let (d, l) = (experts[0].gate.cols(), experts.len());
+        for rows in [l, max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1))] {
+            let batch = moe_ep::random::uniform(act, rows, d, 1.0, 0x3a7, rows as u64);
+            let counts: Vec<usize> = (0..l).map(|i| rows / l + usize::from(i < rows % l)).collect();
+            let mut offsets = vec![0];
+            for c in counts {
+                offsets.push(offsets.last().unwrap() + c);
+            }
+            let mut out = Tensor::zeros(act, rows, d);
+            self.ffn(&batch, &offsets, experts, false, &mut out)?;
+            let idx: Vec<u32> = (0..rows as u32).collect();
+            let mut moved = Tensor::zeros(act, rows, d);
+            self.gather_rows(&[&out], &idx, &mut moved)?;
+            let mut y = Tensor::zeros(act, rows, d);
+            let w = vec![1.0f32; rows];
+            let idx1: Vec<u32> = idx.iter().map(|&i| if i % 7 == 6 { ZERO_ROW } else { i }).collect();
+            self.combine(&[&moved], &idx1, &w, 1, &mut y)?;
+        }
+        Ok(())
+    }
+
+    fn release(&self, id: u64) {
+        self.experts.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 }

@@ -11,8 +11,15 @@ use moe_ep::DType;
 pub const GATHER_ROWS: &str = include_str!("../../../wgsl/gather_rows.wgsl");
 /// Weighted zero-copy combine (`wgsl/combine.wgsl`).
 pub const COMBINE: &str = include_str!("../../../wgsl/combine.wgsl");
+/// Grouped expert GEMM, up (gate and up with SwiGLU) and down (`wgsl/ffn.wgsl`).
+pub const FFN: &str = include_str!("../../../wgsl/ffn.wgsl");
+/// f32 to f16/bf16, two values a word (`wgsl/narrow.wgsl`).
+pub const NARROW: &str = include_str!("../../../wgsl/narrow.wgsl");
+/// f32 <-> f16/bf16 conversions shared by the arithmetic kernels (`wgsl/convert.wgsl`).
+pub const CONVERT: &str = include_str!("../../../wgsl/convert.wgsl");
 
-/// Threads per workgroup of every kernel (the `WG` constant in the sources).
+/// Threads per workgroup of the data-movement kernels and the narrow (the `WG` constant in
+/// the sources).
 pub const WORKGROUP: u32 = 256;
 
 /// A kernel family.
@@ -22,6 +29,44 @@ pub enum Kernel {
     GatherRows,
     /// `y[t] = sum_j w[t,j] * cat(a, b)[idx[t,j]]` in f32, cast once.
     Combine,
+    /// Expert up projection: `silu(A·Wg^T) * (A·Wu^T)` per row tile, f32 out.
+    FfnUp,
+    /// Expert down projection: `A·Wd^T` per row tile, f32 in and out.
+    FfnDown,
+    /// f32 to the 16-bit `dtype`, two values a word.
+    Narrow,
+}
+
+/// Tile shape of the FFN kernels: a workgroup computes `bm x bn` outputs, `tm x tn` per
+/// thread, staging `bk` columns of the reduction at a time. Every shape sums in the same
+/// order (see `wgsl/ffn.wgsl`), so switching between them never changes a bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tile {
+    pub bm: u32,
+    pub bn: u32,
+    pub tm: u32,
+    pub tn: u32,
+    pub bk: u32,
+}
+
+impl Tile {
+    /// Decode: a few rows per expert, the weights streamed once: 4 rows x 64 weight rows,
+    /// 64 threads.
+    pub const SKINNY: Tile = Tile { bm: 4, bn: 64, tm: 4, tn: 1, bk: 16 };
+    /// Prefill: 64 x 64 outputs, 4 x 4 per thread, 256 threads.
+    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bk: 16 };
+    /// No tile (the data-movement kernels and the combine).
+    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bk: 0 };
+
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        (self.bn / self.tn) * (self.bm / self.tm)
+    }
+
+    /// Workgroup memory of the up kernel (the larger), bytes.
+    pub fn workgroup_bytes(&self) -> u32 {
+        4 * (self.bm * self.bk + 2 * self.bn * (self.bk + 1))
+    }
 }
 
 /// The unit a kernel moves: 16 bytes where the row allows, else 4.
@@ -67,8 +112,12 @@ pub struct Variant {
     /// Slots per token the combine is compiled for (0 for data movement).
     pub k: u32,
     /// f16 widening with `unpack2x16float` (needs the SHADER_F16_IN_F32 downlevel
-    /// capability) instead of integer operations; only meaningful for an f16 combine.
+    /// capability) instead of integer operations; only meaningful where f16 is read.
     pub unpack_f16: bool,
+    /// Weight dtype of the FFN kernels (`F32` elsewhere).
+    pub weights: DType,
+    /// Tile shape of the FFN kernels ([`Tile::NONE`] elsewhere).
+    pub tile: Tile,
 }
 
 /// Largest top-k the combine is compiled for.
@@ -77,13 +126,65 @@ pub const MAX_K: usize = 64;
 impl Variant {
     /// The row gather moving `word`s.
     pub fn gather(word: Word) -> Self {
-        Variant { kernel: Kernel::GatherRows, word, dtype: DType::F32, k: 0, unpack_f16: false }
+        Variant {
+            kernel: Kernel::GatherRows,
+            word,
+            dtype: DType::F32,
+            k: 0,
+            unpack_f16: false,
+            weights: DType::F32,
+            tile: Tile::NONE,
+        }
     }
 
     /// The combine of `dtype` rows moving `word`s, `k` (1..=[`MAX_K`]) slots per token;
     /// `unpack_f16` asks for the hardware f16 widening (ignored for other dtypes).
     pub fn combine(word: Word, dtype: DType, k: u32, unpack_f16: bool) -> Self {
-        Variant { kernel: Kernel::Combine, word, dtype, k, unpack_f16: unpack_f16 && dtype == DType::F16 }
+        Variant {
+            kernel: Kernel::Combine,
+            word,
+            dtype,
+            k,
+            unpack_f16: unpack_f16 && dtype == DType::F16,
+            weights: DType::F32,
+            tile: Tile::NONE,
+        }
+    }
+
+    /// The FFN up kernel (`up`) reading `act` rows, or the down kernel (reading the f32
+    /// intermediate; `act` is ignored), over `weights` in `tile`s.
+    pub fn ffn(up: bool, act: DType, weights: DType, tile: Tile, unpack_f16: bool) -> Self {
+        let act = if up { act } else { DType::F32 };
+        Variant {
+            kernel: if up { Kernel::FfnUp } else { Kernel::FfnDown },
+            word: Word::Scalar,
+            dtype: act,
+            k: 0,
+            unpack_f16: unpack_f16 && (act == DType::F16 || weights == DType::F16),
+            weights,
+            tile,
+        }
+    }
+
+    /// The narrow to the 16-bit `dtype`.
+    pub fn narrow(dtype: DType) -> Self {
+        Variant {
+            kernel: Kernel::Narrow,
+            word: Word::Scalar,
+            dtype,
+            k: 0,
+            unpack_f16: false,
+            weights: DType::F32,
+            tile: Tile::NONE,
+        }
+    }
+
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        match self.kernel {
+            Kernel::FfnUp | Kernel::FfnDown => self.tile.threads(),
+            _ => WORKGROUP,
+        }
     }
 
     /// The naga capabilities the variant needs beyond core WGSL.
@@ -105,6 +206,20 @@ impl Variant {
                 }
             }
         }
+        for tile in [Tile::SKINNY, Tile::SQUARE] {
+            for weights in [DType::F32, DType::F16, DType::BF16] {
+                for unpack in [false, true] {
+                    for act in [DType::F32, DType::F16, DType::BF16] {
+                        v.push(Variant::ffn(true, act, weights, tile, unpack));
+                    }
+                    v.push(Variant::ffn(false, DType::F32, weights, tile, unpack));
+                }
+            }
+        }
+        v.push(Variant::narrow(DType::F16));
+        v.push(Variant::narrow(DType::BF16));
+        v.sort_by_key(|v| v.label());
+        v.dedup();
         v
     }
 
@@ -119,6 +234,22 @@ impl Variant {
             Kernel::Combine => {
                 format!("combine.{word}.{}.k{}{}", self.dtype, self.k, if self.unpack_f16 { ".unpack" } else { "" })
             }
+            Kernel::FfnUp | Kernel::FfnDown => {
+                let t = self.tile;
+                format!(
+                    "ffn_{}.{}.w{}.{}x{}x{}.{}x{}{}",
+                    if self.kernel == Kernel::FfnUp { "up" } else { "down" },
+                    self.dtype,
+                    self.weights,
+                    t.bm,
+                    t.bn,
+                    t.bk,
+                    t.tm,
+                    t.tn,
+                    if self.unpack_f16 { ".unpack" } else { "" }
+                )
+            }
+            Kernel::Narrow => format!("narrow.{}", self.dtype),
         }
     }
 
@@ -140,21 +271,39 @@ impl Variant {
                  fn make_word(a: array<u32, 1>) -> Word { return a[0]; }\n"
             }
         };
+        let code = |d: DType| match d {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::BF16 => 2,
+        };
+        let widen = if self.unpack_f16 {
+            "fn widen_f16(word: u32, h: u32) -> f32 { return unpack2x16float(word)[h]; }"
+        } else {
+            "fn widen_f16(word: u32, h: u32) -> f32 { return f16_to_f32((word >> (16u * h)) & 0xffffu); }"
+        };
         match self.kernel {
             Kernel::GatherRows => format!("{prelude}\n{GATHER_ROWS}"),
             Kernel::Combine => {
-                let dt = match self.dtype {
-                    DType::F32 => 0,
-                    DType::F16 => 1,
-                    DType::BF16 => 2,
-                };
-                let widen = if self.unpack_f16 {
-                    "fn widen_f16(word: u32, h: u32) -> f32 { return unpack2x16float(word)[h]; }"
-                } else {
-                    "fn widen_f16(word: u32, h: u32) -> f32 { return f16_to_f32((word >> (16u * h)) & 0xffffu); }"
-                };
-                format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{COMBINE}", self.k)
+                let dt = code(self.dtype);
+                format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
+            Kernel::FfnUp | Kernel::FfnDown => {
+                let t = self.tile;
+                format!(
+                    "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\n\
+                     const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst TM: u32 = {}u;\nconst TN: u32 = {}u;\n\
+                     const BK: u32 = {}u;\n{widen}\n\n{CONVERT}\n{FFN}",
+                    self.kernel == Kernel::FfnUp,
+                    code(self.dtype),
+                    code(self.weights),
+                    t.bm,
+                    t.bn,
+                    t.tm,
+                    t.tn,
+                    t.bk
+                )
+            }
+            Kernel::Narrow => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{NARROW}", code(self.dtype)),
         }
     }
 }

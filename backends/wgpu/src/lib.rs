@@ -15,6 +15,7 @@
 
 pub mod context;
 pub mod engine;
+pub mod ffn;
 pub mod kernels;
 pub mod ops;
 pub mod pipelines;

@@ -77,9 +77,13 @@ pub struct Launch {
 }
 
 impl Launch {
+    pub(crate) fn new(pipeline: Arc<Pipeline>, bind: wgpu::BindGroup, groups: (u32, u32), label: String) -> Self {
+        Launch { pipeline, bind, groups, label }
+    }
+
     /// Record the launch into `pass`.
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
-        if self.groups.0 == 0 {
+        if self.groups.0 == 0 || self.groups.1 == 0 {
             return;
         }
         pass.set_pipeline(&self.pipeline.pipeline);
@@ -125,11 +129,11 @@ fn geometry(ctx: &GpuContext, rows: usize, words: usize) -> Result<(u32, u32, u3
     Ok((shift, gx as u32, gy as u32))
 }
 
-fn u32_of(what: &str, v: usize) -> Result<u32> {
+pub(crate) fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} does not fit the kernels' 32-bit indices")))
 }
 
-fn binding(b: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+pub(crate) fn binding(b: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
     // A binding may not be empty; 16 bytes is one vec4 word and every pool buffer's minimum.
     let size = NonZeroU64::new(bytes.max(16)).expect("non-zero");
     wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: b, offset: 0, size: Some(size) })
@@ -154,7 +158,7 @@ impl GpuContext {
         }
     }
 
-    fn params(&self, words: [u32; 8]) -> wgpu::Buffer {
+    pub(crate) fn params(&self, words: [u32; 8]) -> wgpu::Buffer {
         use wgpu::util::DeviceExt;
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),

@@ -1,11 +1,12 @@
-//! EP on thread ranks, each with its own GPU context: the GPU path equals the CPU path bit for
-//! bit, and both match the f64 dense reference.
+//! EP on thread ranks, each with its own GPU context: the GPU data path (dispatch, combine)
+//! equals the CPU's bit for bit; the whole layer on the GPU (with its FFN) matches the f64
+//! dense reference and the CPU layer's statistics.
 
 #[path = "../../../tests/common/mod.rs"]
 mod harness;
 
-use harness::{Case, small_cfg};
-use moe_ep::{Capacity, DType, Engine};
+use harness::{Case, TIMEOUT, small_cfg};
+use moe_ep::{Capacity, CpuEngine, DType, Engine, Group, LocalGroup, Tensor, router};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 
 fn gpu_engine(rank: usize) -> moe_ep::Result<Box<dyn Engine>> {
@@ -18,12 +19,36 @@ fn gpu_engine(rank: usize) -> moe_ep::Result<Box<dyn Engine>> {
     Ok(Box::new(e))
 }
 
-/// GPU run equals CPU run bitwise on every rank (outputs and statistics), and the reference.
+/// Dispatch, identity experts and combine with `engine` on every rank: the combined rows.
+fn data_path(case: &Case, engine: harness::MakeEngine<'_>) -> Vec<Tensor> {
+    LocalGroup::run(case.world, TIMEOUT, |g| {
+        let rank = g.rank();
+        let e = engine(rank)?;
+        let x = case.input(rank);
+        let cfg = &case.cfg;
+        let routing = router::route(&x, &case.gate(), cfg.top_k, cfg.norm_topk_prob)?;
+        let d = moe_ep::dispatch(&g, e.as_ref(), &case.placement(), cfg.capacity, &x, &routing)?;
+        let out = d.batch;
+        moe_ep::combine(&g, e.as_ref(), d.handle, &out).map(|(y, _)| y)
+    })
+    .unwrap()
+    .into_iter()
+    .enumerate()
+    .map(|(r, o)| o.unwrap_or_else(|_| panic!("rank {r} panicked")).unwrap_or_else(|e| panic!("rank {r}: {e}")))
+    .collect()
+}
+
+/// The GPU data path equals the CPU's bitwise on every rank; the GPU layer matches the
+/// reference, and the CPU layer's statistics.
 fn same_as_cpu(case: &Case) {
+    let cpu_path = data_path(case, &|_| Ok(Box::new(CpuEngine)));
+    let gpu_path = data_path(case, &gpu_engine);
+    for (r, (c, g)) in cpu_path.iter().zip(&gpu_path).enumerate() {
+        assert!(c.as_bytes() == g.as_bytes(), "{case:?}: rank {r}: GPU data path differs from CPU");
+    }
     let cpu = case.run();
     let gpu = case.run_with(&gpu_engine);
-    for (r, ((yc, sc), (yg, sg))) in cpu.iter().zip(&gpu).enumerate() {
-        assert!(yc.as_bytes() == yg.as_bytes(), "{case:?}: rank {r}: GPU output differs from CPU");
+    for (r, ((_, sc), (_, sg))) in cpu.iter().zip(&gpu).enumerate() {
         assert_eq!(
             (sc.dropped, &sc.rows_sent, &sc.rows_received),
             (sg.dropped, &sg.rows_sent, &sg.rows_received),

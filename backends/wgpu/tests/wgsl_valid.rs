@@ -21,7 +21,7 @@ fn every_kernel_validates_and_translates() {
             .unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
         assert_eq!(module.entry_points.len(), 1, "{}: one entry point", v.label());
         assert_eq!(module.entry_points[0].name, "main");
-        assert_eq!(module.entry_points[0].workgroup_size, [moe_ep_wgpu::kernels::WORKGROUP, 1, 1], "{}", v.label());
+        assert_eq!(module.entry_points[0].workgroup_size, [v.threads(), 1, 1], "{}", v.label());
         let spv = naga::back::spv::write_vec(&module, &info, &Default::default(), None)
             .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", v.label()));
         assert!(spv.len() > 100, "{}: SPIR-V too short", v.label());

@@ -1,0 +1,239 @@
+//! The grouped SwiGLU experts on the GPU: weights resident on the device, one up launch
+//! (gate and up in one pass, SwiGLU fused) and one down launch per weight shard, and a narrow
+//! to 16-bit activations, all in one submit.
+
+use moe_ep::{DType, Error, ExpertWeights, Result};
+
+use crate::context::{GpuContext, backend_error};
+use crate::kernels::{Tile, Variant, WORKGROUP};
+use crate::ops::{Launch, binding, u32_of};
+
+/// Rows per expert up to which the skinny (decode) tile runs; above it, the square one.
+pub const SKINNY_MAX_ROWS: usize = 16;
+
+/// Some local experts' three matrices, each kind concatenated in one buffer.
+#[derive(Debug)]
+pub struct Shard {
+    /// First local expert in the shard, and how many.
+    pub first: usize,
+    pub count: usize,
+    pub gate: wgpu::Buffer,
+    pub up: wgpu::Buffer,
+    pub down: wgpu::Buffer,
+}
+
+/// One expert set's weights on the device, in shards that each fit one binding.
+#[derive(Debug)]
+pub struct DeviceExperts {
+    pub dtype: DType,
+    /// Hidden (`D`) and intermediate (`F`) sizes.
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub shards: Vec<Shard>,
+    /// Bytes on the device.
+    pub bytes: u64,
+}
+
+/// The GPU kernels' shape rules for an FFN of `d x f` with these dtypes, as a device error
+/// (so that a layer's policy runs such a layer on the CPU).
+pub fn check_shape(act: DType, weights: DType, d: usize, f: usize) -> Result<()> {
+    let sixteen = act.size() == 2 || weights.size() == 2;
+    if sixteen && (d % 2 != 0 || f % 2 != 0) {
+        return Err(backend_error(format!(
+            "the GPU FFN reads 16-bit values in pairs: hidden {d} and intermediate {f} must be even \
+             ({act} activations, {weights} weights)"
+        )));
+    }
+    Ok(())
+}
+
+impl DeviceExperts {
+    /// Upload `experts` (all `[F, D]`, `[F, D]`, `[D, F]` in one dtype, at least one),
+    /// sharded so that no binding exceeds the device's limit. Errors when one expert's matrix
+    /// alone exceeds it, or for shapes the kernels do not take ([`check_shape`]).
+    pub fn upload(ctx: &GpuContext, experts: &[ExpertWeights]) -> Result<Self> {
+        let first = experts.first().ok_or_else(|| Error::invalid("no experts to upload"))?;
+        let (dtype, f, d) = (first.gate.dtype(), first.gate.rows(), first.gate.cols());
+        check_shape(dtype, dtype, d, f)?;
+        let matrix = (f * d * dtype.size()) as u64;
+        let per_shard = (ctx.max_binding_bytes() / matrix.max(1)) as usize;
+        if per_shard == 0 {
+            return Err(backend_error(format!(
+                "one expert matrix of {matrix} bytes exceeds the {} byte binding limit of {}",
+                ctx.max_binding_bytes(),
+                ctx.adapter_info().name
+            )));
+        }
+        let _span = tracing::debug_span!("upload_experts", experts = experts.len(), bytes = 3 * matrix * experts.len() as u64)
+            .entered();
+        let mut shards = Vec::new();
+        let mut bytes = 0;
+        for (s, chunk) in experts.chunks(per_shard).enumerate() {
+            let size = (matrix * chunk.len() as u64).max(16);
+            let make = |what: &str, pick: fn(&ExpertWeights) -> &moe_ep::Tensor| {
+                let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(what),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                for (i, w) in chunk.iter().enumerate() {
+                    let data = pick(w).as_bytes();
+                    if !data.is_empty() {
+                        ctx.queue.write_buffer(&b, i as u64 * matrix, data);
+                    }
+                }
+                b
+            };
+            shards.push(Shard {
+                first: s * per_shard,
+                count: chunk.len(),
+                gate: make("expert gate", |w| &w.gate),
+                up: make("expert up", |w| &w.up),
+                down: make("expert down", |w| &w.down),
+            });
+            bytes += 3 * size;
+        }
+        ctx.check_errors()?;
+        Ok(DeviceExperts { dtype, hidden: d, intermediate: f, shards, bytes })
+    }
+}
+
+/// The tile shape for a call with these expert offsets: skinny while no expert has more than
+/// [`SKINNY_MAX_ROWS`] rows.
+pub fn choose_tile(offsets: &[usize]) -> Tile {
+    let most = offsets.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
+    if most <= SKINNY_MAX_ROWS { Tile::SKINNY } else { Tile::SQUARE }
+}
+
+/// Device buffers of one FFN call.
+pub struct FfnBuffers<'a> {
+    /// The batch, `[rows, D]` in `act`.
+    pub batch: &'a wgpu::Buffer,
+    /// f32 `[rows, F]` scratch.
+    pub inter: &'a wgpu::Buffer,
+    /// f32 `[rows, D]`: the output for f32 activations, else scratch.
+    pub out32: &'a wgpu::Buffer,
+    /// `[rows, D]` 16-bit output, for 16-bit activations.
+    pub out16: Option<&'a wgpu::Buffer>,
+}
+
+impl GpuContext {
+    /// The launches of one FFN call, in order: up then down for each shard, then the narrow.
+    /// Tile tables and parameters are uploaded into buffers pushed on `scratch` (give them
+    /// back to the pool after the submit). `offsets` are validated by the caller
+    /// (`moe_ep::engine::check_ffn`); sizes are checked here against the device's limits.
+    pub fn ffn_launches(
+        &self,
+        dev: &DeviceExperts,
+        act: DType,
+        offsets: &[usize],
+        tile: Tile,
+        bufs: &FfnBuffers<'_>,
+        scratch: &mut Vec<wgpu::Buffer>,
+    ) -> Result<Vec<Launch>> {
+        let (d, f) = (dev.hidden, dev.intermediate);
+        check_shape(act, dev.dtype, d, f)?;
+        let rows = *offsets.last().unwrap_or(&0);
+        self.check_binding("ffn batch", (rows * d * act.size()) as u64)?;
+        self.check_binding("ffn intermediate", (rows * f * 4) as u64)?;
+        self.check_binding("ffn output", (rows * d * 4) as u64)?;
+        u32_of("ffn rows x intermediate", rows * f)?;
+        u32_of("ffn rows x hidden", rows * d)?;
+        let max_dim = self.limits().max_compute_workgroups_per_dimension as usize;
+        if tile.workgroup_bytes() > self.limits().max_compute_workgroup_storage_size
+            || tile.threads() > self.limits().max_compute_invocations_per_workgroup
+        {
+            return Err(backend_error(format!(
+                "FFN tile {tile:?} needs {} bytes of workgroup memory and {} threads; {} allows {} and {}",
+                tile.workgroup_bytes(),
+                tile.threads(),
+                self.adapter_info().name,
+                self.limits().max_compute_workgroup_storage_size,
+                self.limits().max_compute_invocations_per_workgroup
+            )));
+        }
+        let unpack = self.unpack_f16();
+        let mut launches = Vec::new();
+        for shard in &dev.shards {
+            let mut tiles: Vec<[u32; 4]> = Vec::new();
+            for l in shard.first..shard.first + shard.count {
+                let (r0, r1) = (offsets[l], offsets[l + 1]);
+                for t in (r0..r1).step_by(tile.bm as usize) {
+                    tiles.push([(l - shard.first) as u32, t as u32, (t + tile.bm as usize).min(r1) as u32, 0]);
+                }
+            }
+            if tiles.is_empty() {
+                continue;
+            }
+            let ntiles = tiles.len();
+            if ntiles > max_dim {
+                return Err(backend_error(format!(
+                    "{ntiles} row tiles of {} rows exceed {max_dim} workgroups; split the batch",
+                    tile.bm
+                )));
+            }
+            let table = self.upload("ffn tiles", bytemuck::cast_slice(&tiles))?;
+            let matrix_words = u32_of("expert matrix words", f * d * dev.dtype.size() / 4)?;
+            for up in [true, false] {
+                let (k, n) = if up { (d, f) } else { (f, d) };
+                let groups_y = n.div_ceil(tile.bn as usize);
+                let v = Variant::ffn(up, act, dev.dtype, tile, unpack);
+                // SAFETY: every row tile lies within the batch (built above from offsets that
+                // end at `rows`), every expert index within its shard, and the kernel keeps
+                // its weight, row and column indices below K, N and the tile's end.
+                let pipeline = unsafe { self.pipelines.get_unchecked(&self.device, v) };
+                let params = self.params([k as u32, n as u32, matrix_words, 0, 0, 0, 0, 0]);
+                let (a, a_bytes) = if up {
+                    (bufs.batch, (rows * d * act.size()) as u64)
+                } else {
+                    (bufs.inter, (rows * f * 4) as u64)
+                };
+                let out = if up { bufs.inter } else { bufs.out32 };
+                let w_bytes = matrix_words as u64 * 4 * shard.count as u64;
+                let mut entries = vec![
+                    wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: binding(&table, ntiles as u64 * 16) },
+                    wgpu::BindGroupEntry { binding: 2, resource: binding(a, a_bytes.next_multiple_of(4)) },
+                    wgpu::BindGroupEntry {
+                        binding: 3,
+                        resource: binding(if up { &shard.gate } else { &shard.down }, w_bytes),
+                    },
+                    wgpu::BindGroupEntry { binding: 5, resource: binding(out, (rows * n * 4) as u64) },
+                ];
+                // The down kernel never reads binding 4, but its layout declares it: bind the
+                // down weights again (read-only, so the aliasing is allowed).
+                let w1 = if up { &shard.up } else { &shard.down };
+                entries.push(wgpu::BindGroupEntry { binding: 4, resource: binding(w1, w_bytes) });
+                let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("ffn"),
+                    layout: &pipeline.layout,
+                    entries: &entries,
+                });
+                launches.push(Launch::new(pipeline, bind, (ntiles as u32, groups_y as u32), v.label()));
+            }
+            scratch.push(table);
+        }
+        if let Some(out16) = bufs.out16 {
+            let words = rows * d / 2;
+            let groups = words.div_ceil(WORKGROUP as usize);
+            let gx = groups.min(max_dim);
+            let gy = if gx == 0 { 0 } else { groups.div_ceil(gx) };
+            let v = Variant::narrow(act);
+            // SAFETY: the kernel writes word i < words and reads values 2i, 2i + 1 < rows * d.
+            let pipeline = unsafe { self.pipelines.get_unchecked(&self.device, v) };
+            let params = self.params([words as u32, gx as u32, 0, 0, 0, 0, 0, 0]);
+            let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("narrow"),
+                layout: &pipeline.layout,
+                entries: &[
+                    wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: binding(bufs.out32, (rows * d * 4) as u64) },
+                    wgpu::BindGroupEntry { binding: 2, resource: binding(out16, (words * 4) as u64) },
+                ],
+            });
+            launches.push(Launch::new(pipeline, bind, (gx as u32, gy as u32), v.label()));
+        }
+        Ok(launches)
+    }
+}

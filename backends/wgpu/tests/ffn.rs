@@ -1,0 +1,140 @@
+//! The GPU expert FFN against the f64 reference on fresh random data, every activation and
+//! weight dtype, shapes that do not fill a tile, experts with no rows; both tile shapes give
+//! the same bits (what the deterministic mode needs); weights split over several bindings.
+
+mod common;
+
+use common::{context, context_with};
+use moe_ep::reference::{expert_f64, rel_error};
+use moe_ep::{CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
+use moe_ep_wgpu::kernels::Tile;
+use moe_ep_wgpu::{ContextOptions, GpuEngine};
+use std::sync::Arc;
+
+fn offsets(counts: &[usize]) -> Vec<usize> {
+    let mut o = vec![0];
+    for c in counts {
+        o.push(o.last().unwrap() + c);
+    }
+    o
+}
+
+/// The f64 reference of a grouped FFN call, `[rows * D]`.
+fn reference(batch: &Tensor, offs: &[usize], experts: &ExpertSet) -> Vec<f64> {
+    let d = batch.cols();
+    let x = batch.to_f64_vec();
+    let mut y = Vec::with_capacity(x.len());
+    for (l, w) in experts.iter().enumerate() {
+        for r in offs[l]..offs[l + 1] {
+            y.extend(expert_f64(w, &x[r * d..(r + 1) * d]));
+        }
+    }
+    y
+}
+
+/// Bound on the relative error of an output in `act` (its rounding dominates f32 sums).
+fn tolerance(act: DType) -> f64 {
+    match act {
+        DType::F32 => 2e-6,
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+    }
+}
+
+fn setup(act: DType, weights: DType, d: usize, f: usize, counts: &[usize], seed: u64) -> (Tensor, Vec<usize>, ExpertSet) {
+    let cfg = MoeConfig::new(counts.len(), d, f, 1).with_dtypes(act, weights);
+    let experts = ExpertSet::new(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()));
+    let offs = offsets(counts);
+    let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, seed, 99);
+    (batch, offs, experts)
+}
+
+#[test]
+fn ffn_matches_the_f64_reference_for_every_dtype_and_tile() {
+    let gpu = GpuEngine::with_context(Arc::new(context()));
+    // D and F not multiples of the 16-wide reduction step or the 64-wide tiles; an expert
+    // with no rows; one with more rows than a square tile; skinny-sized ones.
+    let (d, f) = (70, 46);
+    let counts = [3, 0, 1, 70, 16, 5];
+    let mut seed = 1;
+    for act in [DType::F32, DType::F16, DType::BF16] {
+        for weights in [DType::F32, DType::F16, DType::BF16] {
+            seed += 1;
+            let (batch, offs, experts) = setup(act, weights, d, f, &counts, seed);
+            let want = reference(&batch, &offs, &experts);
+            let mut outs = Vec::new();
+            for tile in [Tile::SKINNY, Tile::SQUARE] {
+                let mut out = Tensor::zeros(act, batch.rows(), d);
+                gpu.ffn_with_tile(&batch, &offs, &experts, tile, &mut out).unwrap();
+                let err = rel_error(&out.to_f64_vec(), &want);
+                eprintln!("act {act} weights {weights} tile {}x{}: rel error {err:.2e}", tile.bm, tile.bn);
+                assert!(err < tolerance(act), "act {act} weights {weights} tile {tile:?}: rel error {err:.2e}");
+                outs.push(out);
+            }
+            assert_eq!(outs[0].as_bytes(), outs[1].as_bytes(), "act {act} weights {weights}: tiles differ in bits");
+            let mut cpu = Tensor::zeros(act, batch.rows(), d);
+            CpuEngine.ffn(&batch, &offs, &experts, true, &mut cpu).unwrap();
+            let err = rel_error(&cpu.to_f64_vec(), &want);
+            assert!(err < tolerance(act), "CPU act {act} weights {weights}: rel error {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn a_row_gets_the_same_bits_in_any_batch() {
+    let gpu = GpuEngine::with_context(Arc::new(context()));
+    let (d, f) = (64, 96);
+    for act in [DType::F32, DType::BF16] {
+        let (batch, offs, experts) = setup(act, DType::F16, d, f, &[40, 2], 11);
+        let mut all = Tensor::zeros(act, batch.rows(), d);
+        gpu.ffn(&batch, &offs, &experts, true, &mut all).unwrap();
+        // Row 7 of expert 0 alone, and rows 0..3 of expert 1 alone: same bits as in the batch.
+        for (row, l) in [(7usize, 0usize), (40, 1), (41, 1)] {
+            let one = batch.slice_rows(row, row + 1).unwrap();
+            let mut o = vec![0; experts.len() + 1];
+            for x in o.iter_mut().skip(l + 1) {
+                *x = 1;
+            }
+            let mut out = Tensor::zeros(act, 1, d);
+            gpu.ffn(&one, &o, &experts, true, &mut out).unwrap();
+            assert_eq!(out.as_bytes(), all.slice_rows(row, row + 1).unwrap().as_bytes(), "{act} row {row}");
+        }
+    }
+}
+
+#[test]
+fn weights_split_over_bindings_give_the_same_result() {
+    let (d, f) = (32, 48);
+    let (batch, offs, experts) = setup(DType::F32, DType::BF16, d, f, &[2, 3, 0, 4, 1], 5);
+    let whole = GpuEngine::with_context(Arc::new(context()));
+    // Bindings of 2 expert matrices at most: 3 shards for 5 experts.
+    let opts = ContextOptions { max_binding_bytes: Some((2 * d * f * 2) as u64), ..ContextOptions::from_env() };
+    let split = GpuEngine::with_context(Arc::new(context_with(&opts)));
+    let mut a = Tensor::zeros(DType::F32, batch.rows(), d);
+    let mut b = Tensor::zeros(DType::F32, batch.rows(), d);
+    whole.ffn(&batch, &offs, &experts, false, &mut a).unwrap();
+    split.ffn(&batch, &offs, &experts, false, &mut b).unwrap();
+    assert_eq!(split.resident(&experts).unwrap().shards.len(), 3);
+    assert_eq!(a.as_bytes(), b.as_bytes());
+    let err = rel_error(&a.to_f64_vec(), &reference(&batch, &offs, &experts));
+    assert!(err < tolerance(DType::F32), "rel error {err:.2e}");
+}
+
+#[test]
+fn bad_ffn_input_is_an_error() {
+    let gpu = GpuEngine::with_context(Arc::new(context()));
+    let (batch, offs, experts) = setup(DType::F32, DType::F32, 16, 8, &[2, 2], 3);
+    let mut out = Tensor::zeros(DType::F32, batch.rows(), 16);
+    let e = gpu.ffn(&batch, &[0, 2], &experts, false, &mut out).unwrap_err();
+    assert!(e.to_string().contains("offsets"), "{e}");
+    let e = gpu.ffn(&batch, &[0, 3, 2], &experts, false, &mut out).unwrap_err();
+    assert!(e.to_string().contains("offsets"), "{e}");
+    let mut short = Tensor::zeros(DType::F32, 3, 16);
+    let e = gpu.ffn(&batch, &offs, &experts, false, &mut short).unwrap_err();
+    assert!(e.to_string().contains("output"), "{e}");
+    // Odd sizes with 16-bit values: a device error (the layer's policy then uses the CPU).
+    let (batch, offs, experts) = setup(DType::BF16, DType::BF16, 15, 8, &[1, 1], 3);
+    let mut out = Tensor::zeros(DType::BF16, 2, 15);
+    let e = gpu.ffn(&batch, &offs, &experts, false, &mut out).unwrap_err();
+    assert!(moe_ep::policy::is_device_error(&e) && e.to_string().contains("even"), "{e}");
+}

@@ -1,0 +1,168 @@
+// Grouped expert GEMM with weights in Hugging Face layout: out[r, n] = sum_k A[r, k] * W_e[n, k]
+// for the rows r of each row tile, e the tile's expert. Two uses (the prelude's UP):
+//   up   (UP = true):  A = the expert-major batch, W = gate and up read in one pass over A,
+//                      out = silu(A·Wg^T) * (A·Wu^T), f32 [rows, F];
+//   down (UP = false): A = that f32 intermediate, W = down, out = f32 [rows, D].
+//
+// A workgroup computes a BM x BN tile of out: rows tiles[wid.x] (one expert's, at most BM),
+// columns wid.y * BN ... Each step stages BK columns of A and of the BN weight rows in
+// workgroup memory, widened to f32 (so f16 and bf16 weights are converted once per element per
+// tile, and read as 32-bit words: two elements each); each thread accumulates TM x TN outputs.
+//
+// Reduction order: every output is one f32 accumulator that starts at zero and takes
+// fma(A[r, k], W[n, k], acc) for k = 0, 1, ... K-1 in order, whatever the tile shape. Every
+// tile shape the loader offers therefore gives the same bits for a row, whichever rows share
+// its tile or its call: the deterministic mode relies on it. (`fma` is explicit so that no
+// compiler choice between fused and unfused forms can differ between shapes.)
+//
+// Prelude (added by the loader): UP, AT (A's dtype: 0 = f32, 1 = f16, 2 = bf16), WT (weights'
+// dtype), BM, BN, TM, TN, BK, and widen_f16(word, h); `wgsl/convert.wgsl` precedes this file.
+
+struct Params {
+    k_len: u32,        // K: elements per A row and per weight row
+    n_len: u32,        // N: weight rows, the output columns
+    expert_words: u32, // 32-bit words of one expert's matrix in the bound weight buffers
+    zero: u32,         // always 0, unknown to the compiler: the accumulators' start
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
+}
+
+const THREADS: u32 = (BN / TN) * (BM / TM);
+// Weight elements per 32-bit word, and words per staged weight row.
+const WPE: u32 = select(2u, 1u, WT == 0u);
+const BKW: u32 = BK / WPE;
+// Staged weight rows are padded by one so that threads reading consecutive rows hit
+// different banks.
+const WROW: u32 = BK + 1u;
+const W1_LEN: u32 = select(1u, BN * WROW, UP);
+
+@group(0) @binding(0) var<uniform> p: Params;
+// Row tiles: (expert within the bound weights, first row, end row, 0).
+@group(0) @binding(1) var<storage, read> tiles: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> a: array<u32>;
+@group(0) @binding(3) var<storage, read> w0: array<u32>;
+@group(0) @binding(4) var<storage, read> w1: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+var<workgroup> a_s: array<f32, BM * BK>;
+var<workgroup> w0_s: array<f32, BN * WROW>;
+var<workgroup> w1_s: array<f32, W1_LEN>;
+
+// Element h (0 or 1) of a 32-bit word of dtype dt.
+fn widen(word: u32, h: u32, dt: u32) -> f32 {
+    if dt == 0u {
+        return bitcast<f32>(word);
+    }
+    if dt == 2u {
+        return bitcast<f32>(((word >> (16u * h)) & 0xffffu) << 16u);
+    }
+    return widen_f16(word, h);
+}
+
+// Element i of A.
+fn load_a(i: u32) -> f32 {
+    if AT == 0u {
+        return bitcast<f32>(a[i]);
+    }
+    return widen(a[i >> 1u], i & 1u, AT);
+}
+
+fn silu_mul(g: f32, u: f32) -> f32 {
+    return g / (1.0 + exp(-g)) * u;
+}
+
+@compute @workgroup_size(THREADS)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tile = tiles[wid.x];
+    let r0 = tile.y;
+    let r1 = tile.z;
+    let n0 = wid.y * BN;
+    let K = p.k_len;
+    let N = p.n_len;
+    let row_words = K / WPE;
+    let wbase = tile.x * p.expert_words;
+    let tn = lid % (BN / TN);
+    let tm = lid / (BN / TN);
+
+    var acc0: array<f32, TM * TN>;
+    var acc1: array<f32, TM * TN>;
+    let z = bitcast<f32>(p.zero);
+    for (var i = 0u; i < TM * TN; i++) {
+        acc0[i] = z;
+        acc1[i] = z;
+    }
+
+    for (var k0 = 0u; k0 < K; k0 += BK) {
+        for (var i = lid; i < BM * BK; i += THREADS) {
+            let r = r0 + i / BK;
+            let k = k0 + i % BK;
+            var v = 0.0;
+            if r < r1 && k < K {
+                v = load_a(r * K + k);
+            }
+            a_s[i] = v;
+        }
+        for (var i = lid; i < BN * BKW; i += THREADS) {
+            let nn = i / BKW;
+            let kw = i % BKW;
+            let n = n0 + nn;
+            let word = k0 / WPE + kw;
+            var u0 = 0u;
+            var u1 = 0u;
+            if n < N && word < row_words {
+                let at = wbase + n * row_words + word;
+                u0 = w0[at];
+                if UP {
+                    u1 = w1[at];
+                }
+            }
+            for (var h = 0u; h < WPE; h++) {
+                w0_s[nn * WROW + kw * WPE + h] = widen(u0, h, WT);
+                if UP {
+                    w1_s[nn * WROW + kw * WPE + h] = widen(u1, h, WT);
+                }
+            }
+        }
+        workgroupBarrier();
+        let kmax = min(BK, K - k0);
+        for (var kk = 0u; kk < kmax; kk++) {
+            var b0: array<f32, TN>;
+            var b1: array<f32, TN>;
+            for (var j = 0u; j < TN; j++) {
+                b0[j] = w0_s[(tn + j * (BN / TN)) * WROW + kk];
+                if UP {
+                    b1[j] = w1_s[(tn + j * (BN / TN)) * WROW + kk];
+                }
+            }
+            for (var i = 0u; i < TM; i++) {
+                let av = a_s[(tm + i * (BM / TM)) * BK + kk];
+                for (var j = 0u; j < TN; j++) {
+                    acc0[i * TN + j] = fma(av, b0[j], acc0[i * TN + j]);
+                    if UP {
+                        acc1[i * TN + j] = fma(av, b1[j], acc1[i * TN + j]);
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var i = 0u; i < TM; i++) {
+        let r = r0 + tm + i * (BM / TM);
+        if r >= r1 {
+            continue;
+        }
+        for (var j = 0u; j < TN; j++) {
+            let n = n0 + tn + j * (BN / TN);
+            if n < N {
+                var v = acc0[i * TN + j];
+                if UP {
+                    v = silu_mul(v, acc1[i * TN + j]);
+                }
+                out[r * N + n] = v;
+            }
+        }
+    }
+}
