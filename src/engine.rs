@@ -4,9 +4,9 @@
 //! a few source tensors; arithmetic is the expert FFN and the weighted combine. The CPU engine
 //! is [`crate::cpu::CpuEngine`]; GPU engines live in backend crates.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::dtype::DType;
 use crate::weights::ExpertSet;
 
 /// An index in a row map that writes a row of zeros instead of reading a source row.
@@ -32,8 +32,14 @@ pub trait Engine: Send + Sync {
     /// reduction order, no shape-dependent kernel that changes it). Without it an engine may
     /// pick faster kernels by shape (cooperative matrices with f16 intermediates, for one);
     /// results are still the same on every run of the same call.
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, deterministic: bool, out: &mut Tensor)
-    -> Result<()>;
+    fn ffn(
+        &self,
+        batch: &Tensor,
+        offsets: &[usize],
+        experts: &ExpertSet,
+        deterministic: bool,
+        out: &mut Tensor,
+    ) -> Result<()>;
 
     /// `y[t] = sum_j weights[t*k + j] * cat(srcs)[idx[t*k + j]]` over slots `j` in order, with
     /// f32 accumulation and one cast to `y`'s dtype; [`ZERO_ROW`] slots contribute nothing.

@@ -6,8 +6,8 @@
 //! [`LayerOptions`] and the environment ([`BACKEND_ENV`], [`GPU_ERRORS_ENV`]) override it.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +83,7 @@ pub struct LayerOptions {
     pub on_gpu_error: OnGpuError,
     /// Largest tokens per rank the warm-up tries when it measures the crossover.
     pub crossover_max_tokens: usize,
-    /// Stop measuring the crossover once one CPU point takes longer than this (seconds).
+    /// Stop measuring the crossover once a point takes longer than this on either engine (seconds).
     pub crossover_budget_s: f64,
 }
 
@@ -147,7 +147,10 @@ impl<'a> WithFallback<'a> {
             Err(e) if self.policy == OnGpuError::Fallback && is_device_error(&e) => {
                 tracing::warn!(rank = self.rank, stage, error = %e, "GPU stage failed; running it on the CPU");
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
-                self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| format!("{stage}: {e}"));
+                self.first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| format!("{stage}: {e}"));
                 cpu(out)
             }
             r => r,
@@ -171,7 +174,12 @@ impl Engine for WithFallback<'_> {
         )
     }
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-        self.run("combine", y, |y| self.gpu.combine(srcs, idx, weights, k, y), |y| self.cpu.combine(srcs, idx, weights, k, y))
+        self.run(
+            "combine",
+            y,
+            |y| self.gpu.combine(srcs, idx, weights, k, y),
+            |y| self.cpu.combine(srcs, idx, weights, k, y),
+        )
     }
     fn is_accelerator(&self) -> bool {
         self.gpu.is_accelerator()

@@ -53,10 +53,12 @@ fn time_local(engine: &dyn Engine, experts: &ExpertSet, cfg: &MoeConfig, tokens:
     let rows = if experts.is_empty() { 0 } else { tokens * k };
     let local = experts.len().max(1);
     let counts: Vec<usize> = (0..experts.len()).map(|l| rows / local + usize::from(l < rows % local)).collect();
-    let offs = if experts.is_empty() { vec![0] } else { offsets(&counts) };
+    let mut offs = offsets(&counts);
+    offs.push(rows);
     let batch = random::uniform(cfg.act_dtype, rows, cfg.hidden, 1.0, 0x5eed, tokens as u64);
     let mut out = crate::tensor::Tensor::zeros(cfg.act_dtype, rows, cfg.hidden);
-    let idx: Vec<u32> = (0..tokens * k).map(|i| if rows == 0 { crate::engine::ZERO_ROW } else { (i % rows) as u32 }).collect();
+    let idx: Vec<u32> =
+        (0..tokens * k).map(|i| if rows == 0 { crate::engine::ZERO_ROW } else { (i % rows) as u32 }).collect();
     let w = vec![1.0 / k as f32; tokens * k];
     let mut y = crate::tensor::Tensor::zeros(cfg.act_dtype, tokens, cfg.hidden);
     let mut once = || -> Result<f64> {
@@ -75,7 +77,7 @@ fn time_local(engine: &dyn Engine, experts: &ExpertSet, cfg: &MoeConfig, tokens:
 
 /// Measure where `gpu` overtakes `cpu` for this layer: token counts 1, 2, 4, ... up to
 /// `max_tokens`, stopping at the second size in a row that the GPU wins (the crossover is the
-/// first of the two) or once a CPU point takes longer than `budget_s`. `None`: the GPU never
+/// first of the two) or once a point takes longer than `budget_s` on either engine. `None`: the GPU never
 /// won. A GPU error ends the measurement with the error.
 pub(crate) fn measure_crossover(
     cpu: &dyn Engine,
@@ -103,7 +105,7 @@ pub(crate) fn measure_crossover(
         } else {
             first_win = None;
         }
-        if cpu_s > budget_s {
+        if cpu_s > budget_s || gpu_s > budget_s {
             break;
         }
         tokens *= 2;

@@ -5,18 +5,26 @@
 //   down (UP = false): A = that f32 intermediate, W = down, out = f32 [rows, D].
 //
 // A workgroup computes a BM x BN tile of out: rows tiles[wid.x] (one expert's, at most BM),
-// columns wid.y * BN ... Each step stages BK columns of A and of the BN weight rows in
+// columns wid.y * BN ... Each step stages BK columns of A (widened to f32) and of the BN weight
+// rows (as raw 32-bit words, BKW a row: wide contiguous reads, widened where used) in
 // workgroup memory, widened to f32 (so f16 and bf16 weights are converted once per element per
 // tile, and read as 32-bit words: two elements each); each thread accumulates TM x TN outputs.
 //
-// Reduction order: every output is one f32 accumulator that starts at zero and takes
-// fma(A[r, k], W[n, k], acc) for k = 0, 1, ... K-1 in order, whatever the tile shape. Every
-// tile shape the loader offers therefore gives the same bits for a row, whichever rows share
-// its tile or its call: the deterministic mode relies on it. (`fma` is explicit so that no
-// compiler choice between fused and unfused forms can differ between shapes.)
+// Reduction order, the same for every tile shape: K is cut into chunks of CHUNK elements, and
+// chunks into pieces of PIECE; a piece's sum starts at zero and takes fma(A[r, k], W[n, k],
+// piece) for its k in order; a chunk's sum starts at zero and adds its pieces' sums in order;
+// the output starts at zero and adds the chunks' sums in order. A row's bits therefore
+// do not depend on the tile shape, nor on which rows share its tile or its call: the
+// deterministic mode relies on it. (`fma` is explicit so that no compiler choice between fused
+// and unfused forms can differ between shapes; the zeros are a runtime value, `p.zero`, so that
+// no compiler folds `0 + x`.)
 //
-// Prelude (added by the loader): UP, AT (A's dtype: 0 = f32, 1 = f16, 2 = bf16), WT (weights'
-// dtype), BM, BN, TM, TN, BK, and widen_f16(word, h); `wgsl/convert.wgsl` precedes this file.
+// Decode shapes use `wgsl/ffn_gemv.wgsl`, which sums in this same order.
+//
+// Prelude (added by the loader): UP, AT (A's dtype: 0 = f32, 1 = f16, 2 = bf16), WT
+// (weights' dtype), BM, BN, TM, TN, BKW, PIECE (a multiple of BK), CHUNK (a multiple of
+// PIECE), and widen_f16(word, h);
+// `wgsl/convert.wgsl` and `wgsl/silu.wgsl` precede this file.
 
 struct Params {
     k_len: u32,        // K: elements per A row and per weight row
@@ -32,10 +40,10 @@ struct Params {
 const THREADS: u32 = (BN / TN) * (BM / TM);
 // Weight elements per 32-bit word, and words per staged weight row.
 const WPE: u32 = select(2u, 1u, WT == 0u);
-const BKW: u32 = BK / WPE;
+const BK: u32 = BKW * WPE;
 // Staged weight rows are padded by one so that threads reading consecutive rows hit
 // different banks.
-const WROW: u32 = BK + 1u;
+const WROW: u32 = BKW + 1u;
 const W1_LEN: u32 = select(1u, BN * WROW, UP);
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -47,8 +55,8 @@ const W1_LEN: u32 = select(1u, BN * WROW, UP);
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 var<workgroup> a_s: array<f32, BM * BK>;
-var<workgroup> w0_s: array<f32, BN * WROW>;
-var<workgroup> w1_s: array<f32, W1_LEN>;
+var<workgroup> w0_s: array<u32, BN * WROW>;
+var<workgroup> w1_s: array<u32, W1_LEN>;
 
 // Element h (0 or 1) of a 32-bit word of dtype dt.
 fn widen(word: u32, h: u32, dt: u32) -> f32 {
@@ -69,10 +77,6 @@ fn load_a(i: u32) -> f32 {
     return widen(a[i >> 1u], i & 1u, AT);
 }
 
-fn silu_mul(g: f32, u: f32) -> f32 {
-    return g / (1.0 + exp(-g)) * u;
-}
-
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let tile = tiles[wid.x];
@@ -86,10 +90,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let tn = lid % (BN / TN);
     let tm = lid / (BN / TN);
 
+    // Sums of the current piece (part*) and chunk (chunk*), and of whole chunks (acc*).
+    var part0: array<f32, TM * TN>;
+    var part1: array<f32, TM * TN>;
+    var chunk0: array<f32, TM * TN>;
+    var chunk1: array<f32, TM * TN>;
     var acc0: array<f32, TM * TN>;
     var acc1: array<f32, TM * TN>;
     let z = bitcast<f32>(p.zero);
     for (var i = 0u; i < TM * TN; i++) {
+        part0[i] = z;
+        part1[i] = z;
+        chunk0[i] = z;
+        chunk1[i] = z;
         acc0[i] = z;
         acc1[i] = z;
     }
@@ -118,11 +131,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     u1 = w1[at];
                 }
             }
-            for (var h = 0u; h < WPE; h++) {
-                w0_s[nn * WROW + kw * WPE + h] = widen(u0, h, WT);
-                if UP {
-                    w1_s[nn * WROW + kw * WPE + h] = widen(u1, h, WT);
-                }
+            w0_s[nn * WROW + kw] = u0;
+            if UP {
+                w1_s[nn * WROW + kw] = u1;
             }
         }
         workgroupBarrier();
@@ -131,18 +142,41 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             var b0: array<f32, TN>;
             var b1: array<f32, TN>;
             for (var j = 0u; j < TN; j++) {
-                b0[j] = w0_s[(tn + j * (BN / TN)) * WROW + kk];
+                let at = (tn + j * (BN / TN)) * WROW + kk / WPE;
+                b0[j] = widen(w0_s[at], kk % WPE, WT);
                 if UP {
-                    b1[j] = w1_s[(tn + j * (BN / TN)) * WROW + kk];
+                    b1[j] = widen(w1_s[at], kk % WPE, WT);
                 }
             }
             for (var i = 0u; i < TM; i++) {
                 let av = a_s[(tm + i * (BM / TM)) * BK + kk];
                 for (var j = 0u; j < TN; j++) {
-                    acc0[i * TN + j] = fma(av, b0[j], acc0[i * TN + j]);
+                    part0[i * TN + j] = fma(av, b0[j], part0[i * TN + j]);
                     if UP {
-                        acc1[i * TN + j] = fma(av, b1[j], acc1[i * TN + j]);
+                        part1[i * TN + j] = fma(av, b1[j], part1[i * TN + j]);
                     }
+                }
+            }
+        }
+        // End of a piece, of a chunk (or of K): fold the sums one level up.
+        let last = k0 + BK >= K;
+        if (k0 + BK) % PIECE == 0u || last {
+            for (var i = 0u; i < TM * TN; i++) {
+                chunk0[i] = chunk0[i] + part0[i];
+                part0[i] = z;
+                if UP {
+                    chunk1[i] = chunk1[i] + part1[i];
+                    part1[i] = z;
+                }
+            }
+        }
+        if (k0 + BK) % CHUNK == 0u || last {
+            for (var i = 0u; i < TM * TN; i++) {
+                acc0[i] = acc0[i] + chunk0[i];
+                chunk0[i] = z;
+                if UP {
+                    acc1[i] = acc1[i] + chunk1[i];
+                    chunk1[i] = z;
                 }
             }
         }

@@ -7,7 +7,7 @@ use moe_ep::engine::{ZERO_ROW, check_combine, check_ffn, check_gather};
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
-use crate::ffn::{DeviceExperts, FfnBuffers, check_shape, choose_tile};
+use crate::ffn::{DeviceExperts, FfnBuffers, check_shape, choose_tile, partial_bytes};
 use crate::kernels::Tile;
 use crate::ops::{Combine, Gather, word_for};
 
@@ -73,8 +73,16 @@ impl GpuEngine {
         let inter = ctx.storage("ffn intermediate", (rows * f * 4) as u64)?;
         let out32 = ctx.storage("ffn output", (rows * d * 4) as u64)?;
         let out16 = if act == DType::F32 { None } else { Some(ctx.storage("ffn output", (rows * d * 2) as u64)?) };
+        let pbytes = partial_bytes(tile, rows, d, f);
+        let partial = if pbytes > 0 { Some(ctx.storage("ffn partial sums", pbytes)?) } else { None };
         let mut scratch = Vec::new();
-        let bufs = FfnBuffers { batch: &batch_buf, inter: &inter, out32: &out32, out16: out16.as_ref() };
+        let bufs = FfnBuffers {
+            batch: &batch_buf,
+            inter: &inter,
+            out32: &out32,
+            out16: out16.as_ref(),
+            partial: partial.as_ref(),
+        };
         let res = ctx.ffn_launches(&dev, act, offsets, tile, &bufs, &mut scratch).and_then(|launches| {
             let mut enc = ctx.encoder("ffn");
             {
@@ -86,7 +94,7 @@ impl GpuEngine {
             }
             ctx.submit_and_read(enc, out16.as_ref().unwrap_or(&out32), out.as_bytes_mut())
         });
-        self.release_buffers(scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16));
+        self.release_buffers(scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16).chain(partial));
         res
     }
 
@@ -175,7 +183,12 @@ impl Engine for GpuEngine {
     fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, _det: bool, out: &mut Tensor) -> Result<()> {
         // Both tile shapes sum in the same order, so choosing by shape keeps the deterministic
         // mode's guarantee.
-        self.ffn_with_tile(batch, offsets, experts, choose_tile(offsets), out)
+        let f = experts.first().map_or(0, |w| w.gate.rows());
+        let mut tile = choose_tile(offsets, batch.cols(), f);
+        if tile.workgroup_bytes() > self.ctx.limits().max_compute_workgroup_storage_size {
+            tile = Tile::SQUARE;
+        }
+        self.ffn_with_tile(batch, offsets, experts, tile, out)
     }
 
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
@@ -236,7 +249,10 @@ impl Engine for GpuEngine {
         }
         self.resident(experts)?;
         let (d, l) = (experts[0].gate.cols(), experts.len());
-        for rows in [l, max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1))] {
+        // Every decode tile (1, 2, 4, 8 rows an expert), then the square one.
+        let mut sizes: Vec<usize> = [1, 2, 4, 8].iter().map(|r| r * l).collect();
+        sizes.push(max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1)));
+        for rows in sizes {
             let batch = moe_ep::random::uniform(act, rows, d, 1.0, 0x3a7, rows as u64);
             let counts: Vec<usize> = (0..l).map(|i| rows / l + usize::from(i < rows % l)).collect();
             let mut offsets = vec![0];

@@ -8,8 +8,8 @@ use crate::context::{GpuContext, backend_error};
 use crate::kernels::{Tile, Variant, WORKGROUP};
 use crate::ops::{Launch, binding, u32_of};
 
-/// Rows per expert up to which the skinny (decode) tile runs; above it, the square one.
-pub const SKINNY_MAX_ROWS: usize = 16;
+/// Rows per expert up to which the decode kernel runs; above it, the tiled one.
+pub const SKINNY_MAX_ROWS: usize = 8;
 
 /// Some local experts' three matrices, each kind concatenated in one buffer.
 #[derive(Debug)]
@@ -64,8 +64,9 @@ impl DeviceExperts {
                 ctx.adapter_info().name
             )));
         }
-        let _span = tracing::debug_span!("upload_experts", experts = experts.len(), bytes = 3 * matrix * experts.len() as u64)
-            .entered();
+        let _span =
+            tracing::debug_span!("upload_experts", experts = experts.len(), bytes = 3 * matrix * experts.len() as u64)
+                .entered();
         let mut shards = Vec::new();
         let mut bytes = 0;
         for (s, chunk) in experts.chunks(per_shard).enumerate() {
@@ -99,11 +100,17 @@ impl DeviceExperts {
     }
 }
 
-/// The tile shape for a call with these expert offsets: skinny while no expert has more than
-/// [`SKINNY_MAX_ROWS`] rows.
-pub fn choose_tile(offsets: &[usize]) -> Tile {
+/// The tile shape for a call with these expert offsets over a `d x f` FFN: the decode kernel
+/// ([`Tile::gemv`], as many rows as the busiest expert's, rounded up to a power of two) while
+/// no expert has more than [`SKINNY_MAX_ROWS`] rows and both sizes are multiples of 8 (its
+/// 16-byte loads), else the square tile. All give the same bits.
+pub fn choose_tile(offsets: &[usize], d: usize, f: usize) -> Tile {
     let most = offsets.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
-    if most <= SKINNY_MAX_ROWS { Tile::SKINNY } else { Tile::SQUARE }
+    if most <= SKINNY_MAX_ROWS && d % 8 == 0 && f % 8 == 0 {
+        Tile::gemv(most.max(1).next_power_of_two() as u32)
+    } else {
+        Tile::SQUARE
+    }
 }
 
 /// Device buffers of one FFN call.
@@ -116,6 +123,17 @@ pub struct FfnBuffers<'a> {
     pub out32: &'a wgpu::Buffer,
     /// `[rows, D]` 16-bit output, for 16-bit activations.
     pub out16: Option<&'a wgpu::Buffer>,
+    /// Partial sums of a split tile, [`partial_bytes`] bytes (unused by unsplit tiles).
+    pub partial: Option<&'a wgpu::Buffer>,
+}
+
+/// Bytes of the partial sums a `tile` launch of `rows` rows needs (0 for unsplit tiles).
+pub fn partial_bytes(tile: Tile, rows: usize, d: usize, f: usize) -> u64 {
+    if !tile.split {
+        return 0;
+    }
+    let chunks = |k: usize| k.div_ceil(crate::kernels::CHUNK as usize);
+    (4 * rows * (2 * chunks(d) * f).max(chunks(f) * d)) as u64
 }
 
 impl GpuContext {
@@ -153,8 +171,26 @@ impl GpuContext {
                 self.limits().max_compute_invocations_per_workgroup
             )));
         }
+        if tile.split && (d % 8 != 0 || f % 8 != 0) {
+            return Err(Error::invalid(format!(
+                "the decode FFN kernel needs sizes that are multiples of 8, not {d} x {f}"
+            )));
+        }
         let unpack = self.unpack_f16();
-        let mut launches = Vec::new();
+        let partial = match (tile.split, bufs.partial) {
+            (false, _) => None,
+            (true, Some(p)) => {
+                let bytes = partial_bytes(tile, rows, d, f);
+                self.check_binding("ffn partial sums", bytes)?;
+                if p.size() < bytes {
+                    return Err(Error::invalid(format!("ffn partial sums: {} bytes for {bytes}", p.size())));
+                }
+                Some((p, bytes))
+            }
+            (true, None) => return Err(Error::invalid("ffn: a split tile needs a partial-sum buffer")),
+        };
+        // Row tiles of each shard's experts.
+        let mut tables = Vec::new();
         for shard in &dev.shards {
             let mut tiles: Vec<[u32; 4]> = Vec::new();
             for l in shard.first..shard.first + shard.count {
@@ -166,55 +202,93 @@ impl GpuContext {
             if tiles.is_empty() {
                 continue;
             }
-            let ntiles = tiles.len();
-            if ntiles > max_dim {
+            if tiles.len() > max_dim {
                 return Err(backend_error(format!(
-                    "{ntiles} row tiles of {} rows exceed {max_dim} workgroups; split the batch",
+                    "{} row tiles of {} rows exceed {max_dim} workgroups; split the batch",
+                    tiles.len(),
                     tile.bm
                 )));
             }
             let table = self.upload("ffn tiles", bytemuck::cast_slice(&tiles))?;
-            let matrix_words = u32_of("expert matrix words", f * d * dev.dtype.size() / 4)?;
-            for up in [true, false] {
-                let (k, n) = if up { (d, f) } else { (f, d) };
+            tables.push((shard, table, tiles.len()));
+        }
+        let matrix_words = u32_of("expert matrix words", f * d * dev.dtype.size() / 4)?;
+        let mut launches = Vec::new();
+        for up in [true, false] {
+            let (k, n) = if up { (d, f) } else { (f, d) };
+            let chunks = k.div_ceil(crate::kernels::CHUNK as usize);
+            let final_out = if up { bufs.inter } else { bufs.out32 };
+            let (out, out_bytes, groups_z) = match partial {
+                Some((p, bytes)) => (p, bytes, chunks),
+                None => (final_out, (rows * n * 4) as u64, 1),
+            };
+            let v = Variant::ffn(up, act, dev.dtype, tile, unpack);
+            for (shard, table, ntiles) in &tables {
                 let groups_y = n.div_ceil(tile.bn as usize);
-                let v = Variant::ffn(up, act, dev.dtype, tile, unpack);
                 // SAFETY: every row tile lies within the batch (built above from offsets that
                 // end at `rows`), every expert index within its shard, and the kernel keeps
-                // its weight, row and column indices below K, N and the tile's end.
+                // its weight, row and column indices below K, N and the tile's end; split
+                // partials stay below `partial_bytes`.
                 let pipeline = unsafe { self.pipelines.get_unchecked(&self.device, v) };
-                let params = self.params([k as u32, n as u32, matrix_words, 0, 0, 0, 0, 0]);
-                let (a, a_bytes) = if up {
-                    (bufs.batch, (rows * d * act.size()) as u64)
-                } else {
-                    (bufs.inter, (rows * f * 4) as u64)
-                };
-                let out = if up { bufs.inter } else { bufs.out32 };
+                let params = self.params([k as u32, n as u32, matrix_words, 0, rows as u32, chunks as u32, 0, 0]);
+                let (a, a_bytes) =
+                    if up { (bufs.batch, (rows * d * act.size()) as u64) } else { (bufs.inter, (rows * f * 4) as u64) };
                 let w_bytes = matrix_words as u64 * 4 * shard.count as u64;
-                let mut entries = vec![
-                    wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
-                    wgpu::BindGroupEntry { binding: 1, resource: binding(&table, ntiles as u64 * 16) },
-                    wgpu::BindGroupEntry { binding: 2, resource: binding(a, a_bytes.next_multiple_of(4)) },
-                    wgpu::BindGroupEntry {
-                        binding: 3,
-                        resource: binding(if up { &shard.gate } else { &shard.down }, w_bytes),
-                    },
-                    wgpu::BindGroupEntry { binding: 5, resource: binding(out, (rows * n * 4) as u64) },
-                ];
                 // The down kernel never reads binding 4, but its layout declares it: bind the
                 // down weights again (read-only, so the aliasing is allowed).
-                let w1 = if up { &shard.up } else { &shard.down };
-                entries.push(wgpu::BindGroupEntry { binding: 4, resource: binding(w1, w_bytes) });
+                let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
                 let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("ffn"),
                     layout: &pipeline.layout,
-                    entries: &entries,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 1, resource: binding(table, *ntiles as u64 * 16) },
+                        wgpu::BindGroupEntry { binding: 2, resource: binding(a, a_bytes.next_multiple_of(4)) },
+                        wgpu::BindGroupEntry { binding: 3, resource: binding(w0, w_bytes) },
+                        wgpu::BindGroupEntry { binding: 4, resource: binding(w1, w_bytes) },
+                        wgpu::BindGroupEntry { binding: 5, resource: binding(out, out_bytes) },
+                    ],
                 });
-                launches.push(Launch::new(pipeline, bind, (ntiles as u32, groups_y as u32), v.label()));
+                // The decode kernel takes (chunk, weight rows, row tile); the tiled one (row
+                // tile, weight rows).
+                let groups = if tile.split {
+                    (groups_z as u32, groups_y as u32, *ntiles as u32)
+                } else {
+                    (*ntiles as u32, groups_y as u32, 1)
+                };
+                launches.push(Launch::new(pipeline, bind, groups, v.label()));
             }
-            scratch.push(table);
+            if let Some((p, bytes)) = partial {
+                // The down projection of 16-bit activations narrows here (no narrow launch).
+                let narrowed = !up && bufs.out16.is_some();
+                let count = rows * n;
+                let threads = if narrowed { count / 2 } else { count };
+                let groups = threads.div_ceil(WORKGROUP as usize);
+                let gx = groups.min(max_dim);
+                let gy = if gx == 0 { 0 } else { groups.div_ceil(gx) };
+                let v = Variant::ffn_reduce(up, if narrowed { act } else { DType::F32 });
+                // SAFETY: the kernel reads partials below (chunks * (1 + up)) * count <= bytes / 4
+                // and writes outputs below count (narrowed: words below count / 2).
+                let pipeline = unsafe { self.pipelines.get_unchecked(&self.device, v) };
+                let params = self.params([count as u32, chunks as u32, gx as u32, 0, 0, 0, 0, 0]);
+                let (dst, dst_bytes) = match bufs.out16 {
+                    Some(o) if narrowed => (o, (count * 2) as u64),
+                    _ => (final_out, (count * 4) as u64),
+                };
+                let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("ffn_reduce"),
+                    layout: &pipeline.layout,
+                    entries: &[
+                        wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                        wgpu::BindGroupEntry { binding: 1, resource: binding(p, bytes) },
+                        wgpu::BindGroupEntry { binding: 2, resource: binding(dst, dst_bytes) },
+                    ],
+                });
+                launches.push(Launch::new(pipeline, bind, (gx as u32, gy as u32, 1), v.label()));
+            }
         }
-        if let Some(out16) = bufs.out16 {
+        scratch.extend(tables.into_iter().map(|(_, t, _)| t));
+        if let (Some(out16), false) = (bufs.out16, tile.split) {
             let words = rows * d / 2;
             let groups = words.div_ceil(WORKGROUP as usize);
             let gx = groups.min(max_dim);
@@ -232,7 +306,7 @@ impl GpuContext {
                     wgpu::BindGroupEntry { binding: 2, resource: binding(out16, (words * 4) as u64) },
                 ],
             });
-            launches.push(Launch::new(pipeline, bind, (gx as u32, gy as u32), v.label()));
+            launches.push(Launch::new(pipeline, bind, (gx as u32, gy as u32, 1), v.label()));
         }
         Ok(launches)
     }

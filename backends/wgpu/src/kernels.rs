@@ -13,6 +13,17 @@ pub const GATHER_ROWS: &str = include_str!("../../../wgsl/gather_rows.wgsl");
 pub const COMBINE: &str = include_str!("../../../wgsl/combine.wgsl");
 /// Grouped expert GEMM, up (gate and up with SwiGLU) and down (`wgsl/ffn.wgsl`).
 pub const FFN: &str = include_str!("../../../wgsl/ffn.wgsl");
+/// Decode-shaped grouped expert GEMM, split over the reduction (`wgsl/ffn_gemv.wgsl`).
+pub const FFN_GEMV: &str = include_str!("../../../wgsl/ffn_gemv.wgsl");
+/// Sum of a split FFN launch's partials, and its epilogue (`wgsl/ffn_reduce.wgsl`).
+pub const FFN_REDUCE: &str = include_str!("../../../wgsl/ffn_reduce.wgsl");
+/// silu(g) * u, shared by the FFN kernels (`wgsl/silu.wgsl`).
+pub const SILU: &str = include_str!("../../../wgsl/silu.wgsl");
+/// Elements of the reduction per chunk in the FFN kernels' summation order (`wgsl/ffn.wgsl`):
+/// the unit the decode kernel splits the reduction by.
+pub const CHUNK: u32 = 1024;
+/// Elements per piece of a chunk in that order: what the decode kernel stages at a time.
+pub const PIECE: u32 = 64;
 /// f32 to f16/bf16, two values a word (`wgsl/narrow.wgsl`).
 pub const NARROW: &str = include_str!("../../../wgsl/narrow.wgsl");
 /// f32 <-> f16/bf16 conversions shared by the arithmetic kernels (`wgsl/convert.wgsl`).
@@ -33,39 +44,50 @@ pub enum Kernel {
     FfnUp,
     /// Expert down projection: `A·Wd^T` per row tile, f32 in and out.
     FfnDown,
+    /// Sum of split partials in chunk order, then SwiGLU (`up`), or for the down projection a
+    /// narrow to `dtype` when it is 16-bit.
+    FfnReduce { up: bool },
     /// f32 to the 16-bit `dtype`, two values a word.
     Narrow,
 }
 
 /// Tile shape of the FFN kernels: a workgroup computes `bm x bn` outputs, `tm x tn` per
-/// thread, staging `bk` columns of the reduction at a time. Every shape sums in the same
-/// order (see `wgsl/ffn.wgsl`), so switching between them never changes a bit.
+/// thread, staging `bkw` 32-bit words of each weight row (`bkw` elements of f32, twice as
+/// many of 16-bit types) at a time (`wgsl/ffn.wgsl`). A `split` tile is the decode kernel
+/// instead (`wgsl/ffn_gemv.wgsl`): `bm` rows, `bn` threads each streaming one weight row,
+/// one [`CHUNK`] of the reduction per workgroup, partials summed by [`Kernel::FfnReduce`].
+/// Every shape sums in the same order, so switching between them never changes a bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tile {
     pub bm: u32,
     pub bn: u32,
     pub tm: u32,
     pub tn: u32,
-    pub bk: u32,
+    pub bkw: u32,
+    pub split: bool,
 }
 
 impl Tile {
-    /// Decode: a few rows per expert, the weights streamed once: 4 rows x 64 weight rows,
-    /// 64 threads.
-    pub const SKINNY: Tile = Tile { bm: 4, bn: 64, tm: 4, tn: 1, bk: 16 };
+    /// Decode with at most 4 rows per expert (see [`Tile::gemv`]).
+    pub const SKINNY: Tile = Tile::gemv(4);
     /// Prefill: 64 x 64 outputs, 4 x 4 per thread, 256 threads.
-    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bk: 16 };
+    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bkw: 8, split: false };
     /// No tile (the data-movement kernels and the combine).
-    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bk: 0 };
+    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bkw: 0, split: false };
+
+    /// The decode kernel for tiles of `bm` rows: 32 threads, each streaming one weight row.
+    pub const fn gemv(bm: u32) -> Tile {
+        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 0, split: true }
+    }
 
     /// Threads per workgroup.
     pub fn threads(&self) -> u32 {
-        (self.bn / self.tn) * (self.bm / self.tm)
+        if self.split { self.bn } else { (self.bn / self.tn) * (self.bm / self.tm) }
     }
 
-    /// Workgroup memory of the up kernel (the larger), bytes.
+    /// Workgroup memory of the up kernel (the larger) with 16-bit weights (the larger), bytes.
     pub fn workgroup_bytes(&self) -> u32 {
-        4 * (self.bm * self.bk + 2 * self.bn * (self.bk + 1))
+        if self.split { 4 * self.bm * CHUNK } else { 4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1)) }
     }
 }
 
@@ -166,6 +188,20 @@ impl Variant {
         }
     }
 
+    /// The sum of split FFN partials, with SwiGLU for the up projection; the down projection
+    /// writes `out` (f32, or narrowed to a 16-bit type; `up` always writes f32).
+    pub fn ffn_reduce(up: bool, out: DType) -> Self {
+        Variant {
+            kernel: Kernel::FfnReduce { up },
+            word: Word::Scalar,
+            dtype: if up { DType::F32 } else { out },
+            k: 0,
+            unpack_f16: false,
+            weights: DType::F32,
+            tile: Tile::NONE,
+        }
+    }
+
     /// The narrow to the 16-bit `dtype`.
     pub fn narrow(dtype: DType) -> Self {
         Variant {
@@ -206,7 +242,7 @@ impl Variant {
                 }
             }
         }
-        for tile in [Tile::SKINNY, Tile::SQUARE] {
+        for tile in [Tile::gemv(1), Tile::gemv(2), Tile::gemv(4), Tile::gemv(8), Tile::SQUARE] {
             for weights in [DType::F32, DType::F16, DType::BF16] {
                 for unpack in [false, true] {
                     for act in [DType::F32, DType::F16, DType::BF16] {
@@ -215,6 +251,10 @@ impl Variant {
                     v.push(Variant::ffn(false, DType::F32, weights, tile, unpack));
                 }
             }
+        }
+        v.push(Variant::ffn_reduce(true, DType::F32));
+        for out in [DType::F32, DType::F16, DType::BF16] {
+            v.push(Variant::ffn_reduce(false, out));
         }
         v.push(Variant::narrow(DType::F16));
         v.push(Variant::narrow(DType::BF16));
@@ -237,18 +277,20 @@ impl Variant {
             Kernel::FfnUp | Kernel::FfnDown => {
                 let t = self.tile;
                 format!(
-                    "ffn_{}.{}.w{}.{}x{}x{}.{}x{}{}",
+                    "ffn_{}.{}.w{}.{}x{}x{}.{}x{}{}{}",
                     if self.kernel == Kernel::FfnUp { "up" } else { "down" },
                     self.dtype,
                     self.weights,
                     t.bm,
                     t.bn,
-                    t.bk,
+                    t.bkw,
                     t.tm,
                     t.tn,
+                    if t.split { ".split" } else { "" },
                     if self.unpack_f16 { ".unpack" } else { "" }
                 )
             }
+            Kernel::FfnReduce { up } => format!("ffn_reduce.{}.{}", if up { "up" } else { "down" }, self.dtype),
             Kernel::Narrow => format!("narrow.{}", self.dtype),
         }
     }
@@ -287,12 +329,21 @@ impl Variant {
                 let dt = code(self.dtype);
                 format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
+            Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
+                "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
+                 const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",
+                self.kernel == Kernel::FfnUp,
+                code(self.dtype),
+                code(self.weights),
+                self.tile.bm,
+                self.tile.bn,
+            ),
             Kernel::FfnUp | Kernel::FfnDown => {
                 let t = self.tile;
                 format!(
                     "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\n\
                      const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst TM: u32 = {}u;\nconst TN: u32 = {}u;\n\
-                     const BK: u32 = {}u;\n{widen}\n\n{CONVERT}\n{FFN}",
+                     const BKW: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{widen}\n\n{CONVERT}\n{SILU}\n{FFN}",
                     self.kernel == Kernel::FfnUp,
                     code(self.dtype),
                     code(self.weights),
@@ -300,9 +351,13 @@ impl Variant {
                     t.bn,
                     t.tm,
                     t.tn,
-                    t.bk
+                    t.bkw
                 )
             }
+            Kernel::FfnReduce { up } => format!(
+                "const UP: bool = {up};\nconst DT: u32 = {}u;\n\n{CONVERT}\n{SILU}\n{FFN_REDUCE}",
+                code(self.dtype)
+            ),
             Kernel::Narrow => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{NARROW}", code(self.dtype)),
         }
     }

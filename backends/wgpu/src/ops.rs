@@ -72,23 +72,23 @@ pub struct Combine<'a> {
 pub struct Launch {
     pipeline: Arc<Pipeline>,
     bind: wgpu::BindGroup,
-    groups: (u32, u32),
+    groups: (u32, u32, u32),
     label: String,
 }
 
 impl Launch {
-    pub(crate) fn new(pipeline: Arc<Pipeline>, bind: wgpu::BindGroup, groups: (u32, u32), label: String) -> Self {
+    pub(crate) fn new(pipeline: Arc<Pipeline>, bind: wgpu::BindGroup, groups: (u32, u32, u32), label: String) -> Self {
         Launch { pipeline, bind, groups, label }
     }
 
     /// Record the launch into `pass`.
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
-        if self.groups.0 == 0 || self.groups.1 == 0 {
+        if self.groups.0 == 0 || self.groups.1 == 0 || self.groups.2 == 0 {
             return;
         }
         pass.set_pipeline(&self.pipeline.pipeline);
         pass.set_bind_group(0, &self.bind, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, self.groups.2);
     }
 
     /// Record the launch in a compute pass of its own.
@@ -219,7 +219,7 @@ impl GpuContext {
                 wgpu::BindGroupEntry { binding: 4, resource: binding(g.dst, g.rows as u64 * rb) },
             ],
         });
-        Ok(Launch { pipeline, bind, groups: (gx, gy), label: v.label() })
+        Ok(Launch { pipeline, bind, groups: (gx, gy, 1), label: v.label() })
     }
 
     /// Prepare a weighted combine, with wgpu's bounds checks. Errors as
@@ -285,6 +285,6 @@ impl GpuContext {
                 wgpu::BindGroupEntry { binding: 5, resource: binding(c.dst, c.rows as u64 * rb) },
             ],
         });
-        Ok(Launch { pipeline, bind, groups: (gx, gy), label: v.label() })
+        Ok(Launch { pipeline, bind, groups: (gx, gy, 1), label: v.label() })
     }
 }

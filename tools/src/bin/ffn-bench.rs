@@ -53,6 +53,10 @@ struct Args {
     /// Timed runs per point on the GPU (the CPU does a quarter, at least 3).
     #[arg(long, default_value_t = 20)]
     iters: u32,
+    /// Also time these tile shapes at the decode sizes on the GPU (tuning), each as
+    /// BMxBNxTMxTNxBKWxSPLIT, e.g. 4x64x4x1x0x1 (the decode kernel, 4 rows, 64 threads).
+    #[arg(long, value_delimiter = ',')]
+    try_tiles: Vec<String>,
     /// Skip the crossover measurement.
     #[arg(long)]
     no_crossover: bool,
@@ -227,7 +231,13 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let sizes: Vec<(&'static str, usize)> =
         a.decode.iter().map(|&n| ("decode", n)).chain(a.prefill.iter().map(|&n| ("prefill", n))).collect();
-    let point = |backend: &str, phase: &'static str, tokens: usize, counts: &[usize], secs: f64, bw: f64, peak: Option<f64>| {
+    let point = |backend: &str,
+                 phase: &'static str,
+                 tokens: usize,
+                 counts: &[usize],
+                 secs: f64,
+                 bw: f64,
+                 peak: Option<f64>| {
         let rows: usize = counts.iter().sum();
         let active = counts.iter().filter(|&&c| c > 0).count();
         let weight_bytes = (active * 3 * d * f * wdt.size()) as u64;
@@ -268,7 +278,16 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         rep.gpu_copy_gbps = Some(copy);
         let engine = GpuEngine::with_context(ctx.clone());
         let dev = engine.resident(&experts)?;
-        for &(phase, tokens) in &sizes {
+        let mut tries: Vec<(&'static str, usize, Option<Tile>)> = sizes.iter().map(|&(p, n)| (p, n, None)).collect();
+        for spec in &a.try_tiles {
+            let v: Vec<u32> = spec.split('x').map(str::parse).collect::<Result<_, _>>()?;
+            let [bm, bn, tm, tn, bkw, split] = v[..] else {
+                return Err(format!("--try-tiles {spec}: need 6 numbers").into());
+            };
+            let t = Tile { bm, bn, tm, tn, bkw, split: split != 0 };
+            tries.extend(a.decode.iter().map(|&n| ("decode", n, Some(t))));
+        }
+        for &(phase, tokens, forced) in &tries {
             let counts = route_counts(tokens, k, local, tokens as u64);
             let offs = offsets(&counts);
             let rows = *offs.last().unwrap();
@@ -277,9 +296,17 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             let inter = ctx.storage("inter", (rows * f * 4) as u64)?;
             let out32 = ctx.storage("out32", (rows * d * 4) as u64)?;
             let out16 = if act == DType::F32 { None } else { Some(ctx.storage("out16", (rows * d * 2) as u64)?) };
-            let bufs = FfnBuffers { batch: &batch_buf, inter: &inter, out32: &out32, out16: out16.as_ref() };
+            let tile = forced.unwrap_or_else(|| moe_ep_wgpu::ffn::choose_tile(&offs, d, f));
+            let pbytes = moe_ep_wgpu::ffn::partial_bytes(tile, rows, d, f);
+            let partial = if pbytes > 0 { Some(ctx.storage("partial", pbytes)?) } else { None };
+            let bufs = FfnBuffers {
+                batch: &batch_buf,
+                inter: &inter,
+                out32: &out32,
+                out16: out16.as_ref(),
+                partial: partial.as_ref(),
+            };
             let mut scratch = Vec::new();
-            let tile = moe_ep_wgpu::ffn::choose_tile(&offs);
             let launches = ctx.ffn_launches(&dev, act, &offs, tile, &bufs, &mut scratch)?;
             let times = timer.time(&ctx, a.iters, |enc| {
                 let mut pass = enc.begin_compute_pass(&Default::default());
@@ -287,9 +314,22 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                     l.encode(&mut pass);
                 }
             })?;
-            let label = if tile == Tile::SKINNY { "gpu/s" } else { "gpu/q" };
-            rep.points.push(point(label, phase, tokens, &counts, median(&times), copy, None));
-            for b in scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16) {
+            if std::env::var_os("FFN_BENCH_PER_LAUNCH").is_some() {
+                for l in &launches {
+                    let t = timer.time(&ctx, a.iters, |enc| {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        l.encode(&mut pass);
+                    })?;
+                    println!("    {:<40} {}", l.label(), fmt_time(median(&t)));
+                }
+            }
+            let label = match forced {
+                Some(t) => format!("gpu {}x{}x{}x{}x{}x{}", t.bm, t.bn, t.tm, t.tn, t.bkw, t.split as u8),
+                None if tile.split => format!("gpu/v{}", tile.bm),
+                None => "gpu/q".into(),
+            };
+            rep.points.push(point(&label, phase, tokens, &counts, median(&times), copy, None));
+            for b in scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16).chain(partial) {
                 ctx.recycle(b);
             }
         }
@@ -331,10 +371,15 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         c.num_experts = local;
         let gate = if local == cfg.num_experts { gate } else { random::gate(&c, 3) };
         let group = LocalGroup::world(1, std::time::Duration::from_secs(600))?.remove(0);
-        let layer = MoeLayer::with_gpu(group, c.clone(), Placement::contiguous(local, 1)?, gate, all, Box::new(engine), LayerOptions {
-            crossover_budget_s: 2.0,
-            ..LayerOptions::default()
-        })?;
+        let layer = MoeLayer::with_gpu(
+            group,
+            c.clone(),
+            Placement::contiguous(local, 1)?,
+            gate,
+            all,
+            Box::new(engine),
+            LayerOptions { crossover_budget_s: 2.0, ..LayerOptions::default() },
+        )?;
         let r = layer.warm_up()?;
         println!("crossover (local compute of a call: FFN over N*k rows + combine; median):");
         for pt in &r.points {

@@ -1,0 +1,208 @@
+// Decode-shaped grouped expert GEMM: a few rows per expert, so the weights are streamed once and
+// the work is split over the reduction. Workgroup (wid.x, wid.y, wid.z) takes chunk wid.x of
+// the reduction (CHUNK elements), BN weight rows from wid.y * BN, and the rows of row tile wid.z
+// (one expert's, at most BM). Thread t owns weight row t of the tile and keeps BM partial
+// sums. Chunks vary fastest so that workgroups running together stream neighbouring bytes of
+// the same weight rows (a grid that ran one chunk of every row at once would hit memory with
+// a large power-of-two stride).
+//
+// Piece by piece (PIECE elements of the reduction), the workgroup loads its BN rows' pieces
+// with 16-byte loads in which consecutive threads read consecutive bytes (a row's piece is
+// PIECE * element-size contiguous bytes, the next row's follows), stages them in workgroup
+// memory, and each thread then walks its own row's piece in order.
+//
+// Summation order: exactly `wgsl/ffn.wgsl`'s: a piece's sum starts at zero (p.zero) and takes
+// fma(A[r, k], W[n, k], piece) for its k in order; a chunk's sum starts at zero and adds its
+// pieces' sums in order. The chunk sums go to `out` as [chunk][row][n] (UP: the gate's, then
+// the up's, `chunks * rows * N` values later), and `wgsl/ffn_reduce.wgsl` adds them, in chunk
+// order, to a zero: the bits equal the tiled kernel's.
+//
+// Needs K (and so every row start) a multiple of 4 words (8 16-bit or 4 f32 elements) for
+// the 16-byte loads; the loader uses the tiled kernel otherwise.
+//
+// Prelude (added by the loader): UP, AT (A's dtype: 0 = f32, 1 = f16, 2 = bf16), WT (weights'
+// dtype), BM, BN, PIECE, CHUNK (a multiple of PIECE), and widen_f16(word, h);
+// `wgsl/convert.wgsl` precedes this file.
+
+struct Params {
+    k_len: u32,        // K: elements per A row and per weight row
+    n_len: u32,        // N: weight rows, the output columns
+    expert_words: u32, // 32-bit words of one expert's matrix in the bound weight buffers
+    zero: u32,         // always 0, unknown to the compiler: the sums' start
+    rows: u32,         // rows of the batch (the partials' row stride)
+    chunks: u32,       // chunks of K (the gate/up partials' offset)
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const WPE: u32 = select(2u, 1u, WT == 0u);
+// 16-byte words of one row's piece, and the staged row's stride (padded against bank conflicts).
+const VPR: u32 = PIECE / (4u * WPE);
+const VROW: u32 = VPR + 1u;
+const T1_LEN: u32 = select(1u, BN * VROW, UP);
+
+@group(0) @binding(0) var<uniform> p: Params;
+// Row tiles: (expert within the bound weights, first row, end row, 0).
+@group(0) @binding(1) var<storage, read> tiles: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> a: array<u32>;
+@group(0) @binding(3) var<storage, read> w0: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> w1: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+var<workgroup> a_s: array<vec4<f32>, BM * PIECE / 4u>;
+var<workgroup> t0: array<vec4<u32>, BN * VROW>;
+var<workgroup> t1: array<vec4<u32>, T1_LEN>;
+
+fn widen(word: u32, h: u32, dt: u32) -> f32 {
+    if dt == 0u {
+        return bitcast<f32>(word);
+    }
+    if dt == 2u {
+        return bitcast<f32>(select(word << 16u, word & 0xffff0000u, h == 1u));
+    }
+    return widen_f16(word, h);
+}
+
+fn load_a(i: u32) -> f32 {
+    if AT == 0u {
+        return bitcast<f32>(a[i]);
+    }
+    return widen(a[i >> 1u], i & 1u, AT);
+}
+
+// Load the piece of the workgroup's BN weight rows that starts at k0 (zeros past k_end or N):
+// the j-th register of thread t holds 16-byte word i % VPR of row i / VPR, i = t + j * BN, so
+// that a warp's loads are contiguous runs of whole pieces.
+fn fetch(
+    g_r: ptr<function, array<vec4<u32>, VPR>>,
+    u_r: ptr<function, array<vec4<u32>, VPR>>,
+    base: u32,
+    row_vecs: u32,
+    n0: u32,
+    k0: u32,
+    k_end: u32,
+    lid: u32,
+) {
+    let vecs = min(PIECE, k_end - k0) / (4u * WPE);
+    for (var j = 0u; j < VPR; j++) {
+        let i = lid + j * BN;
+        let nn = i / VPR;
+        let q = i % VPR;
+        var g = vec4<u32>(0u);
+        var u = vec4<u32>(0u);
+        if n0 + nn < p.n_len && q < vecs {
+            let at = base + (n0 + nn) * row_vecs + k0 / (4u * WPE) + q;
+            g = w0[at];
+            if UP {
+                u = w1[at];
+            }
+        }
+        (*g_r)[j] = g;
+        (*u_r)[j] = u;
+    }
+}
+
+@compute @workgroup_size(BN)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let tile = tiles[wid.z];
+    let r0 = tile.y;
+    let r1 = tile.z;
+    let K = p.k_len;
+    let N = p.n_len;
+    let n0 = wid.y * BN;
+    let k_begin = wid.x * CHUNK;
+    let k_end = min(K, k_begin + CHUNK);
+    let row_vecs = K / (4u * WPE);
+    let base = tile.x * p.expert_words / 4u;
+
+    let z = bitcast<f32>(p.zero);
+    var sum0: array<f32, BM>;
+    var sum1: array<f32, BM>;
+    for (var r = 0u; r < BM; r++) {
+        sum0[r] = z;
+        sum1[r] = z;
+    }
+    // Software pipeline: the next piece's weights are loaded into registers while the
+    // workgroup computes on the current one from workgroup memory.
+    var g_r: array<vec4<u32>, VPR>;
+    var u_r: array<vec4<u32>, VPR>;
+    fetch(&g_r, &u_r, base, row_vecs, n0, k_begin, k_end, lid);
+    for (var k0 = k_begin; k0 < k_end; k0 += PIECE) {
+        let len = min(PIECE, k_end - k0);
+        let vecs = len / (4u * WPE);
+        for (var j = 0u; j < VPR; j++) {
+            let i = lid + j * BN;
+            t0[(i / VPR) * VROW + i % VPR] = g_r[j];
+            if UP {
+                t1[(i / VPR) * VROW + i % VPR] = u_r[j];
+            }
+        }
+        for (var i = lid; i < BM * PIECE / 4u; i += BN) {
+            let r = r0 + i / (PIECE / 4u);
+            let kk = (i % (PIECE / 4u)) * 4u;
+            var v = vec4<f32>(0.0);
+            if r < r1 && kk < len {
+                // len is a multiple of 4 (K is a multiple of 8 elements).
+                let at = r * K + k0 + kk;
+                v = vec4<f32>(load_a(at), load_a(at + 1u), load_a(at + 2u), load_a(at + 3u));
+            }
+            a_s[i] = v;
+        }
+        workgroupBarrier();
+        if k0 + PIECE < k_end {
+            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
+        }
+        var part0: array<f32, BM>;
+        var part1: array<f32, BM>;
+        for (var r = 0u; r < BM; r++) {
+            part0[r] = z;
+            part1[r] = z;
+        }
+        for (var q = 0u; q < vecs; q++) {
+            let g = t0[lid * VROW + q];
+            var u = vec4<u32>(0u);
+            if UP {
+                u = t1[lid * VROW + q];
+            }
+            // The 4 * WPE weights of this word, in k order.
+            var wg: array<f32, 4u * WPE>;
+            var wu: array<f32, 4u * WPE>;
+            for (var e = 0u; e < 4u * WPE; e++) {
+                wg[e] = widen(g[e / WPE], e % WPE, WT);
+                wu[e] = widen(u[e / WPE], e % WPE, WT);
+            }
+            for (var r = 0u; r < BM; r++) {
+                for (var v = 0u; v < WPE; v++) {
+                    let a4 = a_s[r * (PIECE / 4u) + q * WPE + v];
+                    for (var c = 0u; c < 4u; c++) {
+                        part0[r] = fma(a4[c], wg[v * 4u + c], part0[r]);
+                        if UP {
+                            part1[r] = fma(a4[c], wu[v * 4u + c], part1[r]);
+                        }
+                    }
+                }
+            }
+        }
+        for (var r = 0u; r < BM; r++) {
+            sum0[r] = sum0[r] + part0[r];
+            if UP {
+                sum1[r] = sum1[r] + part1[r];
+            }
+        }
+        workgroupBarrier();
+    }
+
+    let n = n0 + lid;
+    if n >= N {
+        return;
+    }
+    for (var r = 0u; r < BM; r++) {
+        if r0 + r < r1 {
+            let at = (wid.x * p.rows + r0 + r) * N + n;
+            out[at] = sum0[r];
+            if UP {
+                out[at + p.chunks * p.rows * N] = sum1[r];
+            }
+        }
+    }
+}
