@@ -223,3 +223,59 @@ pub fn suite_cases(world: usize) -> Vec<Case> {
     cases.push(skewed);
     cases
 }
+
+/// Builds one rank's layer from (group, config, placement, router weight, that rank's experts).
+pub type BuildLayer<'a> = &'a (
+        dyn Fn(LocalGroup, MoeConfig, Placement, Tensor, Vec<ExpertWeights>) -> moe_ep::Result<MoeLayer<LocalGroup>>
+            + Sync
+    );
+
+/// Run the tokens `x` (`[M, D]`) through one forward of a `world`-rank layer, rank `r` taking
+/// `split[r]` of them in order; the outputs in the tokens' order.
+pub fn run_split(cfg: &MoeConfig, x: &Tensor, split: &[usize], build: BuildLayer<'_>) -> Tensor {
+    let world = split.len();
+    assert_eq!(split.iter().sum::<usize>(), x.rows(), "the split covers the tokens");
+    let starts: Vec<usize> = split.iter().scan(0, |s, &n| Some(std::mem::replace(s, *s + n))).collect();
+    let placement = Placement::contiguous(cfg.num_experts, world).unwrap();
+    let gate = random::gate(cfg, 77);
+    let outs = LocalGroup::run(world, TIMEOUT, |g| {
+        let rank = g.rank();
+        let mine = random::experts(cfg, 77, placement.experts_of(rank));
+        let layer = build(g, cfg.clone(), placement.clone(), gate.clone(), mine)?;
+        layer.forward(&x.slice_rows(starts[rank], starts[rank] + split[rank])?)
+    })
+    .unwrap();
+    let mut bytes = Vec::new();
+    for (r, o) in outs.into_iter().enumerate() {
+        let y = o.unwrap_or_else(|_| panic!("rank {r} panicked")).unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        bytes.extend_from_slice(y.as_bytes());
+    }
+    let mut y = Tensor::zeros(cfg.act_dtype, x.rows(), cfg.hidden);
+    y.as_bytes_mut().copy_from_slice(&bytes);
+    y
+}
+
+/// The deterministic mode's promise for layers made by `build`: every token's output has the
+/// same bits at world sizes 1, 2 and 4, with the tokens split unevenly (a rank may have none),
+/// and when a few tokens run alone.
+pub fn check_batch_invariance(cfg: &MoeConfig, build: BuildLayer<'_>) {
+    let m = 37;
+    let x = random::uniform(cfg.act_dtype, m, cfg.hidden, 1.0, 91, 3);
+    let want = run_split(cfg, &x, &[m], build);
+    for split in [vec![5, 32], vec![30, 7], vec![0, 11, 25, 1], vec![9, 9, 0, 19]] {
+        let got = run_split(cfg, &x, &split, build);
+        for t in 0..m {
+            assert_eq!(
+                got.slice_rows(t, t + 1).unwrap().as_bytes(),
+                want.slice_rows(t, t + 1).unwrap().as_bytes(),
+                "token {t} differs with split {split:?}"
+            );
+        }
+    }
+    // Tokens 3..6 alone, on one rank and on two.
+    let few = x.slice_rows(3, 6).unwrap();
+    for split in [vec![3], vec![1, 2]] {
+        let got = run_split(cfg, &few, &split, build);
+        assert_eq!(got.as_bytes(), want.slice_rows(3, 6).unwrap().as_bytes(), "tokens 3..6 alone, split {split:?}");
+    }
+}

@@ -1,0 +1,213 @@
+//! The backend policy of a layer with a second ("GPU") engine: which engine runs a call, the
+//! fallback to the CPU on a device error and the fatal setting, warm-up, metrics, and the
+//! deterministic mode's batch invariance on the CPU. The second engine here is the CPU engine
+//! under another name that can be told to fail, so that these tests need no GPU; the wgpu
+//! crate's tests run the same policy on a real adapter.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::{TIMEOUT, check_batch_invariance, small_cfg};
+use moe_ep::{
+    BackendChoice, CpuEngine, DType, Engine, Error, ExpertSet, Group, LayerMetrics, LayerOptions, LocalGroup, MoeLayer,
+    OnGpuError, Placement, Result, Tensor, random,
+};
+
+/// The CPU engine posing as an accelerator; its FFN fails with a device error while `fail`.
+#[derive(Clone, Default)]
+struct FakeGpu {
+    fail: Arc<AtomicBool>,
+    ffn_calls: Arc<AtomicUsize>,
+}
+
+impl Engine for FakeGpu {
+    fn name(&self) -> String {
+        "fake-gpu".into()
+    }
+    fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
+        CpuEngine.gather_rows(srcs, idx, dst)
+    }
+    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, det: bool, out: &mut Tensor) -> Result<()> {
+        self.ffn_calls.fetch_add(1, Ordering::Relaxed);
+        if self.fail.load(Ordering::Relaxed) {
+            // Scribble on the output first, as a half-finished GPU stage might.
+            out.as_bytes_mut().fill(0xff);
+            return Err(Error::Backend { rank: None, backend: "fake", what: "device lost".into() });
+        }
+        CpuEngine.ffn(batch, offsets, experts, det, out)
+    }
+    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
+        CpuEngine.combine(srcs, idx, weights, k, y)
+    }
+    fn is_accelerator(&self) -> bool {
+        true
+    }
+}
+
+/// Run `tokens[r]` tokens on rank r of a layer with `gpu` beside the CPU; per rank the output,
+/// the call's backend and fallbacks, and the layer's metrics (or the error).
+fn run(
+    options: &LayerOptions,
+    gpu: &FakeGpu,
+    tokens: &[usize],
+) -> Vec<Result<(Tensor, String, usize, LayerMetrics, Option<usize>)>> {
+    let cfg = small_cfg(2);
+    let world = tokens.len();
+    let placement = Placement::contiguous(cfg.num_experts, world).unwrap();
+    let gate = random::gate(&cfg, 5);
+    LocalGroup::run(world, TIMEOUT, |g| {
+        let rank = g.rank();
+        let mine = random::experts(&cfg, 5, placement.experts_of(rank));
+        let layer = MoeLayer::with_gpu(
+            g,
+            cfg.clone(),
+            placement.clone(),
+            gate.clone(),
+            mine,
+            Box::new(gpu.clone()),
+            options.clone(),
+        )?;
+        let x = random::input(&cfg, tokens[rank], 5, rank);
+        let (y, s) = layer.forward_with_stats(&x)?;
+        Ok((y, s.backend, s.fallbacks, layer.metrics(), layer.crossover()))
+    })
+    .unwrap()
+    .into_iter()
+    .map(|r| r.unwrap_or_else(|_| panic!("a rank panicked")))
+    .collect()
+}
+
+fn opts(backend: BackendChoice) -> LayerOptions {
+    LayerOptions { backend, ..LayerOptions::default() }
+}
+
+#[test]
+fn the_choice_picks_the_engine_per_call_by_the_ranks_tokens() {
+    let gpu = FakeGpu::default();
+    let tokens = [1, 8, 0, 20];
+    for (choice, want) in [
+        (BackendChoice::Cpu, [false, false, false, false]),
+        (BackendChoice::Gpu, [true, true, true, true]),
+        (BackendChoice::Crossover(8), [false, true, false, true]),
+    ] {
+        let cpu_out = run(&opts(BackendChoice::Cpu), &gpu, &tokens);
+        for (r, res) in run(&opts(choice), &gpu, &tokens).into_iter().enumerate() {
+            let (y, backend, fallbacks, m, _) = res.unwrap();
+            assert_eq!(backend == "fake-gpu", want[r], "{choice:?} rank {r} ran on {backend}");
+            assert_eq!(fallbacks, 0);
+            assert_eq!((m.calls, m.gpu_calls, m.cpu_calls), (1, want[r] as u64, !want[r] as u64), "rank {r}");
+            assert_eq!(y.as_bytes(), cpu_out[r].as_ref().unwrap().0.as_bytes(), "rank {r}");
+        }
+    }
+}
+
+#[test]
+fn a_failing_gpu_stage_falls_back_to_the_cpu_or_fails_when_fatal() {
+    let gpu = FakeGpu::default();
+    let tokens = [3, 0, 9];
+    let want = run(&opts(BackendChoice::Cpu), &gpu, &tokens);
+    gpu.fail.store(true, Ordering::Relaxed);
+    for (r, res) in run(&opts(BackendChoice::Gpu), &gpu, &tokens).into_iter().enumerate() {
+        let (y, backend, fallbacks, m, _) = res.unwrap();
+        assert_eq!(backend, "fake-gpu");
+        assert_eq!(y.as_bytes(), want[r].as_ref().unwrap().0.as_bytes(), "rank {r}: fallback output");
+        // A rank whose experts received rows ran (and lost) the GPU FFN once.
+        assert!(fallbacks <= 1 && m.fallbacks == fallbacks as u64, "rank {r}");
+        assert_eq!(m.last_fallback_error.is_some(), fallbacks == 1, "rank {r}");
+    }
+    assert!(gpu.ffn_calls.load(Ordering::Relaxed) > 0);
+    let fatal = LayerOptions { on_gpu_error: OnGpuError::Fatal, ..opts(BackendChoice::Gpu) };
+    let res = run(&fatal, &gpu, &tokens);
+    let errors: Vec<String> = res.iter().map(|r| r.as_ref().err().expect("every rank fails").to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("device lost")), "{errors:?}");
+    assert!(errors.iter().all(|e| e.contains("rank")), "{errors:?}");
+}
+
+#[test]
+fn warm_up_measures_a_crossover_once_and_metrics_serialize() {
+    let cfg = small_cfg(2);
+    let gpu = FakeGpu::default();
+    let placement = Placement::contiguous(cfg.num_experts, 2).unwrap();
+    let gate = random::gate(&cfg, 5);
+    let options = LayerOptions { crossover_max_tokens: 16, ..LayerOptions::default() };
+    let out = LocalGroup::run(2, TIMEOUT, |g| {
+        let rank = g.rank();
+        let mine = random::experts(&cfg, 5, placement.experts_of(rank));
+        let layer = MoeLayer::with_gpu(
+            g,
+            cfg.clone(),
+            placement.clone(),
+            gate.clone(),
+            mine,
+            Box::new(gpu.clone()),
+            options.clone(),
+        )?;
+        let first = layer.warm_up()?;
+        let second = layer.warm_up()?;
+        let y = layer.forward(&random::input(&cfg, 4, 5, rank))?;
+        Ok::<_, Error>((first, second, layer.metrics(), y.rows()))
+    })
+    .unwrap();
+    for (r, o) in out.into_iter().enumerate() {
+        let (first, second, metrics, rows) = o.unwrap().unwrap();
+        assert_eq!(first.crossover_source, "measured", "rank {r}");
+        assert!(!first.points.is_empty() && first.points.iter().all(|p| p.cpu_s > 0.0 && p.gpu_s > 0.0));
+        assert_eq!(first.engines, vec!["cpu".to_string(), "fake-gpu".to_string()]);
+        // The second call is free and reports the same.
+        assert_eq!(second.total_s, 0.0);
+        assert_eq!((second.crossover, &second.points), (first.crossover, &first.points));
+        // Warm-up's own small forward counts in the metrics, then ours.
+        assert_eq!(metrics.calls, 2, "rank {r}");
+        assert_eq!(rows, 4);
+        let json = serde_json::to_string(&metrics).unwrap();
+        let back: LayerMetrics = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, metrics);
+        assert!(json.contains("\"exchange_back\"") && json.contains("\"fallbacks\""), "{json}");
+    }
+}
+
+#[test]
+fn deterministic_mode_refuses_a_crossover_and_pins_auto_to_the_gpu() {
+    let cfg = small_cfg(2).with_deterministic(true);
+    let gpu = FakeGpu::default();
+    let placement = Placement::contiguous(cfg.num_experts, 1).unwrap();
+    let make = |options: LayerOptions| {
+        let g = LocalGroup::world(1, TIMEOUT).unwrap().remove(0);
+        let mine = random::experts(&cfg, 5, placement.experts_of(0));
+        MoeLayer::with_gpu(
+            g,
+            cfg.clone(),
+            placement.clone(),
+            random::gate(&cfg, 5),
+            mine,
+            Box::new(gpu.clone()),
+            options,
+        )
+    };
+    let e = make(opts(BackendChoice::Crossover(4))).unwrap_err();
+    assert!(e.to_string().contains("deterministic"), "{e}");
+    let layer = make(opts(BackendChoice::Auto)).unwrap();
+    assert_eq!(layer.crossover(), Some(0));
+    assert_eq!(layer.warm_up().unwrap().crossover_source, "deterministic");
+}
+
+#[test]
+fn choices_parse_and_bad_ones_say_what_is_wrong() {
+    assert_eq!("auto".parse::<BackendChoice>().unwrap(), BackendChoice::Auto);
+    assert_eq!(" GPU ".parse::<BackendChoice>().unwrap(), BackendChoice::Gpu);
+    assert_eq!("64".parse::<BackendChoice>().unwrap(), BackendChoice::Crossover(64));
+    let e = "fast".parse::<BackendChoice>().unwrap_err();
+    assert!(e.to_string().contains("auto, cpu, gpu"), "{e}");
+    assert_eq!("fatal".parse::<OnGpuError>().unwrap(), OnGpuError::Fatal);
+    assert!("sometimes".parse::<OnGpuError>().is_err());
+}
+
+#[test]
+fn deterministic_cpu_layer_is_batch_invariant() {
+    for (act, w) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::BF16)] {
+        let cfg = small_cfg(3).with_dtypes(act, w).with_deterministic(true);
+        check_batch_invariance(&cfg, &|g, c, p, gate, e| MoeLayer::new(g, c, p, gate, e));
+    }
+}
