@@ -46,13 +46,12 @@ impl Engine for FakeGpu {
     }
 }
 
+/// One rank's forward: output, the call's backend and fallbacks, the layer's metrics and crossover.
+type RankRun = (Tensor, String, usize, LayerMetrics, Option<usize>);
+
 /// Run `tokens[r]` tokens on rank r of a layer with `gpu` beside the CPU; per rank the output,
 /// the call's backend and fallbacks, and the layer's metrics (or the error).
-fn run(
-    options: &LayerOptions,
-    gpu: &FakeGpu,
-    tokens: &[usize],
-) -> Vec<Result<(Tensor, String, usize, LayerMetrics, Option<usize>)>> {
+fn run(options: &LayerOptions, gpu: &FakeGpu, tokens: &[usize]) -> Vec<Result<RankRun>> {
     let cfg = small_cfg(2);
     let world = tokens.len();
     let placement = Placement::contiguous(cfg.num_experts, world).unwrap();
@@ -120,7 +119,7 @@ fn a_failing_gpu_stage_falls_back_to_the_cpu_or_fails_when_fatal() {
     assert!(gpu.ffn_calls.load(Ordering::Relaxed) > 0);
     let fatal = LayerOptions { on_gpu_error: OnGpuError::Fatal, ..opts(BackendChoice::Gpu) };
     let res = run(&fatal, &gpu, &tokens);
-    let errors: Vec<String> = res.iter().map(|r| r.as_ref().err().expect("every rank fails").to_string()).collect();
+    let errors: Vec<String> = res.iter().map(|r| r.as_ref().expect_err("every rank fails").to_string()).collect();
     assert!(errors.iter().any(|e| e.contains("device lost")), "{errors:?}");
     assert!(errors.iter().all(|e| e.contains("rank")), "{errors:?}");
 }

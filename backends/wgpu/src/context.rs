@@ -64,6 +64,7 @@ pub struct GpuContext {
     max_binding: u64,
     timeout: Duration,
     unpack_f16: bool,
+    coop_f16: bool,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
@@ -117,7 +118,21 @@ impl GpuContext {
         let adapter = adapters.into_iter().next().ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-        let features = adapter.features() & wanted;
+        let mut features = adapter.features() & wanted;
+        // Tensor cores (NVIDIA) or simdgroup matrices (Apple) for the FFN's fast variant: only
+        // with the one shape and types its kernel uses offered (a shader with a shape the
+        // adapter does not offer can compile and silently compute zeros).
+        let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+        let coop_f16 = opts.fast_variants
+            && adapter.features().contains(coop)
+            && adapter.cooperative_matrix_properties().iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            });
+        if coop_f16 {
+            features |= coop;
+        }
         let limits = adapter.limits();
         let unpack_f16 = opts.fast_variants
             && adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
@@ -125,7 +140,13 @@ impl GpuContext {
             label: Some("moe-ep"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if coop_f16 {
+                // SAFETY: wgpu's experimental cooperative matrices, used only by the FFN's
+                // cooperative variant, which the tests compare with the portable kernel.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -152,6 +173,7 @@ impl GpuContext {
             max_binding,
             timeout: opts.timeout,
             unpack_f16,
+            coop_f16,
             pipelines: PipelineCache::default(),
             pool: BufferPool::default(),
             errors,
@@ -176,6 +198,12 @@ impl GpuContext {
     /// Whether f16 kernels widen with `unpack2x16float` (SHADER_F16_IN_F32, fast variants on).
     pub fn unpack_f16(&self) -> bool {
         self.unpack_f16
+    }
+
+    /// Whether the FFN may use its cooperative-matrix variant (16x16x16 f16 products with f32
+    /// accumulators offered, SHADER_F16, fast variants on).
+    pub fn coop_f16(&self) -> bool {
+        self.coop_f16
     }
 
     /// Largest storage binding, in bytes, any kernel may use on this device.

@@ -7,7 +7,7 @@ use moe_ep::engine::{ZERO_ROW, check_combine, check_ffn, check_gather};
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
-use crate::ffn::{DeviceExperts, FfnBuffers, check_shape, choose_tile, partial_bytes};
+use crate::ffn::{COOP_PAD_ROWS, DeviceExperts, FfnBuffers, check_shape, choose_tile, partial_bytes};
 use crate::kernels::Tile;
 use crate::ops::{Combine, Gather, word_for};
 
@@ -49,6 +49,33 @@ impl GpuEngine {
         self.experts.read().unwrap_or_else(|p| p.into_inner()).values().map(|d| d.bytes).sum()
     }
 
+    /// The FFN kernel [`Engine::ffn`] runs for these expert offsets over a `d x f` FFN: the
+    /// decode kernel for a few rows an expert, else the tiled one, or its cooperative-matrix
+    /// variant for f16 activations and weights where the adapter offers it and `deterministic`
+    /// is off. The portable shapes all sum in one order, so the choice keeps the
+    /// deterministic mode's guarantee.
+    pub fn tile_for(
+        &self,
+        offsets: &[usize],
+        d: usize,
+        f: usize,
+        act: DType,
+        weights: DType,
+        deterministic: bool,
+    ) -> Tile {
+        let limit = self.ctx.limits().max_compute_workgroup_storage_size;
+        let mut tile = choose_tile(offsets, d, f);
+        if tile.workgroup_bytes() > limit {
+            tile = Tile::SQUARE;
+        }
+        let f16 = act == DType::F16 && weights == DType::F16 && d % 16 == 0 && f % 16 == 0;
+        if tile == Tile::SQUARE && !deterministic && f16 && self.ctx.coop_f16() && Tile::COOP.workgroup_bytes() <= limit
+        {
+            tile = Tile::COOP;
+        }
+        tile
+    }
+
     /// [`Engine::ffn`] with a given tile shape (benchmarks and tests compare the shapes).
     pub fn ffn_with_tile(
         &self,
@@ -69,8 +96,11 @@ impl GpuEngine {
         let _span = tracing::trace_span!("gpu_ffn", rows, experts = experts.len()).entered();
         let dev = self.resident(experts)?;
         let ctx = &self.ctx;
-        let batch_buf = ctx.upload("ffn batch", batch.as_bytes())?;
-        let inter = ctx.storage("ffn intermediate", (rows * f * 4) as u64)?;
+        // The cooperative kernel may read COOP_PAD_ROWS rows past its inputs.
+        let pad = if tile.coop { COOP_PAD_ROWS } else { 0 };
+        let batch_buf = ctx.storage("ffn batch", ((rows + pad) * d * act.size()) as u64)?;
+        ctx.queue().write_buffer(&batch_buf, 0, batch.as_bytes());
+        let inter = ctx.storage("ffn intermediate", ((rows + pad) * f * if tile.coop { 2 } else { 4 }) as u64)?;
         let out32 = ctx.storage("ffn output", (rows * d * 4) as u64)?;
         let out16 = if act == DType::F32 { None } else { Some(ctx.storage("ffn output", (rows * d * 2) as u64)?) };
         let pbytes = partial_bytes(tile, rows, d, f);
@@ -180,14 +210,17 @@ impl Engine for GpuEngine {
         res
     }
 
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, _det: bool, out: &mut Tensor) -> Result<()> {
-        // Both tile shapes sum in the same order, so choosing by shape keeps the deterministic
-        // mode's guarantee.
+    fn ffn(
+        &self,
+        batch: &Tensor,
+        offsets: &[usize],
+        experts: &ExpertSet,
+        deterministic: bool,
+        out: &mut Tensor,
+    ) -> Result<()> {
         let f = experts.first().map_or(0, |w| w.gate.rows());
-        let mut tile = choose_tile(offsets, batch.cols(), f);
-        if tile.workgroup_bytes() > self.ctx.limits().max_compute_workgroup_storage_size {
-            tile = Tile::SQUARE;
-        }
+        let wdt = experts.first().map_or(DType::F32, |w| w.gate.dtype());
+        let tile = self.tile_for(offsets, batch.cols(), f, batch.dtype(), wdt, deterministic);
         self.ffn_with_tile(batch, offsets, experts, tile, out)
     }
 

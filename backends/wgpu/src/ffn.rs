@@ -11,6 +11,9 @@ use crate::ops::{Launch, binding, u32_of};
 /// Rows per expert up to which the decode kernel runs; above it, the tiled one.
 pub const SKINNY_MAX_ROWS: usize = 8;
 
+/// Rows of padding the cooperative kernel may read past the batch and the intermediate.
+pub const COOP_PAD_ROWS: usize = 64;
+
 /// Some local experts' three matrices, each kind concatenated in one buffer.
 #[derive(Debug)]
 pub struct Shard {
@@ -56,7 +59,10 @@ impl DeviceExperts {
         let (dtype, f, d) = (first.gate.dtype(), first.gate.rows(), first.gate.cols());
         check_shape(dtype, dtype, d, f)?;
         let matrix = (f * d * dtype.size()) as u64;
-        let per_shard = (ctx.max_binding_bytes() / matrix.max(1)) as usize;
+        // f16 weights may feed the cooperative kernel, whose fragments of a partial tile read
+        // up to 64 rows past the last expert: pad each buffer by that much.
+        let pad = if dtype == DType::F16 { (64 * d.max(f) * 2) as u64 } else { 0 };
+        let per_shard = (ctx.max_binding_bytes().saturating_sub(pad) / matrix.max(1)) as usize;
         if per_shard == 0 {
             return Err(backend_error(format!(
                 "one expert matrix of {matrix} bytes exceeds the {} byte binding limit of {}",
@@ -70,7 +76,7 @@ impl DeviceExperts {
         let mut shards = Vec::new();
         let mut bytes = 0;
         for (s, chunk) in experts.chunks(per_shard).enumerate() {
-            let size = (matrix * chunk.len() as u64).max(16);
+            let size = (matrix * chunk.len() as u64 + pad).max(16);
             let make = |what: &str, pick: fn(&ExpertWeights) -> &moe_ep::Tensor| {
                 let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(what),
@@ -115,9 +121,9 @@ pub fn choose_tile(offsets: &[usize], d: usize, f: usize) -> Tile {
 
 /// Device buffers of one FFN call.
 pub struct FfnBuffers<'a> {
-    /// The batch, `[rows, D]` in `act`.
+    /// The batch, `[rows, D]` in `act` (for the cooperative tile, [`COOP_PAD_ROWS`] more rows).
     pub batch: &'a wgpu::Buffer,
-    /// f32 `[rows, F]` scratch.
+    /// `[rows, F]` scratch: f32 (f16 and [`COOP_PAD_ROWS`] more rows for the cooperative tile).
     pub inter: &'a wgpu::Buffer,
     /// f32 `[rows, D]`: the output for f32 activations, else scratch.
     pub out32: &'a wgpu::Buffer,
@@ -171,6 +177,21 @@ impl GpuContext {
                 self.limits().max_compute_invocations_per_workgroup
             )));
         }
+        if tile.coop
+            && (act != DType::F16
+                || dev.dtype != DType::F16
+                || !self.coop_f16()
+                || bufs.out16.is_none()
+                || d % 16 != 0
+                || f % 16 != 0)
+        {
+            return Err(Error::invalid(format!(
+                "the cooperative FFN kernel takes f16 activations and weights, sizes that are multiples of 16 \
+                 ({d} x {f}), on an adapter that offers it ({act} activations, {} weights, offered: {})",
+                dev.dtype,
+                self.coop_f16()
+            )));
+        }
         if tile.split && (d % 8 != 0 || f % 8 != 0) {
             return Err(Error::invalid(format!(
                 "the decode FFN kernel needs sizes that are multiples of 8, not {d} x {f}"
@@ -217,10 +238,15 @@ impl GpuContext {
         for up in [true, false] {
             let (k, n) = if up { (d, f) } else { (f, d) };
             let chunks = k.div_ceil(crate::kernels::CHUNK as usize);
-            let final_out = if up { bufs.inter } else { bufs.out32 };
+            // The cooperative kernel keeps the intermediate in f16 and writes f16 outputs.
+            let (final_out, out_elem) = match (up, tile.coop, bufs.out16) {
+                (true, coop, _) => (bufs.inter, if coop { 2 } else { 4 }),
+                (false, true, Some(o16)) => (o16, 2),
+                (false, _, _) => (bufs.out32, 4),
+            };
             let (out, out_bytes, groups_z) = match partial {
                 Some((p, bytes)) => (p, bytes, chunks),
-                None => (final_out, (rows * n * 4) as u64, 1),
+                None => (final_out, (rows * n * out_elem) as u64, 1),
             };
             let v = Variant::ffn(up, act, dev.dtype, tile, unpack);
             for (shard, table, ntiles) in &tables {
@@ -231,9 +257,17 @@ impl GpuContext {
                 // partials stay below `partial_bytes`.
                 let pipeline = unsafe { self.pipelines.get_unchecked(&self.device, v) };
                 let params = self.params([k as u32, n as u32, matrix_words, 0, rows as u32, chunks as u32, 0, 0]);
-                let (a, a_bytes) =
-                    if up { (bufs.batch, (rows * d * act.size()) as u64) } else { (bufs.inter, (rows * f * 4) as u64) };
-                let w_bytes = matrix_words as u64 * 4 * shard.count as u64;
+                let (a, a_bytes) = match (up, tile.coop) {
+                    (true, false) => (bufs.batch, (rows * d * act.size()) as u64),
+                    (false, false) => (bufs.inter, (rows * f * 4) as u64),
+                    (true, true) => (bufs.batch, ((rows + COOP_PAD_ROWS) * d * 2) as u64),
+                    (false, true) => (bufs.inter, ((rows + COOP_PAD_ROWS) * f * 2) as u64),
+                };
+                if a.size() < a_bytes {
+                    return Err(Error::invalid(format!("ffn input: {} bytes for {a_bytes}", a.size())));
+                }
+                // The cooperative kernel reads into the weights' padding: bind all of it.
+                let w_bytes = if tile.coop { shard.gate.size() } else { matrix_words as u64 * 4 * shard.count as u64 };
                 // The down kernel never reads binding 4, but its layout declares it: bind the
                 // down weights again (read-only, so the aliasing is allowed).
                 let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
@@ -288,7 +322,7 @@ impl GpuContext {
             }
         }
         scratch.extend(tables.into_iter().map(|(_, t, _)| t));
-        if let (Some(out16), false) = (bufs.out16, tile.split) {
+        if let (Some(out16), false) = (bufs.out16, tile.split || tile.coop) {
             let words = rows * d / 2;
             let groups = words.div_ceil(WORKGROUP as usize);
             let gx = groups.min(max_dim);

@@ -15,6 +15,8 @@ pub const COMBINE: &str = include_str!("../../../wgsl/combine.wgsl");
 pub const FFN: &str = include_str!("../../../wgsl/ffn.wgsl");
 /// Decode-shaped grouped expert GEMM, split over the reduction (`wgsl/ffn_gemv.wgsl`).
 pub const FFN_GEMV: &str = include_str!("../../../wgsl/ffn_gemv.wgsl");
+/// Grouped expert GEMM on cooperative matrices, f16 (`wgsl/ffn_coop.wgsl`).
+pub const FFN_COOP: &str = include_str!("../../../wgsl/ffn_coop.wgsl");
 /// Sum of a split FFN launch's partials, and its epilogue (`wgsl/ffn_reduce.wgsl`).
 pub const FFN_REDUCE: &str = include_str!("../../../wgsl/ffn_reduce.wgsl");
 /// silu(g) * u, shared by the FFN kernels (`wgsl/silu.wgsl`).
@@ -65,29 +67,46 @@ pub struct Tile {
     pub tn: u32,
     pub bkw: u32,
     pub split: bool,
+    /// The cooperative-matrix kernel (f16 only; 64 x 64 tiles, 128 threads).
+    pub coop: bool,
 }
 
 impl Tile {
     /// Decode with at most 4 rows per expert (see [`Tile::gemv`]).
     pub const SKINNY: Tile = Tile::gemv(4);
     /// Prefill: 64 x 64 outputs, 4 x 4 per thread, 256 threads.
-    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bkw: 8, split: false };
+    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bkw: 8, split: false, coop: false };
+    /// Prefill on cooperative matrices (f16 activations and weights; not deterministic).
+    pub const COOP: Tile = Tile { bm: 64, bn: 64, tm: 32, tn: 32, bkw: 16, split: false, coop: true };
     /// No tile (the data-movement kernels and the combine).
-    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bkw: 0, split: false };
+    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bkw: 0, split: false, coop: false };
 
     /// The decode kernel for tiles of `bm` rows: 32 threads, each streaming one weight row.
     pub const fn gemv(bm: u32) -> Tile {
-        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 0, split: true }
+        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 0, split: true, coop: false }
     }
 
     /// Threads per workgroup.
     pub fn threads(&self) -> u32 {
-        if self.split { self.bn } else { (self.bn / self.tn) * (self.bm / self.tm) }
+        if self.coop {
+            128
+        } else if self.split {
+            self.bn
+        } else {
+            (self.bn / self.tn) * (self.bm / self.tm)
+        }
     }
 
     /// Workgroup memory of the up kernel (the larger) with 16-bit weights (the larger), bytes.
     pub fn workgroup_bytes(&self) -> u32 {
-        if self.split { 4 * self.bm * CHUNK } else { 4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1)) }
+        if self.coop {
+            // f32 results of 64 x 68.
+            4 * 64 * 68
+        } else if self.split {
+            4 * self.bm * CHUNK
+        } else {
+            4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1))
+        }
     }
 }
 
@@ -176,7 +195,8 @@ impl Variant {
     /// The FFN up kernel (`up`) reading `act` rows, or the down kernel (reading the f32
     /// intermediate; `act` is ignored), over `weights` in `tile`s.
     pub fn ffn(up: bool, act: DType, weights: DType, tile: Tile, unpack_f16: bool) -> Self {
-        let act = if up { act } else { DType::F32 };
+        // The down kernel reads the f32 intermediate (f16 in the cooperative variant).
+        let act = if up || tile.coop { act } else { DType::F32 };
         Variant {
             kernel: if up { Kernel::FfnUp } else { Kernel::FfnDown },
             word: Word::Scalar,
@@ -223,9 +243,15 @@ impl Variant {
         }
     }
 
-    /// The naga capabilities the variant needs beyond core WGSL.
+    /// The naga capabilities the variant needs beyond core WGSL, `|`-separated.
     pub fn capabilities(&self) -> &'static str {
-        if self.unpack_f16 { "SHADER_FLOAT16_IN_FLOAT32" } else { "" }
+        if self.tile.coop {
+            "COOPERATIVE_MATRIX|SHADER_FLOAT16|SHADER_FLOAT16_IN_FLOAT32"
+        } else if self.unpack_f16 {
+            "SHADER_FLOAT16_IN_FLOAT32"
+        } else {
+            ""
+        }
     }
 
     /// Every variant the crate can compile (what the naga test validates).
@@ -252,6 +278,8 @@ impl Variant {
                 }
             }
         }
+        v.push(Variant::ffn(true, DType::F16, DType::F16, Tile::COOP, false));
+        v.push(Variant::ffn(false, DType::F16, DType::F16, Tile::COOP, false));
         v.push(Variant::ffn_reduce(true, DType::F32));
         for out in [DType::F32, DType::F16, DType::BF16] {
             v.push(Variant::ffn_reduce(false, out));
@@ -286,7 +314,13 @@ impl Variant {
                     t.bkw,
                     t.tm,
                     t.tn,
-                    if t.split { ".split" } else { "" },
+                    if t.split {
+                        ".split"
+                    } else if t.coop {
+                        ".coop"
+                    } else {
+                        ""
+                    },
                     if self.unpack_f16 { ".unpack" } else { "" }
                 )
             }
@@ -329,6 +363,10 @@ impl Variant {
                 let dt = code(self.dtype);
                 format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
+            Kernel::FfnUp | Kernel::FfnDown if self.tile.coop => format!(
+                "enable f16;\nenable wgpu_cooperative_matrix;\nconst UP: bool = {};\n\n{SILU}\n{FFN_COOP}",
+                self.kernel == Kernel::FfnUp
+            ),
             Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
                 "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
                  const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",

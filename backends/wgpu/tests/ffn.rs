@@ -159,3 +159,39 @@ fn bad_ffn_input_is_an_error() {
     let e = gpu.ffn(&batch, &offs, &experts, false, &mut out).unwrap_err();
     assert!(moe_ep::policy::is_device_error(&e) && e.to_string().contains("even"), "{e}");
 }
+
+#[test]
+fn cooperative_variant_matches_the_reference_where_offered() {
+    let gpu = GpuEngine::with_context(Arc::new(context()));
+    let big = [0, 100];
+    // The deterministic mode never takes it; f32 and bf16 never do.
+    assert_eq!(gpu.tile_for(&big, 64, 64, DType::F16, DType::F16, true), Tile::SQUARE);
+    assert_eq!(gpu.tile_for(&big, 64, 64, DType::BF16, DType::BF16, false), Tile::SQUARE);
+    if !gpu.context().coop_f16() {
+        eprintln!(
+            "{} offers no 16x16x16 f16 cooperative matrices with f32 accumulators: f16 prefill uses the portable kernel",
+            gpu.context().describe()
+        );
+        assert_eq!(gpu.tile_for(&big, 64, 64, DType::F16, DType::F16, false), Tile::SQUARE);
+        return;
+    }
+    assert_eq!(gpu.tile_for(&big, 64, 64, DType::F16, DType::F16, false), Tile::COOP);
+    // Sizes that do not fill the 64-wide tiles; an expert
+    // without rows, one with a partial row tile, one with several.
+    for (d, f) in [(96, 80), (48, 112), (512, 1408)] {
+        let (batch, offs, experts) = setup(DType::F16, DType::F16, d, f, &[3, 0, 70, 130], 21);
+        let want = reference(&batch, &offs, &experts);
+        let mut coop = Tensor::zeros(DType::F16, batch.rows(), d);
+        gpu.ffn_with_tile(&batch, &offs, &experts, Tile::COOP, &mut coop).unwrap();
+        let err = rel_error(&coop.to_f64_vec(), &want);
+        let mut plain = Tensor::zeros(DType::F16, batch.rows(), d);
+        gpu.ffn_with_tile(&batch, &offs, &experts, Tile::SQUARE, &mut plain).unwrap();
+        let vs_plain = rel_error(&coop.to_f64_vec(), &plain.to_f64_vec());
+        eprintln!("{d}x{f}: cooperative rel error {err:.2e} (against the portable kernel {vs_plain:.2e})");
+        // The f16 intermediate adds about one f16 rounding to the output's.
+        assert!(
+            err < 2.5e-3 && vs_plain < 2.5e-3,
+            "{d}x{f}: rel error {err:.2e}, {vs_plain:.2e} against the portable kernel"
+        );
+    }
+}

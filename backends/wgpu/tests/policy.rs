@@ -10,7 +10,8 @@ use moe_ep::{BackendChoice, DType, Group, LayerOptions, LocalGroup, MoeLayer, Pl
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 
 fn gpu() -> Box<GpuEngine> {
-    let e = GpuEngine::new(&ContextOptions::from_env()).unwrap_or_else(|e| panic!("GPU test needs a wgpu adapter: {e}"));
+    let e =
+        GpuEngine::new(&ContextOptions::from_env()).unwrap_or_else(|e| panic!("GPU test needs a wgpu adapter: {e}"));
     Box::new(e)
 }
 

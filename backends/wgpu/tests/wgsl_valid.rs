@@ -11,11 +11,15 @@ fn every_kernel_validates_and_translates() {
         let src = v.source();
         let module =
             naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
-        let caps = match v.capabilities() {
-            "" => naga::valid::Capabilities::empty(),
-            "SHADER_FLOAT16_IN_FLOAT32" => naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-            other => panic!("{}: unknown capability {other}", v.label()),
-        };
+        let mut caps = naga::valid::Capabilities::empty();
+        for c in v.capabilities().split('|').filter(|c| !c.is_empty()) {
+            caps |= match c {
+                "SHADER_FLOAT16_IN_FLOAT32" => naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+                "SHADER_FLOAT16" => naga::valid::Capabilities::SHADER_FLOAT16,
+                "COOPERATIVE_MATRIX" => naga::valid::Capabilities::COOPERATIVE_MATRIX,
+                other => panic!("{}: unknown capability {other}", v.label()),
+            };
+        }
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
             .validate(&module)
             .unwrap_or_else(|e| panic!("{}: {}", v.label(), e.emit_to_string(&src)));
@@ -25,7 +29,12 @@ fn every_kernel_validates_and_translates() {
         let spv = naga::back::spv::write_vec(&module, &info, &Default::default(), None)
             .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", v.label()));
         assert!(spv.len() > 100, "{}: SPIR-V too short", v.label());
-        let (msl, _) = naga::back::msl::write_string(&module, &info, &Default::default(), &Default::default())
+        // Cooperative matrices (simdgroup matrices) need MSL 2.3 (macOS 11).
+        let msl_opts = naga::back::msl::Options {
+            lang_version: if v.tile.coop { (2, 3) } else { naga::back::msl::Options::default().lang_version },
+            ..Default::default()
+        };
+        let (msl, _) = naga::back::msl::write_string(&module, &info, &msl_opts, &Default::default())
             .unwrap_or_else(|e| panic!("{}: MSL: {e}", v.label()));
         assert!(msl.contains("kernel"), "{}: MSL has no kernel function", v.label());
     }

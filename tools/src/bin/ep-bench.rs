@@ -10,7 +10,10 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use moe_ep::{Capacity, CpuEngine, DType, Engine, ForwardStats, Group, LocalGroup, MoeLayer, Placement, floor, random};
+use moe_ep::{
+    BackendChoice, Capacity, DType, Engine, ForwardStats, Group, LayerOptions, LocalGroup, MoeLayer, OnGpuError,
+    Placement, floor, random,
+};
 use moe_ep_tools::{fmt_time, median, preset};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 use serde::Serialize;
@@ -43,9 +46,10 @@ struct Args {
     /// Route every token's first choice to expert 0 (worst-case load imbalance).
     #[arg(long)]
     skew: bool,
-    /// Compute backend: auto takes wgpu when it finds a GPU (not a software driver such as
-    /// lavapipe), else the CPU; wgpu takes any adapter (MOE_EP_ADAPTER / WGPU_BACKEND choose).
-    /// On wgpu the data path runs on the GPU and the expert FFN on the CPU.
+    /// Compute backend: auto gives the layer the GPU when wgpu finds one (not a software driver
+    /// such as lavapipe) and lets its policy choose per call: the CPU below the crossover that
+    /// warm-up measures, the GPU from it on; wgpu runs every call on any adapter (MOE_EP_ADAPTER
+    /// / WGPU_BACKEND choose), failing on a GPU error; cpu never uses a GPU.
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "wgpu"])]
     backend: String,
     #[arg(long, default_value_t = 2)]
@@ -112,17 +116,35 @@ fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, Forw
     if job.skew {
         (gate, x) = (random::skewed_gate(&gate), random::skewed_input(&x));
     }
-    let engine: Box<dyn Engine> = match job.backend {
-        "wgpu" => {
+    let (p, c) = (job.placement.clone(), cfg.clone());
+    let layer = match job.backend {
+        "cpu" => MoeLayer::new(g, c, p, gate, mine)?,
+        policy => {
             let e = GpuEngine::new(&ContextOptions::from_env())?;
             if rank == 0 {
-                println!("  rank 0 engine: {}", e.name());
+                println!("  rank 0 GPU engine: {}", e.name());
             }
-            Box::new(e)
+            let options = match policy {
+                "wgpu" => {
+                    LayerOptions { backend: BackendChoice::Gpu, on_gpu_error: OnGpuError::Fatal, ..Default::default() }
+                }
+                _ => LayerOptions::default(),
+            };
+            MoeLayer::with_gpu(g, c, p, gate, mine, Box::new(e), options)?
         }
-        _ => Box::new(CpuEngine),
     };
-    let layer = MoeLayer::with_engine(g, cfg.clone(), job.placement.clone(), gate, mine, engine)?;
+    let report = layer.warm_up()?;
+    if rank == 0 {
+        println!(
+            "  rank 0 warm-up: {} ({}), crossover {}",
+            fmt_time(report.total_s),
+            report.crossover_source,
+            report.crossover.map_or("none: the CPU runs every call".into(), |n| format!("GPU from {n} tokens"))
+        );
+        for pt in &report.points {
+            println!("    N={:<5} cpu {:>10}  gpu {:>10}", pt.tokens, fmt_time(pt.cpu_s), fmt_time(pt.gpu_s));
+        }
+    }
     let mut out = Vec::with_capacity(job.iters);
     for i in 0..job.warmup + job.iters {
         layer.group().barrier()?;
@@ -180,7 +202,7 @@ fn run(mut args: Args) -> Result<(), String> {
         .map(|a| format!("{} ({:?})", a.name, a.backend))
         .collect();
     let backend = match args.backend.as_str() {
-        "auto" if !gpus.is_empty() => "wgpu",
+        "auto" if !gpus.is_empty() => "auto",
         "auto" | "cpu" => "cpu",
         "wgpu" => "wgpu",
         other => return Err(format!("unknown backend {other}")),
@@ -236,7 +258,7 @@ fn run(mut args: Args) -> Result<(), String> {
     );
     if args.backend == "auto" {
         match gpus.first() {
-            Some(g) => println!("  auto: wgpu found {g}: data path on the GPU, experts on the CPU"),
+            Some(g) => println!("  auto: wgpu found {g}: the layer's policy picks CPU or GPU per call"),
             None => println!("  auto: wgpu found no GPU (software drivers are skipped), so the CPU runs every stage"),
         }
     }

@@ -54,9 +54,13 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     iters: u32,
     /// Also time these tile shapes at the decode sizes on the GPU (tuning), each as
-    /// BMxBNxTMxTNxBKWxSPLIT, e.g. 4x64x4x1x0x1 (the decode kernel, 4 rows, 64 threads).
+    /// BMxBNxTMxTNxBKWxKIND (KIND 0 tiled, 1 decode, 2 cooperative), e.g. 4x64x4x1x0x1 (the
+    /// decode kernel, 4 rows, 64 threads).
     #[arg(long, value_delimiter = ',')]
     try_tiles: Vec<String>,
+    /// Only kernels with the deterministic mode's summation order (no cooperative matrices).
+    #[arg(long)]
+    deterministic: bool,
     /// Skip the crossover measurement.
     #[arg(long)]
     no_crossover: bool,
@@ -284,7 +288,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             let [bm, bn, tm, tn, bkw, split] = v[..] else {
                 return Err(format!("--try-tiles {spec}: need 6 numbers").into());
             };
-            let t = Tile { bm, bn, tm, tn, bkw, split: split != 0 };
+            let t = Tile { bm, bn, tm, tn, bkw, split: split == 1, coop: split == 2 };
             tries.extend(a.decode.iter().map(|&n| ("decode", n, Some(t))));
         }
         for &(phase, tokens, forced) in &tries {
@@ -292,11 +296,13 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             let offs = offsets(&counts);
             let rows = *offs.last().unwrap();
             let batch = random::uniform(act, rows, d, 1.0, 2, tokens as u64);
-            let batch_buf = ctx.upload("batch", batch.as_bytes())?;
-            let inter = ctx.storage("inter", (rows * f * 4) as u64)?;
+            let pad = moe_ep_wgpu::ffn::COOP_PAD_ROWS;
+            let batch_buf = ctx.storage("batch", ((rows + pad) * d * act.size()) as u64)?;
+            ctx.queue().write_buffer(&batch_buf, 0, batch.as_bytes());
+            let inter = ctx.storage("inter", ((rows + pad) * f * 4) as u64)?;
             let out32 = ctx.storage("out32", (rows * d * 4) as u64)?;
             let out16 = if act == DType::F32 { None } else { Some(ctx.storage("out16", (rows * d * 2) as u64)?) };
-            let tile = forced.unwrap_or_else(|| moe_ep_wgpu::ffn::choose_tile(&offs, d, f));
+            let tile = forced.unwrap_or_else(|| engine.tile_for(&offs, d, f, act, wdt, a.deterministic));
             let pbytes = moe_ep_wgpu::ffn::partial_bytes(tile, rows, d, f);
             let partial = if pbytes > 0 { Some(ctx.storage("partial", pbytes)?) } else { None };
             let bufs = FfnBuffers {
@@ -326,6 +332,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             let label = match forced {
                 Some(t) => format!("gpu {}x{}x{}x{}x{}x{}", t.bm, t.bn, t.tm, t.tn, t.bkw, t.split as u8),
                 None if tile.split => format!("gpu/v{}", tile.bm),
+                None if tile.coop => "gpu/c".into(),
                 None => "gpu/q".into(),
             };
             rep.points.push(point(&label, phase, tokens, &counts, median(&times), copy, None));
