@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::gemm::{matmul_bt, matmul_bt_strided};
+use super::gemv;
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::{Storage, Tensor};
@@ -42,9 +43,20 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// See [`crate::Engine::ffn`]. Always deterministic in its sense: each output element is one
-/// f32 sum in a fixed order (`matrixmultiply`'s, which does not depend on the row count).
-pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &mut Tensor) -> Result<()> {
+/// Rows an expert may have for the decode path (outside deterministic mode).
+pub const DECODE_MAX_ROWS: usize = 4;
+
+/// See [`crate::Engine::ffn`]. The GEMM path (`matrixmultiply`, whose summation order for an
+/// output does not depend on the row count) always gives a row the same bits; without
+/// `deterministic`, calls where no expert has more than [`DECODE_MAX_ROWS`] rows take the
+/// decode path instead ([`super::gemv`]: weights streamed once, another summation order).
+pub fn ffn(
+    batch: &Tensor,
+    offsets: &[usize],
+    experts: &ExpertSet,
+    deterministic: bool,
+    out: &mut Tensor,
+) -> Result<()> {
     crate::engine::check_ffn(batch, offsets, experts, out)?;
     let d = batch.cols();
     let active: Vec<usize> = (0..experts.len()).filter(|&l| offsets[l + 1] > offsets[l]).collect();
@@ -54,9 +66,13 @@ pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &mut Ten
 
     // Inputs of each active expert as f32, [m, D].
     let h: Vec<Cow<'_, [f32]>> = active.par_iter().map(|&l| rows_f32(batch, offsets[l], offsets[l + 1])).collect();
+    let decode = !deterministic && active.iter().all(|&l| offsets[l + 1] - offsets[l] <= DECODE_MAX_ROWS);
+    let tiles = |n: usize| (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)));
+    if decode {
+        return ffn_decode(&active, offsets, &h, experts, d, out);
+    }
 
     // Gate and up, tile by tile of F: a[ai][c] = silu(h · Wg[c]^T) * (h · Wu[c]^T), [m, tile].
-    let tiles = |n: usize| (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)));
     let up_tasks: Vec<(usize, usize, usize)> =
         (0..active.len()).flat_map(|ai| tiles(experts[active[ai]].gate.rows()).map(move |(a, b)| (ai, a, b))).collect();
     let a_tiles: Vec<Vec<f32>> = up_tasks
@@ -97,13 +113,20 @@ pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &mut Ten
         })
         .collect();
 
-    // Narrow into the output rows.
+    write_out(&active, offsets, &y_tiles, d, out);
+    Ok(())
+}
+
+/// Narrow each active expert's f32 output tiles (`y_tiles[ai * ceil(D / TILE) + t]`, `[m, tile]`)
+/// into its rows of `out`.
+fn write_out(active: &[usize], offsets: &[usize], y_tiles: &[Vec<f32>], d: usize, out: &mut Tensor) {
+    let tiles = |n: usize| (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)));
     let ntiles = d.div_ceil(TILE);
     with_storage!(out.storage_mut(), o => {
         let mut rest: &mut [_] = o.as_mut_slice();
         let mut chunks = Vec::with_capacity(active.len());
         let mut at = 0;
-        for &l in &active {
+        for &l in active {
             let (_, tail) = rest.split_at_mut((offsets[l] - at) * d);
             let (mine, tail) = tail.split_at_mut((offsets[l + 1] - offsets[l]) * d);
             chunks.push(mine);
@@ -120,5 +143,61 @@ pub fn ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &mut Ten
             }
         });
     });
+}
+
+/// The decode path: every weight row streamed once against the expert's few rows.
+fn ffn_decode(
+    active: &[usize],
+    offsets: &[usize],
+    h: &[Cow<'_, [f32]>],
+    experts: &ExpertSet,
+    d: usize,
+    out: &mut Tensor,
+) -> Result<()> {
+    let tiles = |n: usize| (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)));
+    let m = |ai: usize| offsets[active[ai] + 1] - offsets[active[ai]];
+    // a[ai] = silu(h Wg^T) * (h Wu^T), [m, F], built tile by tile of F.
+    let up_tasks: Vec<(usize, usize, usize)> =
+        (0..active.len()).flat_map(|ai| tiles(experts[active[ai]].gate.rows()).map(move |(a, b)| (ai, a, b))).collect();
+    let up_tiles: Vec<Vec<f32>> = up_tasks
+        .par_iter()
+        .map_init(Vec::new, |scratch, &(ai, f0, f1)| {
+            let w = &experts[active[ai]];
+            let n = f1 - f0;
+            let mut g = vec![0f32; m(ai) * n];
+            let mut u = vec![0f32; m(ai) * n];
+            gemv::rows_times_weight_rows(&h[ai], m(ai), &w.gate, f0, f1, scratch, &mut g);
+            gemv::rows_times_weight_rows(&h[ai], m(ai), &w.up, f0, f1, scratch, &mut u);
+            silu_mul(&mut g, &u);
+            g
+        })
+        .collect();
+    // Reassemble a[ai] as [m, F] rows.
+    let mut first = 0;
+    let a: Vec<Vec<f32>> = (0..active.len())
+        .map(|ai| {
+            let f = experts[active[ai]].gate.rows();
+            let mut rows = vec![0f32; m(ai) * f];
+            for (f0, f1) in tiles(f) {
+                let t = &up_tiles[first];
+                first += 1;
+                for r in 0..m(ai) {
+                    rows[r * f + f0..r * f + f1].copy_from_slice(&t[r * (f1 - f0)..(r + 1) * (f1 - f0)]);
+                }
+            }
+            rows
+        })
+        .collect();
+    let down_tasks: Vec<(usize, usize, usize)> =
+        (0..active.len()).flat_map(|ai| tiles(d).map(move |(a, b)| (ai, a, b))).collect();
+    let y_tiles: Vec<Vec<f32>> = down_tasks
+        .par_iter()
+        .map_init(Vec::new, |scratch, &(ai, d0, d1)| {
+            let mut y = vec![0f32; m(ai) * (d1 - d0)];
+            gemv::rows_times_weight_rows(&a[ai], m(ai), &experts[active[ai]].down, d0, d1, scratch, &mut y);
+            y
+        })
+        .collect();
+    write_out(active, offsets, &y_tiles, d, out);
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod ffn;
 pub(crate) mod gemm;
+pub mod gemv;
 pub mod rows;
 
 use crate::engine::Engine;
@@ -20,8 +21,15 @@ impl Engine for CpuEngine {
     fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
         rows::gather_rows(srcs, idx, dst)
     }
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, _det: bool, out: &mut Tensor) -> Result<()> {
-        ffn::ffn(batch, offsets, experts, out)
+    fn ffn(
+        &self,
+        batch: &Tensor,
+        offsets: &[usize],
+        experts: &ExpertSet,
+        deterministic: bool,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        ffn::ffn(batch, offsets, experts, deterministic, out)
     }
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
         rows::combine(srcs, idx, weights, k, y)
