@@ -128,6 +128,7 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
 
     // 1. Plan (local checks first, so a bad rank still joins the counts round).
     let t = Instant::now();
+    let stage = tracing::debug_span!("plan", rank).entered();
     let planned = routing
         .and_then(|r| {
             if placement.world() != world {
@@ -145,10 +146,12 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
             Ok((RoutePlan::new(rank, r, placement, capacity)?, r))
         })
         .map_err(|e| e.on_rank(rank));
+    drop(stage);
     stats.times.plan = t.elapsed().as_secs_f64();
 
     // 2. Counts round: status, row format and rows per (destination, local expert).
     let t = Instant::now();
+    let stage = tracing::debug_span!("exchange_counts", rank).entered();
     let max_local = placement.max_local_experts();
     let chunk = HEADER + max_local;
     let mut send = vec![0u64; world * chunk];
@@ -206,10 +209,12 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
             c[HEADER..HEADER + nl].iter().map(|&v| v as usize).collect()
         });
     }
+    drop(stage);
     let counts_time = t.elapsed().as_secs_f64();
 
     // 3. Pack rows for other ranks, blocks in rank order, each by (local expert, token, slot).
     let t = Instant::now();
+    let stage = tracing::debug_span!("pack", rank).entered();
     let rb = x.row_bytes();
     let (dtype, cols) = (x.dtype(), x.cols());
     let send_rows: Vec<usize> = (0..world).map(|d| if d == rank { 0 } else { plan.rows_to(d) }).collect();
@@ -217,10 +222,12 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
         (0..world).filter(|&d| d != rank).flat_map(|d| plan.block_tokens[d].iter().copied()).collect();
     let mut send_buf = ws.take(dtype, pack_idx.len(), cols);
     engine.gather_rows(&[x], &pack_idx, &mut send_buf).map_err(|e| e.on_rank(rank))?;
+    drop(stage);
     stats.times.pack = t.elapsed().as_secs_f64();
 
     // 4. Exchange the payload.
     let t = Instant::now();
+    let stage = tracing::debug_span!("exchange", rank).entered();
     let recv_rows: Vec<usize> = (0..world).map(|s| if s == rank { 0 } else { cnt[s].iter().sum() }).collect();
     let r_total: usize = recv_rows.iter().sum();
     let mut recv_buf = ws.take(dtype, r_total, cols);
@@ -230,11 +237,13 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
         recv_buf.as_bytes_mut(),
         &byte_counts(&recv_rows, rb),
     )?;
+    drop(stage);
     stats.times.exchange = counts_time + t.elapsed().as_secs_f64();
     ws.recycle(send_buf);
 
     // 5. Scatter into the expert-major batch: expert, then source rank, then arrival order.
     let t = Instant::now();
+    let stage = tracing::debug_span!("scatter", rank).entered();
     let rows_per_expert: Vec<usize> = (0..nl).map(|l| (0..world).map(|s| cnt[s][l]).sum()).collect();
     let mut expert_offsets = offsets(&rows_per_expert);
     let b_total: usize = rows_per_expert.iter().sum();
@@ -268,6 +277,7 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let mut batch = ws.take(dtype, b_total, cols);
     engine.gather_rows(&[&recv_buf, x], &batch_from, &mut batch).map_err(|e| e.on_rank(rank))?;
     ws.recycle(recv_buf);
+    drop(stage);
     stats.times.scatter = t.elapsed().as_secs_f64();
 
     // The way back: per peer its rows in arrival order plus one status row; combine reads
@@ -364,6 +374,7 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
 
     // 7. Gather outputs back into per-peer blocks in arrival order (+ a zero status row each).
     let t = Instant::now();
+    let stage = tracing::debug_span!("gather", rank).entered();
     let mut back_send = ws.take(h.dtype, h.back_send_idx.len(), h.cols);
     let local = outputs
         .and_then(|o| {
@@ -376,10 +387,12 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
         // Non-zero status rows tell every peer that this rank failed.
         back_send.as_bytes_mut().fill(0xFF);
     }
+    drop(stage);
     stats.times.gather = t.elapsed().as_secs_f64();
 
     // 8. Exchange back; the counts are known from dispatch.
     let t = Instant::now();
+    let stage = tracing::debug_span!("exchange_back", rank).entered();
     let rb = h.cols * h.dtype.size();
     let mut back_recv = ws.take(h.dtype, h.back_recv_rows.iter().sum(), h.cols);
     group.exchange_v_known_into(
@@ -388,6 +401,7 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
         back_recv.as_bytes_mut(),
         &byte_counts(&h.back_recv_rows, rb),
     )?;
+    drop(stage);
     stats.times.exchange_back = t.elapsed().as_secs_f64();
     ws.recycle(back_send);
     let outputs = local?;
@@ -400,9 +414,11 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
 
     // 9. Weighted sum, local rows read in place.
     let t = Instant::now();
+    let stage = tracing::debug_span!("combine_sum", rank).entered();
     let mut y = ws.take(h.dtype, h.n, h.cols);
     engine.combine(&[outputs, &back_recv], &h.combine_idx, &h.weights, h.k, &mut y).map_err(|e| e.on_rank(rank))?;
     ws.recycle(back_recv);
+    drop(stage);
     stats.times.combine = t.elapsed().as_secs_f64();
     Ok((y, stats))
 }

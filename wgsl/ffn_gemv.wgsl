@@ -21,7 +21,7 @@
 // the 16-byte loads; the loader uses the tiled kernel otherwise.
 //
 // Prelude (added by the loader): UP, AT (A's dtype: 0 = f32, 1 = f16, 2 = bf16), WT (weights'
-// dtype), BM, BN, PIECE, CHUNK (a multiple of PIECE), and widen_f16(word, h);
+// dtype), BM, BN, PIECE, CHUNK (a multiple of PIECE), PREFETCH, and widen_f16(word, h);
 // `wgsl/convert.wgsl` precedes this file.
 
 struct Params {
@@ -122,8 +122,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         sum0[r] = z;
         sum1[r] = z;
     }
-    // Software pipeline: the next piece's weights are loaded into registers while the
-    // workgroup computes on the current one from workgroup memory.
+    // Software pipeline (PREFETCH): the next piece's weights are loaded into registers while
+    // the workgroup computes on the current one from workgroup memory; without, it loads after
+    // computing (fewer live registers).
     var g_r: array<vec4<u32>, VPR>;
     var u_r: array<vec4<u32>, VPR>;
     fetch(&g_r, &u_r, base, row_vecs, n0, k_begin, k_end, lid);
@@ -149,7 +150,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             a_s[i] = v;
         }
         workgroupBarrier();
-        if k0 + PIECE < k_end {
+        if PREFETCH && k0 + PIECE < k_end {
             fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
         }
         var part0: array<f32, BM>;
@@ -190,6 +191,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         }
         workgroupBarrier();
+        if !PREFETCH && k0 + PIECE < k_end {
+            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
+        }
     }
 
     let n = n0 + lid;

@@ -81,9 +81,11 @@ impl Tile {
     /// No tile (the data-movement kernels and the combine).
     pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bkw: 0, split: false, coop: false };
 
-    /// The decode kernel for tiles of `bm` rows: 32 threads, each streaming one weight row.
+    /// The decode kernel for tiles of `bm` rows: 32 threads, each streaming one weight row;
+    /// `bkw` 1 loads the next piece while computing on the current one, 0 after (which frees
+    /// registers, but measured slower on the H100 even at 8 rows: kept as a tested variant).
     pub const fn gemv(bm: u32) -> Tile {
-        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 0, split: true, coop: false }
+        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 1, split: true, coop: false }
     }
 
     /// Threads per workgroup.
@@ -268,7 +270,8 @@ impl Variant {
                 }
             }
         }
-        for tile in [Tile::gemv(1), Tile::gemv(2), Tile::gemv(4), Tile::gemv(8), Tile::SQUARE] {
+        let no_prefetch = Tile { bkw: 1 - Tile::gemv(8).bkw, ..Tile::gemv(8) };
+        for tile in [Tile::gemv(1), Tile::gemv(2), Tile::gemv(4), Tile::gemv(8), no_prefetch, Tile::SQUARE] {
             for weights in [DType::F32, DType::F16, DType::BF16] {
                 for unpack in [false, true] {
                     for act in [DType::F32, DType::F16, DType::BF16] {
@@ -369,12 +372,14 @@ impl Variant {
             ),
             Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
                 "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
-                 const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",
+                 const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\
+                 const PREFETCH: bool = {};\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",
                 self.kernel == Kernel::FfnUp,
                 code(self.dtype),
                 code(self.weights),
                 self.tile.bm,
                 self.tile.bn,
+                self.tile.bkw != 0,
             ),
             Kernel::FfnUp | Kernel::FfnDown => {
                 let t = self.tile;

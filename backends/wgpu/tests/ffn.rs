@@ -67,7 +67,9 @@ fn ffn_matches_the_f64_reference_for_every_dtype_and_tile() {
     let mut seed = 1;
     for (d, f) in [(70, 46), (1096, 1040)] {
         let tiles: Vec<Tile> = if d % 8 == 0 {
-            vec![Tile::gemv(1), Tile::gemv(2), Tile::gemv(4), Tile::gemv(8), Tile::SQUARE]
+            // The decode kernel at every row count, with and without its prefetch, and the tiled one.
+            let g8 = Tile::gemv(8);
+            vec![Tile::gemv(1), Tile::gemv(2), Tile::gemv(4), g8, Tile { bkw: 1 - g8.bkw, ..g8 }, Tile::SQUARE]
         } else {
             vec![Tile::SQUARE]
         };
