@@ -12,7 +12,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::group::Group;
 use crate::placement::Placement;
-use crate::policy::{BackendChoice, LayerOptions, WithFallback};
+use crate::policy::{BackendChoice, LayerOptions, OnGpuError, WithFallback, is_device_error};
 use crate::router;
 use crate::stats::{ForwardStats, LayerMetrics};
 use crate::tensor::Tensor;
@@ -296,12 +296,29 @@ impl<G: Group> MoeLayer<G> {
         let local = (|| -> Result<WarmUpReport> {
             let mut report = WarmUpReport { rank, engines: vec![self.engines.base.name()], ..Default::default() };
             self.engines.base.warm_up(&self.experts, cfg.act_dtype, max_rows)?;
+            // A GPU that fails here (a shape its kernels do not take, a lost device) leaves the
+            // CPU in charge under the fallback policy, with a warning and the reason reported.
+            let fallback = self.engines.options.on_gpu_error == OnGpuError::Fallback;
+            let gpu_failed = |report: &mut WarmUpReport, e: Error| -> Result<()> {
+                if !(fallback && is_device_error(&e)) {
+                    return Err(e);
+                }
+                tracing::warn!(rank, error = %e, "GPU warm-up failed; the CPU runs every call");
+                self.engines.crossover.store(NEVER, Ordering::Relaxed);
+                report.gpu_error = Some(e.to_string());
+                Ok(())
+            };
             if let Some(g) = &self.engines.gpu {
                 report.engines.push(g.name());
-                g.warm_up(&self.experts, cfg.act_dtype, max_rows)?;
+                if let Err(e) = g.warm_up(&self.experts, cfg.act_dtype, max_rows) {
+                    gpu_failed(&mut report, e)?;
+                }
             }
             report.engine_s = t0.elapsed().as_secs_f64();
-            self.decide_crossover(&mut report)?;
+            if let Err(e) = self.decide_crossover(&mut report) {
+                gpu_failed(&mut report, e)?;
+                report.crossover = None;
+            }
             Ok(report)
         })()
         .map_err(|e| e.on_rank(rank));

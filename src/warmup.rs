@@ -40,6 +40,9 @@ pub struct WarmUpReport {
     pub exchange_s: f64,
     /// The whole warm-up, seconds (0 when it had been done before: the call was free).
     pub total_s: f64,
+    /// Why the GPU engine is out of use, when its warm-up or the measurement failed with a
+    /// device error under [`crate::OnGpuError::Fallback`] (the CPU then runs every call).
+    pub gpu_error: Option<String>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -210,3 +210,45 @@ fn deterministic_cpu_layer_is_batch_invariant() {
         check_batch_invariance(&cfg, &|g, c, p, gate, e| MoeLayer::new(g, c, p, gate, e));
     }
 }
+
+#[test]
+fn a_gpu_that_fails_at_warm_up_leaves_the_cpu_in_charge_unless_fatal() {
+    let cfg = small_cfg(2);
+    let gpu = FakeGpu::default();
+    gpu.fail.store(true, Ordering::Relaxed);
+    let placement = Placement::contiguous(cfg.num_experts, 2).unwrap();
+    let gate = random::gate(&cfg, 5);
+    for policy in [OnGpuError::Fallback, OnGpuError::Fatal] {
+        let options = LayerOptions { on_gpu_error: policy, ..LayerOptions::default() };
+        let out = LocalGroup::run(2, TIMEOUT, |g| {
+            let rank = g.rank();
+            let mine = random::experts(&cfg, 5, placement.experts_of(rank));
+            let layer = MoeLayer::with_gpu(
+                g,
+                cfg.clone(),
+                placement.clone(),
+                gate.clone(),
+                mine,
+                Box::new(gpu.clone()),
+                options.clone(),
+            )?;
+            let report = layer.warm_up()?;
+            let (_, stats) = layer.forward_with_stats(&random::input(&cfg, 3, 5, rank))?;
+            Ok::<_, Error>((report, stats.backend, layer.crossover()))
+        })
+        .unwrap();
+        for (r, o) in out.into_iter().enumerate() {
+            match (policy, o.unwrap()) {
+                (OnGpuError::Fallback, Ok((report, backend, crossover))) => {
+                    assert!(
+                        report.gpu_error.as_deref().is_some_and(|e| e.contains("device lost")),
+                        "rank {r}: {report:?}"
+                    );
+                    assert_eq!((backend.as_str(), crossover), ("cpu", None), "rank {r}");
+                }
+                (OnGpuError::Fatal, Err(e)) => assert!(e.to_string().contains("rank"), "rank {r}: {e}"),
+                (p, other) => panic!("rank {r} with {p:?}: {other:?}"),
+            }
+        }
+    }
+}
