@@ -24,6 +24,7 @@
 //! }
 //! ```
 
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod dispatch;
@@ -46,6 +47,7 @@ pub mod warmup;
 pub mod weights;
 pub mod workspace;
 
+pub use checkpoint::{Checkpoint, Family};
 pub use config::{Capacity, MoeConfig};
 pub use cpu::CpuEngine;
 pub use dispatch::{CombineHandle, Dispatched, combine, combine_in, dispatch, dispatch_in};

@@ -1,0 +1,239 @@
+//! Hugging Face checkpoints: `config.json` and safetensors shards (one `model.safetensors`, or
+//! several listed by `model.safetensors.index.json`), memory-mapped, so that a rank reads only
+//! the tensors it asks for (its own experts and the router).
+//!
+//! ```text
+//! let ckpt = Checkpoint::open("Qwen3-30B-A3B")?;
+//! let cfg = ckpt.moe_config(layer)?;
+//! let gate = ckpt.router(layer)?;
+//! let mine = ckpt.experts(layer, placement.experts_of(rank))?;
+//! let layer = MoeLayer::new(group, cfg, placement, gate, mine)?;
+//! ```
+//!
+//! Supported today: Mixtral and Qwen3-MoE (softmax top-k routing, with or without
+//! renormalisation). Qwen2-MoE's shared expert and DeepSeek-V2/V3 routing are refused with an
+//! error that says so.
+
+mod family;
+pub mod write;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use safetensors::tensor::Metadata;
+
+pub use family::Family;
+
+use crate::config::MoeConfig;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::weights::ExpertWeights;
+
+/// One mapped safetensors file and its parsed header.
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+    /// Bytes before the data section (8 + header length).
+    data_start: usize,
+    meta: Metadata,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    family: Family,
+    config: serde_json::Value,
+    shards: Vec<Shard>,
+    /// Tensor name -> shard.
+    index: HashMap<String, usize>,
+    bytes_read: AtomicU64,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("family", &self.family)
+            .field("files", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field("tensors", &self.index.len())
+            .finish()
+    }
+}
+
+fn ckpt_error(path: &Path, what: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("checkpoint {}: {what}", path.display()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| ckpt_error(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| ckpt_error(path, format!("not valid JSON: {e}")))
+}
+
+fn map_shard(path: &Path) -> Result<Shard> {
+    let file = File::open(path).map_err(|e| ckpt_error(path, format!("cannot open: {e}")))?;
+    // SAFETY: the file is mapped read-only; a checkpoint modified while mapped is outside
+    // what this library can defend against (as for every mmap-based loader).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| ckpt_error(path, format!("cannot map: {e}")))?;
+    let (n, meta) = SafeTensors::read_metadata(&map)
+        .map_err(|e| ckpt_error(path, format!("not a complete safetensors file ({e:?}; truncated or corrupt?)")))?;
+    Ok(Shard { path: path.to_path_buf(), map, data_start: 8 + n, meta })
+}
+
+impl Checkpoint {
+    /// Open `dir`: read `config.json`, map `model.safetensors` or every file named by
+    /// `model.safetensors.index.json`, and parse their headers (no tensor data is read).
+    /// Errors name the file: missing, not JSON, an unknown `model_type`, a truncated or corrupt
+    /// safetensors file, an index naming a tensor its file lacks.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let _span = tracing::debug_span!("checkpoint_open", dir = %dir.display()).entered();
+        let config_path = dir.join("config.json");
+        let config = read_json(&config_path)?;
+        let family = Family::from_config(&config).map_err(|e| ckpt_error(&config_path, e))?;
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let idx = read_json(&index_path)?;
+            let map = idx
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ckpt_error(&index_path, "no weight_map object"))?;
+            let mut by_file: HashMap<String, usize> = HashMap::new();
+            for (name, file) in map {
+                let file =
+                    file.as_str().ok_or_else(|| ckpt_error(&index_path, format!("{name}: file is not a string")))?;
+                let s = match by_file.get(file) {
+                    Some(&s) => s,
+                    None => {
+                        shards.push(map_shard(&dir.join(file))?);
+                        by_file.insert(file.to_string(), shards.len() - 1);
+                        shards.len() - 1
+                    }
+                };
+                if shards[s].meta.info(name).is_none() {
+                    return Err(ckpt_error(
+                        &shards[s].path,
+                        format!("the index puts tensor {name} here, but it is not"),
+                    ));
+                }
+                index.insert(name.clone(), s);
+            }
+        } else {
+            let shard = map_shard(&dir.join("model.safetensors"))?;
+            for name in shard.meta.tensors().keys() {
+                index.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        }
+        Ok(Checkpoint { dir, family, config, shards, index, bytes_read: AtomicU64::new(0) })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// Bytes of all mapped files.
+    pub fn file_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.map.len() as u64).sum()
+    }
+
+    /// Bytes of tensor data copied out of the files so far (the pages this process touched).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// The MoE layer shape and routing of decoder layer `layer`, with activations and weights
+    /// in the checkpoint's dtype (of the layer's router weight). Errors when the layer has no
+    /// MoE block, or when the family's routing or shared experts are not supported yet.
+    pub fn moe_config(&self, layer: usize) -> Result<MoeConfig> {
+        let cfg =
+            self.family.moe_config(&self.config, layer).map_err(|e| ckpt_error(&self.dir.join("config.json"), e))?;
+        let dtype = self.dtype_of(&self.family.router_name(layer))?;
+        Ok(cfg.with_dtypes(dtype, dtype))
+    }
+
+    /// The router weight `[E, D]` of `layer`.
+    pub fn router(&self, layer: usize) -> Result<Tensor> {
+        let cfg = self.moe_config(layer)?;
+        self.tensor(&self.family.router_name(layer), cfg.num_experts, cfg.hidden)
+    }
+
+    /// The weights of experts `ids` of `layer`, in that order, read from the files now.
+    pub fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertWeights>> {
+        let cfg = self.moe_config(layer)?;
+        let (d, f) = (cfg.hidden, cfg.intermediate);
+        ids.iter()
+            .map(|&e| {
+                if e >= cfg.num_experts {
+                    return Err(Error::invalid(format!("expert {e} of a layer with {} experts", cfg.num_experts)));
+                }
+                let [g, u, dn] = self.family.expert_names(layer, e);
+                Ok(ExpertWeights {
+                    gate: self.tensor(&g, f, d)?,
+                    up: self.tensor(&u, f, d)?,
+                    down: self.tensor(&dn, d, f)?,
+                })
+            })
+            .collect()
+    }
+
+    fn locate(&self, name: &str) -> Result<&Shard> {
+        let s = self.index.get(name).ok_or_else(|| {
+            let files: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
+            Error::invalid(format!(
+                "checkpoint {}: tensor {name} is in none of [{}]",
+                self.dir.display(),
+                files.join(", ")
+            ))
+        })?;
+        Ok(&self.shards[*s])
+    }
+
+    fn dtype_of(&self, name: &str) -> Result<DType> {
+        let shard = self.locate(name)?;
+        let info = shard.meta.info(name).expect("indexed tensors are in their shard");
+        convert_dtype(info.dtype).ok_or_else(|| {
+            ckpt_error(&shard.path, format!("tensor {name} is {:?}; supported: F32, F16, BF16", info.dtype))
+        })
+    }
+
+    /// Tensor `name` as `[rows, cols]`, copied out of its file. Errors name the tensor and
+    /// the file: missing, another shape, an unsupported dtype.
+    pub fn tensor(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        let shard = self.locate(name)?;
+        let dtype = self.dtype_of(name)?;
+        let info = shard.meta.info(name).expect("indexed tensors are in their shard");
+        if info.shape != [rows, cols] {
+            return Err(ckpt_error(
+                &shard.path,
+                format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", info.shape),
+            ));
+        }
+        let (a, b) = info.data_offsets;
+        let bytes = &shard.map[shard.data_start + a..shard.data_start + b];
+        let mut t = Tensor::zeros(dtype, rows, cols);
+        t.as_bytes_mut().copy_from_slice(bytes);
+        self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(t)
+    }
+}
+
+fn convert_dtype(d: safetensors::Dtype) -> Option<DType> {
+    match d {
+        safetensors::Dtype::F32 => Some(DType::F32),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
