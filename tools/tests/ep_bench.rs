@@ -43,7 +43,7 @@ fn ep_bench_rejects_bad_arguments_with_a_reason() {
 }
 
 #[test]
-fn ep_bench_runs_the_gpu_data_path() {
+fn ep_bench_runs_every_call_on_the_gpu() {
     let dir = std::env::temp_dir().join(format!("ep-bench-gpu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("out.json");
@@ -59,7 +59,7 @@ fn ep_bench_runs_the_gpu_data_path() {
         "ep-bench --backend wgpu failed (a GPU test needs a wgpu adapter: apt-get install mesa-vulkan-drivers): {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("rank 0 engine: wgpu:"), "{stdout}");
+    assert!(stdout.contains("rank 0 GPU engine: wgpu:"), "{stdout}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert!(v["last_stats_rank0"]["backend"].as_str().unwrap().starts_with("wgpu:"), "{v}");
     std::fs::remove_dir_all(&dir).ok();
