@@ -57,13 +57,6 @@ fn widen(word: u32, h: u32) -> f32 {
     return widen_f16(word, h);
 }
 
-fn narrow(v: f32) -> u32 {
-    if DT == 2u {
-        return f32_to_bf16(v);
-    }
-    return f32_to_f16(v);
-}
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let tpr = 1u << p.tpr_shift;
@@ -113,7 +106,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if DT == 0u {
                 o[l] = bitcast<u32>(acc[l]);
             } else {
-                o[l] = narrow(acc[l * PER]) | (narrow(acc[l * PER + 1u]) << 16u);
+                o[l] = narrow_pair(acc[l * PER], acc[l * PER + 1u], DT);
             }
         }
         dst[row * n + w] = make_word(o);

@@ -82,3 +82,11 @@ fn f32_to_bf16(v: f32) -> u32 {
     }
     return x >> 16u;
 }
+
+// a and b narrowed to the 16-bit dtype dt (1 = f16, 2 = bf16), packed in one word: a | b << 16.
+fn narrow_pair(a: f32, b: f32, dt: u32) -> u32 {
+    if dt == 2u {
+        return f32_to_bf16(a) | (f32_to_bf16(b) << 16u);
+    }
+    return f32_to_f16(a) | (f32_to_f16(b) << 16u);
+}

@@ -29,19 +29,12 @@ fn total(i: u32) -> f32 {
     return g;
 }
 
-fn narrow(v: f32) -> u32 {
-    if DT == 2u {
-        return f32_to_bf16(v);
-    }
-    return f32_to_f16(v);
-}
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = (wid.y * p.groups_x + wid.x) * WG + lid;
     if DT != 0u {
         if 2u * i < p.count {
-            out[i] = narrow(total(2u * i)) | (narrow(total(2u * i + 1u)) << 16u);
+            out[i] = narrow_pair(total(2u * i), total(2u * i + 1u), DT);
         }
         return;
     }

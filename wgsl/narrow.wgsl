@@ -15,17 +15,10 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
 
-fn narrow(v: f32) -> u32 {
-    if DT == 2u {
-        return f32_to_bf16(v);
-    }
-    return f32_to_f16(v);
-}
-
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = (wid.y * p.groups_x + wid.x) * WG + lid;
     if i < p.words {
-        dst[i] = narrow(src[2u * i]) | (narrow(src[2u * i + 1u]) << 16u);
+        dst[i] = narrow_pair(src[2u * i], src[2u * i + 1u], DT);
     }
 }
