@@ -245,9 +245,8 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let t = Instant::now();
     let stage = tracing::debug_span!("scatter", rank).entered();
     let rows_per_expert: Vec<usize> = (0..nl).map(|l| (0..world).map(|s| cnt[s][l]).sum()).collect();
-    let mut expert_offsets = offsets(&rows_per_expert);
-    let b_total: usize = rows_per_expert.iter().sum();
-    expert_offsets.push(b_total);
+    let expert_offsets = crate::engine::ffn_offsets(&rows_per_expert);
+    let b_total = expert_offsets[nl];
     if r_total + x.rows() >= ZERO_ROW as usize || b_total >= ZERO_ROW as usize {
         return Err(too_many_rows(rank, r_total + b_total));
     }

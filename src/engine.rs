@@ -65,6 +65,21 @@ pub trait Engine: Send + Sync {
     }
 }
 
+/// The `offsets` argument of [`Engine::ffn`] for experts of `counts` rows each: 0, then the
+/// running sums (`counts.len() + 1` entries).
+pub fn ffn_offsets(counts: &[usize]) -> Vec<usize> {
+    let mut o = crate::segments::offsets(counts);
+    o.push(counts.iter().sum());
+    o
+}
+
+/// [`ffn_offsets`] for `rows` spread evenly over `experts` (the first `rows % experts` take one
+/// more); `[0]` when there are no experts.
+pub fn even_offsets(rows: usize, experts: usize) -> Vec<usize> {
+    let counts: Vec<usize> = (0..experts).map(|l| rows / experts + usize::from(l < rows % experts)).collect();
+    ffn_offsets(&counts)
+}
+
 /// Check the arguments of [`Engine::ffn`]: `offsets` has one more entry than `experts`, is
 /// non-decreasing from 0 to `batch.rows()`, every expert is `gate [F, D]`, `up [F, D]`,
 /// `down [D, F]` in one dtype with `D = batch.cols()`, and `out` has `batch`'s shape and dtype.

@@ -8,7 +8,6 @@ use crate::config::MoeConfig;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::random;
-use crate::segments::offsets;
 use crate::weights::ExpertSet;
 
 /// One size the crossover was measured at: the local compute of a call with `tokens` tokens
@@ -54,10 +53,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn time_local(engine: &dyn Engine, experts: &ExpertSet, cfg: &MoeConfig, tokens: usize, reps: usize) -> Result<f64> {
     let k = cfg.top_k;
     let rows = if experts.is_empty() { 0 } else { tokens * k };
-    let local = experts.len().max(1);
-    let counts: Vec<usize> = (0..experts.len()).map(|l| rows / local + usize::from(l < rows % local)).collect();
-    let mut offs = offsets(&counts);
-    offs.push(rows);
+    let offs = crate::engine::even_offsets(rows, experts.len());
     let batch = random::uniform(cfg.act_dtype, rows, cfg.hidden, 1.0, 0x5eed, tokens as u64);
     let mut out = crate::tensor::Tensor::zeros(cfg.act_dtype, rows, cfg.hidden);
     let idx: Vec<u32> =

@@ -2,16 +2,9 @@
 //! taken in deterministic mode) and the decode path (a few rows an expert), every dtype pair,
 //! sizes that fill no tile, experts without rows; and bad arguments.
 
+use moe_ep::engine::ffn_offsets;
 use moe_ep::reference::{expert_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
-
-fn offsets(counts: &[usize]) -> Vec<usize> {
-    let mut o = vec![0];
-    for c in counts {
-        o.push(o.last().unwrap() + c);
-    }
-    o
-}
 
 fn tolerance(act: DType) -> f64 {
     match act {
@@ -26,7 +19,7 @@ fn both_paths_match_the_f64_reference() {
     let (d, f) = (70, 134);
     let mut seed = 0;
     for counts in [vec![1, 0, 4, 2, 3], vec![3, 0, 17, 70, 1]] {
-        let offs = offsets(&counts);
+        let offs = ffn_offsets(&counts);
         for act in DType::ALL {
             for w in DType::ALL {
                 seed += 1;

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::{TIMEOUT, check_batch_invariance, small_cfg};
 use moe_ep::{
-    BackendChoice, CpuEngine, DType, Engine, Error, ExpertSet, Group, LayerMetrics, LayerOptions, LocalGroup, MoeLayer,
-    OnGpuError, Placement, Result, Tensor, random,
+    BackendChoice, CpuEngine, DType, Engine, Error, ExpertSet, Group, LayerMetrics, LayerOptions, LocalGroup,
+    MoeConfig, MoeLayer, OnGpuError, Placement, Result, Tensor, random,
 };
 
 /// The CPU engine posing as an accelerator; its FFN fails with a device error while `fail`.
@@ -49,25 +49,26 @@ impl Engine for FakeGpu {
 /// One rank's forward: output, the call's backend and fallbacks, the layer's metrics and crossover.
 type RankRun = (Tensor, String, usize, LayerMetrics, Option<usize>);
 
+/// Rank `g.rank()`'s layer of `cfg` (seed 5, contiguous placement) with `gpu` beside the CPU.
+fn fake_gpu_layer(
+    g: LocalGroup,
+    cfg: &MoeConfig,
+    gpu: &FakeGpu,
+    options: &LayerOptions,
+) -> Result<MoeLayer<LocalGroup>> {
+    let placement = Placement::contiguous(cfg.num_experts, g.size())?;
+    let mine = random::experts(cfg, 5, placement.experts_of(g.rank()));
+    MoeLayer::with_gpu(g, cfg.clone(), placement, random::gate(cfg, 5), mine, Box::new(gpu.clone()), options.clone())
+}
+
 /// Run `tokens[r]` tokens on rank r of a layer with `gpu` beside the CPU; per rank the output,
 /// the call's backend and fallbacks, and the layer's metrics (or the error).
 fn run(options: &LayerOptions, gpu: &FakeGpu, tokens: &[usize]) -> Vec<Result<RankRun>> {
     let cfg = small_cfg(2);
     let world = tokens.len();
-    let placement = Placement::contiguous(cfg.num_experts, world).unwrap();
-    let gate = random::gate(&cfg, 5);
     LocalGroup::run(world, TIMEOUT, |g| {
         let rank = g.rank();
-        let mine = random::experts(&cfg, 5, placement.experts_of(rank));
-        let layer = MoeLayer::with_gpu(
-            g,
-            cfg.clone(),
-            placement.clone(),
-            gate.clone(),
-            mine,
-            Box::new(gpu.clone()),
-            options.clone(),
-        )?;
+        let layer = fake_gpu_layer(g, &cfg, gpu, options)?;
         let x = random::input(&cfg, tokens[rank], 5, rank);
         let (y, s) = layer.forward_with_stats(&x)?;
         Ok((y, s.backend, s.fallbacks, layer.metrics(), layer.crossover()))
@@ -128,21 +129,10 @@ fn a_failing_gpu_stage_falls_back_to_the_cpu_or_fails_when_fatal() {
 fn warm_up_measures_a_crossover_once_and_metrics_serialize() {
     let cfg = small_cfg(2);
     let gpu = FakeGpu::default();
-    let placement = Placement::contiguous(cfg.num_experts, 2).unwrap();
-    let gate = random::gate(&cfg, 5);
     let options = LayerOptions { crossover_max_tokens: 16, ..LayerOptions::default() };
     let out = LocalGroup::run(2, TIMEOUT, |g| {
         let rank = g.rank();
-        let mine = random::experts(&cfg, 5, placement.experts_of(rank));
-        let layer = MoeLayer::with_gpu(
-            g,
-            cfg.clone(),
-            placement.clone(),
-            gate.clone(),
-            mine,
-            Box::new(gpu.clone()),
-            options.clone(),
-        )?;
+        let layer = fake_gpu_layer(g, &cfg, &gpu, &options)?;
         let first = layer.warm_up()?;
         let second = layer.warm_up()?;
         let y = layer.forward(&random::input(&cfg, 4, 5, rank))?;
@@ -171,20 +161,8 @@ fn warm_up_measures_a_crossover_once_and_metrics_serialize() {
 fn deterministic_mode_refuses_a_crossover_and_pins_auto_to_the_gpu() {
     let cfg = small_cfg(2).with_deterministic(true);
     let gpu = FakeGpu::default();
-    let placement = Placement::contiguous(cfg.num_experts, 1).unwrap();
-    let make = |options: LayerOptions| {
-        let g = LocalGroup::world(1, TIMEOUT).unwrap().remove(0);
-        let mine = random::experts(&cfg, 5, placement.experts_of(0));
-        MoeLayer::with_gpu(
-            g,
-            cfg.clone(),
-            placement.clone(),
-            random::gate(&cfg, 5),
-            mine,
-            Box::new(gpu.clone()),
-            options,
-        )
-    };
+    let make =
+        |options: LayerOptions| fake_gpu_layer(LocalGroup::world(1, TIMEOUT).unwrap().remove(0), &cfg, &gpu, &options);
     let e = make(opts(BackendChoice::Crossover(4))).unwrap_err();
     assert!(e.to_string().contains("deterministic"), "{e}");
     let layer = make(opts(BackendChoice::Auto)).unwrap();
@@ -216,22 +194,11 @@ fn a_gpu_that_fails_at_warm_up_leaves_the_cpu_in_charge_unless_fatal() {
     let cfg = small_cfg(2);
     let gpu = FakeGpu::default();
     gpu.fail.store(true, Ordering::Relaxed);
-    let placement = Placement::contiguous(cfg.num_experts, 2).unwrap();
-    let gate = random::gate(&cfg, 5);
     for policy in [OnGpuError::Fallback, OnGpuError::Fatal] {
         let options = LayerOptions { on_gpu_error: policy, ..LayerOptions::default() };
         let out = LocalGroup::run(2, TIMEOUT, |g| {
             let rank = g.rank();
-            let mine = random::experts(&cfg, 5, placement.experts_of(rank));
-            let layer = MoeLayer::with_gpu(
-                g,
-                cfg.clone(),
-                placement.clone(),
-                gate.clone(),
-                mine,
-                Box::new(gpu.clone()),
-                options.clone(),
-            )?;
+            let layer = fake_gpu_layer(g, &cfg, &gpu, &options)?;
             let report = layer.warm_up()?;
             let (_, stats) = layer.forward_with_stats(&random::input(&cfg, 3, 5, rank))?;
             Ok::<_, Error>((report, stats.backend, layer.crossover()))

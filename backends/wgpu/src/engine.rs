@@ -3,11 +3,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use moe_ep::engine::{ZERO_ROW, check_combine, check_ffn, check_gather};
+use moe_ep::engine::{ZERO_ROW, check_combine, check_ffn, check_gather, even_offsets};
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
-use crate::ffn::{COOP_PAD_ROWS, DeviceExperts, FfnBuffers, check_shape, choose_tile, partial_bytes};
+use crate::ffn::{DeviceExperts, check_shape, choose_tile};
 use crate::kernels::Tile;
 use crate::ops::{Combine, Gather, word_for};
 
@@ -96,24 +96,9 @@ impl GpuEngine {
         let _span = tracing::trace_span!("gpu_ffn", rows, experts = experts.len()).entered();
         let dev = self.resident(experts)?;
         let ctx = &self.ctx;
-        // The cooperative kernel may read COOP_PAD_ROWS rows past its inputs.
-        let pad = if tile.coop { COOP_PAD_ROWS } else { 0 };
-        let batch_buf = ctx.storage("ffn batch", ((rows + pad) * d * act.size()) as u64)?;
-        ctx.queue().write_buffer(&batch_buf, 0, batch.as_bytes());
-        let inter = ctx.storage("ffn intermediate", ((rows + pad) * f * if tile.coop { 2 } else { 4 }) as u64)?;
-        let out32 = ctx.storage("ffn output", (rows * d * 4) as u64)?;
-        let out16 = if act == DType::F32 { None } else { Some(ctx.storage("ffn output", (rows * d * 2) as u64)?) };
-        let pbytes = partial_bytes(tile, rows, d, f);
-        let partial = if pbytes > 0 { Some(ctx.storage("ffn partial sums", pbytes)?) } else { None };
+        let bufs = ctx.ffn_scratch(batch.as_bytes(), act, rows, d, f, tile)?;
         let mut scratch = Vec::new();
-        let bufs = FfnBuffers {
-            batch: &batch_buf,
-            inter: &inter,
-            out32: &out32,
-            out16: out16.as_ref(),
-            partial: partial.as_ref(),
-        };
-        let res = ctx.ffn_launches(&dev, act, offsets, tile, &bufs, &mut scratch).and_then(|launches| {
+        let res = ctx.ffn_launches(&dev, act, offsets, tile, &bufs.view(), &mut scratch).and_then(|launches| {
             let mut enc = ctx.encoder("ffn");
             {
                 let mut pass =
@@ -122,9 +107,10 @@ impl GpuEngine {
                     l.encode(&mut pass);
                 }
             }
-            ctx.submit_and_read(enc, out16.as_ref().unwrap_or(&out32), out.as_bytes_mut())
+            ctx.submit_and_read(enc, bufs.output(), out.as_bytes_mut())
         });
-        self.release_buffers(scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16).chain(partial));
+        self.release_buffers(scratch);
+        bufs.recycle(ctx);
         res
     }
 
@@ -287,11 +273,7 @@ impl Engine for GpuEngine {
         sizes.push(max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1)));
         for rows in sizes {
             let batch = moe_ep::random::uniform(act, rows, d, 1.0, 0x3a7, rows as u64);
-            let counts: Vec<usize> = (0..l).map(|i| rows / l + usize::from(i < rows % l)).collect();
-            let mut offsets = vec![0];
-            for c in counts {
-                offsets.push(offsets.last().unwrap() + c);
-            }
+            let offsets = even_offsets(rows, l);
             let mut out = Tensor::zeros(act, rows, d);
             self.ffn(&batch, &offsets, experts, false, &mut out)?;
             let idx: Vec<u32> = (0..rows as u32).collect();

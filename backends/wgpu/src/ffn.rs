@@ -133,6 +133,42 @@ pub struct FfnBuffers<'a> {
     pub partial: Option<&'a wgpu::Buffer>,
 }
 
+/// Pool buffers sized for one FFN call (see [`GpuContext::ffn_scratch`]); [`FfnScratch::view`]
+/// lends them as [`FfnBuffers`], [`FfnScratch::recycle`] gives them back.
+#[derive(Debug)]
+pub struct FfnScratch {
+    pub batch: wgpu::Buffer,
+    pub inter: wgpu::Buffer,
+    pub out32: wgpu::Buffer,
+    pub out16: Option<wgpu::Buffer>,
+    pub partial: Option<wgpu::Buffer>,
+}
+
+impl FfnScratch {
+    /// The buffers as a launch takes them.
+    pub fn view(&self) -> FfnBuffers<'_> {
+        FfnBuffers {
+            batch: &self.batch,
+            inter: &self.inter,
+            out32: &self.out32,
+            out16: self.out16.as_ref(),
+            partial: self.partial.as_ref(),
+        }
+    }
+
+    /// The buffer holding the call's output: `out16` for 16-bit activations, else `out32`.
+    pub fn output(&self) -> &wgpu::Buffer {
+        self.out16.as_ref().unwrap_or(&self.out32)
+    }
+
+    /// Give every buffer back to `ctx`'s pool.
+    pub fn recycle(self, ctx: &GpuContext) {
+        for b in [self.batch, self.inter, self.out32].into_iter().chain(self.out16).chain(self.partial) {
+            ctx.recycle(b);
+        }
+    }
+}
+
 /// Bytes of the partial sums a `tile` launch of `rows` rows needs (0 for unsplit tiles).
 pub fn partial_bytes(tile: Tile, rows: usize, d: usize, f: usize) -> u64 {
     if !tile.split {
@@ -143,6 +179,35 @@ pub fn partial_bytes(tile: Tile, rows: usize, d: usize, f: usize) -> u64 {
 }
 
 impl GpuContext {
+    /// Buffers from the pool for one FFN call of `rows` rows of `act` over a `d x f` FFN with
+    /// `tile`, with `batch` (its bytes, `rows * d` values) written into the batch buffer: the
+    /// cooperative tile's padding and f16 intermediate, the split tiles' partial sums, a
+    /// 16-bit output for 16-bit activations. Errors when a buffer exceeds the binding limit.
+    pub fn ffn_scratch(
+        &self,
+        batch: &[u8],
+        act: DType,
+        rows: usize,
+        d: usize,
+        f: usize,
+        tile: Tile,
+    ) -> Result<FfnScratch> {
+        // The cooperative kernel may read COOP_PAD_ROWS rows past its inputs.
+        let pad = if tile.coop { COOP_PAD_ROWS } else { 0 };
+        let batch_buf = self.storage("ffn batch", ((rows + pad) * d * act.size()) as u64)?;
+        if !batch.is_empty() {
+            self.queue.write_buffer(&batch_buf, 0, batch);
+        }
+        let pbytes = partial_bytes(tile, rows, d, f);
+        Ok(FfnScratch {
+            batch: batch_buf,
+            inter: self.storage("ffn intermediate", ((rows + pad) * f * if tile.coop { 2 } else { 4 }) as u64)?,
+            out32: self.storage("ffn output", (rows * d * 4) as u64)?,
+            out16: if act == DType::F32 { None } else { Some(self.storage("ffn output", (rows * d * 2) as u64)?) },
+            partial: if pbytes > 0 { Some(self.storage("ffn partial sums", pbytes)?) } else { None },
+        })
+    }
+
     /// The launches of one FFN call, in order: up then down for each shard, then the narrow.
     /// Tile tables and parameters are uploaded into buffers pushed on `scratch` (give them
     /// back to the pool after the submit). `offsets` are validated by the caller

@@ -72,8 +72,6 @@ pub struct Tile {
 }
 
 impl Tile {
-    /// Decode with at most 4 rows per expert (see [`Tile::gemv`]).
-    pub const SKINNY: Tile = Tile::gemv(4);
     /// Prefill: 64 x 64 outputs, 4 x 4 per thread, 256 threads.
     pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bkw: 8, split: false, coop: false };
     /// Prefill on cooperative matrices (f16 activations and weights; not deterministic).

@@ -5,19 +5,12 @@
 mod common;
 
 use common::{context, context_with};
+use moe_ep::engine::ffn_offsets;
 use moe_ep::reference::{expert_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
 use moe_ep_wgpu::kernels::Tile;
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 use std::sync::Arc;
-
-fn offsets(counts: &[usize]) -> Vec<usize> {
-    let mut o = vec![0];
-    for c in counts {
-        o.push(o.last().unwrap() + c);
-    }
-    o
-}
 
 /// The f64 reference of a grouped FFN call, `[rows * D]`.
 fn reference(batch: &Tensor, offs: &[usize], experts: &ExpertSet) -> Vec<f64> {
@@ -51,7 +44,7 @@ fn setup(
 ) -> (Tensor, Vec<usize>, ExpertSet) {
     let cfg = MoeConfig::new(counts.len(), d, f, 1).with_dtypes(act, weights);
     let experts = ExpertSet::new(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()));
-    let offs = offsets(counts);
+    let offs = ffn_offsets(counts);
     let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, seed, 99);
     (batch, offs, experts)
 }

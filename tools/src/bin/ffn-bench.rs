@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
+use moe_ep::engine::ffn_offsets;
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, LayerOptions, LocalGroup, MoeLayer, Placement, Tensor, random};
 use moe_ep_tools::{fmt_time, init_tracing, median, preset};
-use moe_ep_wgpu::ffn::FfnBuffers;
 use moe_ep_wgpu::kernels::Tile;
 use moe_ep_wgpu::ops::Gather;
 use moe_ep_wgpu::timing::GpuTimer;
@@ -123,14 +123,6 @@ fn route_counts(tokens: usize, k: usize, experts: usize, seed: u64) -> Vec<usize
         }
     }
     counts
-}
-
-fn offsets(counts: &[usize]) -> Vec<usize> {
-    let mut o = vec![0];
-    for c in counts {
-        o.push(o.last().unwrap() + c);
-    }
-    o
 }
 
 /// Parallel memcpy of 1 GiB on every core: bytes read + written per second.
@@ -293,27 +285,13 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         for &(phase, tokens, forced) in &tries {
             let counts = route_counts(tokens, k, local, tokens as u64);
-            let offs = offsets(&counts);
+            let offs = ffn_offsets(&counts);
             let rows = *offs.last().unwrap();
             let batch = random::uniform(act, rows, d, 1.0, 2, tokens as u64);
-            let pad = moe_ep_wgpu::ffn::COOP_PAD_ROWS;
-            let batch_buf = ctx.storage("batch", ((rows + pad) * d * act.size()) as u64)?;
-            ctx.queue().write_buffer(&batch_buf, 0, batch.as_bytes());
-            let inter = ctx.storage("inter", ((rows + pad) * f * 4) as u64)?;
-            let out32 = ctx.storage("out32", (rows * d * 4) as u64)?;
-            let out16 = if act == DType::F32 { None } else { Some(ctx.storage("out16", (rows * d * 2) as u64)?) };
             let tile = forced.unwrap_or_else(|| engine.tile_for(&offs, d, f, act, wdt, a.deterministic));
-            let pbytes = moe_ep_wgpu::ffn::partial_bytes(tile, rows, d, f);
-            let partial = if pbytes > 0 { Some(ctx.storage("partial", pbytes)?) } else { None };
-            let bufs = FfnBuffers {
-                batch: &batch_buf,
-                inter: &inter,
-                out32: &out32,
-                out16: out16.as_ref(),
-                partial: partial.as_ref(),
-            };
+            let bufs = ctx.ffn_scratch(batch.as_bytes(), act, rows, d, f, tile)?;
             let mut scratch = Vec::new();
-            let launches = ctx.ffn_launches(&dev, act, &offs, tile, &bufs, &mut scratch)?;
+            let launches = ctx.ffn_launches(&dev, act, &offs, tile, &bufs.view(), &mut scratch)?;
             let times = timer.time(&ctx, a.iters, |enc| {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 for l in &launches {
@@ -336,9 +314,10 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 None => "gpu/q".into(),
             };
             rep.points.push(point(&label, phase, tokens, &counts, median(&times), copy, None));
-            for b in scratch.into_iter().chain([batch_buf, inter, out32]).chain(out16).chain(partial) {
+            for b in scratch {
                 ctx.recycle(b);
             }
+            bufs.recycle(&ctx);
         }
         gpu_engine = Some(engine);
     }
@@ -355,7 +334,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         let iters = (a.iters / 4).max(3);
         for &(phase, tokens) in &sizes {
             let counts = route_counts(tokens, k, local, tokens as u64);
-            let offs = offsets(&counts);
+            let offs = ffn_offsets(&counts);
             let rows = *offs.last().unwrap();
             let batch = random::uniform(act, rows, d, 1.0, 2, tokens as u64);
             let mut out = Tensor::zeros(act, rows, d);
