@@ -7,23 +7,10 @@ cores) and in fp32 with TF32 off; and torch.matmul on a square product for the c
 """
 import argparse
 import json
-import statistics
 
 import torch
 
-
-def timed(fn, iters):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(times)
+from torch_baseline import timed  # same directory: CUDA-event timing, median of runs
 
 
 def counts(tokens, k, experts, seed):
