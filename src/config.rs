@@ -33,6 +33,108 @@ impl Capacity {
     }
 }
 
+/// How router logits become expert scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// Softmax over all experts (Mixtral, Qwen, DeepSeek-V2). The default.
+    #[default]
+    Softmax,
+    /// Independent sigmoid of each logit (DeepSeek-V3).
+    Sigmoid,
+}
+
+/// How group-limited routing scores a group of experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupScore {
+    /// The group's largest score (DeepSeek-V2 `group_limited_greedy`). The default.
+    #[default]
+    Max,
+    /// The sum of the group's two largest scores (DeepSeek-V3 `noaux_tc`).
+    TopTwoSum,
+}
+
+/// Routing rules beyond top-k, identical on every rank. The default is plain softmax top-k.
+///
+/// A token's experts are chosen by a selection score: the score (softmax or sigmoid of the
+/// logit) plus the router's per-expert selection bias when there is one (DeepSeek-V3's
+/// `e_score_correction_bias`). With `n_group > 1` the experts form `n_group` equal groups
+/// of consecutive ids; the `topk_group` groups with the highest group score are kept and the
+/// top-k is taken among their experts only. A chosen expert's weight is its score (never the
+/// bias), divided by the sum of the k weights when `norm_topk_prob`, then multiplied by
+/// `routed_scaling_factor`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    pub scoring: Scoring,
+    /// Expert groups (1: no grouping).
+    pub n_group: usize,
+    /// Groups kept per token (`1..=n_group`).
+    pub topk_group: usize,
+    pub group_score: GroupScore,
+    /// The router has a per-expert bias added to the scores for selection only.
+    pub selection_bias: bool,
+    /// Factor on every routed weight (DeepSeek's `routed_scaling_factor`; 1 leaves them).
+    pub routed_scaling_factor: f32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            scoring: Scoring::Softmax,
+            n_group: 1,
+            topk_group: 1,
+            group_score: GroupScore::Max,
+            selection_bias: false,
+            routed_scaling_factor: 1.0,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Check the rules against `num_experts` and `top_k`: groups divide the experts, the kept
+    /// groups hold at least `top_k` experts, the scaling factor is finite and positive.
+    pub fn validate(&self, num_experts: usize, top_k: usize) -> Result<()> {
+        if self.n_group == 0 || num_experts % self.n_group != 0 {
+            return Err(Error::invalid(format!(
+                "n_group = {} must be positive and divide num_experts = {}",
+                self.n_group, num_experts
+            )));
+        }
+        let per_group = num_experts / self.n_group;
+        if self.topk_group == 0 || self.topk_group > self.n_group || self.topk_group * per_group < top_k {
+            return Err(Error::invalid(format!(
+                "topk_group = {} must be in 1..={} and keep at least top_k = {} experts ({} per group)",
+                self.topk_group, self.n_group, top_k, per_group
+            )));
+        }
+        if self.n_group > 1 && self.group_score == GroupScore::TopTwoSum && per_group < 2 {
+            return Err(Error::invalid(format!(
+                "group score top_two_sum needs at least 2 experts per group, got {per_group}"
+            )));
+        }
+        if !(self.routed_scaling_factor.is_finite() && self.routed_scaling_factor > 0.0) {
+            return Err(Error::invalid(format!(
+                "routed_scaling_factor {} must be finite and positive",
+                self.routed_scaling_factor
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A shared expert: one SwiGLU MLP every token goes through on its own rank, added to the
+/// routed experts' sum (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedExpertConfig {
+    /// Its intermediate dimension (DeepSeek: `n_shared_experts * moe_intermediate_size`).
+    pub intermediate: usize,
+    /// Scaled per token by `sigmoid(x · g)` with a `[1, D]` gate weight (Qwen2-MoE's
+    /// `shared_expert_gate`); added as is otherwise (DeepSeek).
+    pub gated: bool,
+}
+
 /// Shapes and options of an MoE layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoeConfig {
@@ -58,6 +160,12 @@ pub struct MoeConfig {
     /// with one fixed reduction order. Off by default.
     #[serde(default)]
     pub deterministic: bool,
+    /// Scoring, group-limited selection, selection bias and weight scaling.
+    #[serde(default)]
+    pub router: RouterConfig,
+    /// A shared expert computed on every rank for its own tokens, if the model has one.
+    #[serde(default)]
+    pub shared_expert: Option<SharedExpertConfig>,
 }
 
 impl MoeConfig {
@@ -73,7 +181,20 @@ impl MoeConfig {
             weight_dtype: DType::F32,
             capacity: Capacity::Dropless,
             deterministic: false,
+            router: RouterConfig::default(),
+            shared_expert: None,
         }
+    }
+
+    pub fn with_router(mut self, router: RouterConfig) -> Self {
+        self.router = router;
+        self
+    }
+
+    /// Add a shared expert of intermediate dimension `intermediate`, gated or not.
+    pub fn with_shared_expert(mut self, intermediate: usize, gated: bool) -> Self {
+        self.shared_expert = Some(SharedExpertConfig { intermediate, gated });
+        self
     }
 
     pub fn with_dtypes(mut self, act: DType, weight: DType) -> Self {
@@ -121,6 +242,12 @@ impl MoeConfig {
         {
             return Err(Error::invalid(format!("capacity factor {f} must be finite and positive")));
         }
+        self.router.validate(self.num_experts, self.top_k)?;
+        if let Some(s) = self.shared_expert
+            && s.intermediate == 0
+        {
+            return Err(Error::invalid("the shared expert's intermediate dimension must be positive"));
+        }
         Ok(())
     }
 
@@ -142,6 +269,14 @@ impl MoeConfig {
             ("capacity kind", cap_kind),
             ("capacity value", cap_val),
             ("deterministic", self.deterministic as u64),
+            ("scoring", self.router.scoring as u64),
+            ("n_group", self.router.n_group as u64),
+            ("topk_group", self.router.topk_group as u64),
+            ("group_score", self.router.group_score as u64),
+            ("selection_bias", self.router.selection_bias as u64),
+            ("routed_scaling_factor", self.router.routed_scaling_factor.to_bits() as u64),
+            ("shared expert intermediate", self.shared_expert.map_or(0, |s| s.intermediate as u64)),
+            ("shared expert gated", self.shared_expert.is_some_and(|s| s.gated) as u64),
         ]
     }
 }

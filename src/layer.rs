@@ -17,7 +17,7 @@ use crate::router;
 use crate::stats::{ForwardStats, LayerMetrics};
 use crate::tensor::Tensor;
 use crate::warmup::{WarmUpReport, measure_crossover};
-use crate::weights::{ExpertSet, ExpertWeights, validate_router};
+use crate::weights::{ExpertSet, ExpertWeights, LayerWeights};
 use crate::workspace::Workspace;
 
 /// `crossover` value: not decided yet (measured at warm-up or on the first call).
@@ -37,27 +37,39 @@ struct Engines {
     crossover: AtomicUsize,
     /// Set by the first complete warm-up.
     warm: Mutex<Option<WarmUpReport>>,
-    /// The expert set's id, released from every engine on drop.
-    experts_id: u64,
+    /// The ids of the expert sets (routed, shared), released from every engine on drop.
+    set_ids: Vec<u64>,
 }
 
 impl Drop for Engines {
     fn drop(&mut self) {
-        self.base.release(self.experts_id);
-        if let Some(g) = &self.gpu {
-            g.release(self.experts_id);
+        for &id in &self.set_ids {
+            self.base.release(id);
+            if let Some(g) = &self.gpu {
+                g.release(id);
+            }
         }
     }
 }
 
-/// One rank's part of an expert-parallel MoE layer: the router (replicated), this rank's
-/// experts, and the group it shares with the other ranks.
+/// The shared expert as the layer runs it: a one-expert set (so that engines keep it resident
+/// like the routed experts) and the optional `[1, D]` gate.
+struct Shared {
+    set: ExpertSet,
+    gate: Option<Tensor>,
+}
+
+/// One rank's part of an expert-parallel MoE layer: the router and its selection bias
+/// (replicated), this rank's experts, the shared expert (replicated) if the model has one,
+/// and the group it shares with the other ranks.
 pub struct MoeLayer<G: Group> {
     group: G,
     config: MoeConfig,
     placement: Placement,
     gate: Tensor,
+    selection_bias: Option<Vec<f32>>,
     experts: ExpertSet,
+    shared: Option<Shared>,
     engines: Engines,
     metrics: Mutex<LayerMetrics>,
     ws: Workspace,
@@ -97,7 +109,8 @@ impl<G: Group> MoeLayer<G> {
         gate: Tensor,
         experts: Vec<ExpertWeights>,
     ) -> Result<Self> {
-        Self::build(group, config, placement, gate, experts, Box::new(CpuEngine), None, LayerOptions::default())
+        let w = LayerWeights::new(gate, experts);
+        Self::build(group, config, placement, w, Box::new(CpuEngine), None, LayerOptions::default())
     }
 
     /// [`MoeLayer::new`] with one engine that runs every call, whatever its size; its
@@ -110,7 +123,19 @@ impl<G: Group> MoeLayer<G> {
         experts: Vec<ExpertWeights>,
         engine: Box<dyn Engine>,
     ) -> Result<Self> {
-        Self::build(group, config, placement, gate, experts, engine, None, LayerOptions::default())
+        Self::build(group, config, placement, LayerWeights::new(gate, experts), engine, None, LayerOptions::default())
+    }
+
+    /// [`MoeLayer::with_engine`] with all of this rank's [`LayerWeights`] (see
+    /// [`MoeLayer::from_weights`]).
+    pub fn with_engine_weights(
+        group: G,
+        config: MoeConfig,
+        placement: Placement,
+        weights: LayerWeights,
+        engine: Box<dyn Engine>,
+    ) -> Result<Self> {
+        Self::build(group, config, placement, weights, engine, None, LayerOptions::default())
     }
 
     /// [`MoeLayer::new`] with a GPU engine beside the CPU one, chosen per call by `options`
@@ -127,7 +152,24 @@ impl<G: Group> MoeLayer<G> {
         gpu: Box<dyn Engine>,
         options: LayerOptions,
     ) -> Result<Self> {
-        Self::build(group, config, placement, gate, experts, Box::new(CpuEngine), Some(gpu), options)
+        let w = LayerWeights::new(gate, experts);
+        Self::build(group, config, placement, w, Box::new(CpuEngine), Some(gpu), options)
+    }
+
+    /// The general constructor: all of this rank's [`LayerWeights`] (router, selection bias,
+    /// local experts, shared expert), on the CPU engine and, with `gpu`, a GPU engine chosen per
+    /// call by `options` as in [`MoeLayer::with_gpu`]. Collective. Errors as
+    /// [`MoeLayer::with_gpu`] does, and when the selection bias or the shared expert is missing,
+    /// unexpected, misshapen or differs between ranks.
+    pub fn from_weights(
+        group: G,
+        config: MoeConfig,
+        placement: Placement,
+        weights: LayerWeights,
+        gpu: Option<Box<dyn Engine>>,
+        options: LayerOptions,
+    ) -> Result<Self> {
+        Self::build(group, config, placement, weights, Box::new(CpuEngine), gpu, options)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -135,14 +177,15 @@ impl<G: Group> MoeLayer<G> {
         group: G,
         config: MoeConfig,
         placement: Placement,
-        gate: Tensor,
-        experts: Vec<ExpertWeights>,
+        weights: LayerWeights,
         cpu: Box<dyn Engine>,
         gpu: Option<Box<dyn Engine>>,
         options: LayerOptions,
     ) -> Result<Self> {
         let rank = group.rank();
         let _span = tracing::debug_span!("moe_layer_new", rank).entered();
+        let replicated = config.validate().and_then(|_| weights.validate_replicated(&config));
+        let LayerWeights { router: gate, selection_bias, experts, shared } = weights;
         let local = (|| {
             config.validate()?;
             if placement.world() != group.size() {
@@ -159,7 +202,8 @@ impl<G: Group> MoeLayer<G> {
                     config.num_experts
                 )));
             }
-            validate_router(&gate, &config)?;
+            // The replicated parts (router, bias, shared expert), compared across ranks below.
+            replicated?;
             let mine = placement.experts_of(rank);
             if experts.len() != mine.len() {
                 return Err(Error::invalid(format!(
@@ -195,7 +239,17 @@ impl<G: Group> MoeLayer<G> {
         fields.extend(config.fingerprint_fields());
         let owners: Vec<u64> = placement.owners().iter().map(|&r| r as u64).collect();
         fields.push(("placement", hash_bytes(bytemuck::cast_slice(&owners))));
-        fields.push(("router weight", if local.is_ok() { hash_bytes(gate.as_bytes()) } else { 0 }));
+        let ok = local.is_ok();
+        fields.push(("router weight", if ok { hash_bytes(gate.as_bytes()) } else { 0 }));
+        let bias_bits: Vec<u32> = selection_bias.iter().flatten().map(|v| v.to_bits()).collect();
+        fields.push(("selection bias", if ok { hash_bytes(bytemuck::cast_slice(&bias_bits)) } else { 0 }));
+        let shared_hash = shared.as_ref().map_or(0, |s| {
+            let w = &s.weights;
+            let mut parts = vec![w.gate.as_bytes(), w.up.as_bytes(), w.down.as_bytes()];
+            parts.extend(s.gate.as_ref().map(|g| g.as_bytes()));
+            hash_bytes(&parts.concat())
+        });
+        fields.push(("shared expert weight", if ok { shared_hash } else { 0 }));
         let mine: Vec<u64> = fields.iter().map(|f| f.1).collect();
         let all = group.all_gather_u64(&mine)?;
         let (options, crossover) = local?;
@@ -207,7 +261,8 @@ impl<G: Group> MoeLayer<G> {
         }
         for (i, (name, _)) in fields.iter().enumerate().skip(1) {
             if let Some(peer) = (1..group.size()).find(|&p| all[p * m + i] != all[i]) {
-                let what = if name.contains("weight") || *name == "placement" {
+                let hashed = ["placement", "router weight", "selection bias", "shared expert weight"];
+                let what = if hashed.contains(name) {
                     format!("{name} differs between rank 0 and rank {peer}")
                 } else {
                     format!("{name} is {} on rank 0 but {} on rank {peer}", all[i], all[peer * m + i])
@@ -216,20 +271,25 @@ impl<G: Group> MoeLayer<G> {
             }
         }
         let experts = ExpertSet::new(experts);
+        let shared = shared.map(|s| Shared { set: ExpertSet::new(vec![s.weights]), gate: s.gate });
+        let mut set_ids = vec![experts.id()];
+        set_ids.extend(shared.as_ref().map(|s| s.set.id()));
         let engines = Engines {
             base: cpu,
             gpu,
             options,
             crossover: AtomicUsize::new(crossover),
             warm: Mutex::new(None),
-            experts_id: experts.id(),
+            set_ids,
         };
         Ok(MoeLayer {
             group,
             config,
             placement,
             gate,
+            selection_bias,
             experts,
+            shared,
             engines,
             metrics: Mutex::new(LayerMetrics { rank, ..Default::default() }),
             ws: Workspace::new(),
@@ -296,6 +356,9 @@ impl<G: Group> MoeLayer<G> {
         let local = (|| -> Result<WarmUpReport> {
             let mut report = WarmUpReport { rank, engines: vec![self.engines.base.name()], ..Default::default() };
             self.engines.base.warm_up(&self.experts, cfg.act_dtype, max_rows)?;
+            if let Some(s) = &self.shared {
+                self.engines.base.warm_up(&s.set, cfg.act_dtype, max_rows / cfg.top_k)?;
+            }
             // A GPU that fails here (a shape its kernels do not take, a lost device) leaves the
             // CPU in charge under the fallback policy, with a warning and the reason reported.
             let fallback = self.engines.options.on_gpu_error == OnGpuError::Fallback;
@@ -310,7 +373,11 @@ impl<G: Group> MoeLayer<G> {
             };
             if let Some(g) = &self.engines.gpu {
                 report.engines.push(g.name());
-                if let Err(e) = g.warm_up(&self.experts, cfg.act_dtype, max_rows) {
+                let shared = self.shared.as_ref().map(|s| &s.set);
+                let warm = g
+                    .warm_up(&self.experts, cfg.act_dtype, max_rows)
+                    .and_then(|_| shared.map_or(Ok(()), |s| g.warm_up(s, cfg.act_dtype, max_rows / cfg.top_k)));
+                if let Err(e) = warm {
                     gpu_failed(&mut report, e)?;
                 }
             }
@@ -380,6 +447,14 @@ impl<G: Group> MoeLayer<G> {
         n >= self.engines.crossover.load(Ordering::Relaxed)
     }
 
+    /// The shared expert's output for `x`, `[N, D]` in the activation dtype.
+    fn shared_ffn(&self, engine: &dyn Engine, s: &Shared, x: &Tensor) -> Result<Tensor> {
+        let _s = tracing::debug_span!("shared_expert", rank = self.group.rank(), rows = x.rows()).entered();
+        let mut out = self.ws.take(self.config.act_dtype, x.rows(), self.config.hidden);
+        engine.ffn(x, &[0, x.rows()], &s.set, self.config.deterministic, &mut out)?;
+        Ok(out)
+    }
+
     /// `y = MoE(x)` for this rank's tokens `x` (`[N, D]` in the activation dtype; N may be 0
     /// and may differ per rank). Collective.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -410,7 +485,7 @@ impl<G: Group> MoeLayer<G> {
         let routing = {
             let _s = tracing::debug_span!("route", rank).entered();
             x.expect("input x", cfg.act_dtype, None, cfg.hidden)
-                .and_then(|_| router::route(x, &self.gate, cfg.top_k, cfg.norm_topk_prob))
+                .and_then(|_| router::route_config(x, &self.gate, self.selection_bias.as_deref(), cfg))
                 .map_err(|e| e.on_rank(rank))
         };
         let route_time = t.elapsed().as_secs_f64();
@@ -433,9 +508,28 @@ impl<G: Group> MoeLayer<G> {
         };
         let experts_time = t.elapsed().as_secs_f64();
 
+        // The shared expert on this rank's own tokens, before the combine exchange so that a
+        // failure reaches the peers through it.
+        let t = Instant::now();
+        let (ffn, shared_out) = match (&self.shared, ffn) {
+            (Some(s), Ok(())) if x.rows() > 0 => match self.shared_ffn(engine, s, x) {
+                Ok(o) => (Ok(()), Some(o)),
+                Err(e) => (Err(e), None),
+            },
+            (_, r) => (r, None),
+        };
+        let mut shared_time = t.elapsed().as_secs_f64();
+
         self.ws.recycle(d.batch);
-        let (y, mut stats) = combine_or_fail(&self.group, engine, &self.ws, d.handle, ffn.map(|_| &out))?;
+        let (mut y, mut stats) = combine_or_fail(&self.group, engine, &self.ws, d.handle, ffn.map(|_| &out))?;
         self.ws.recycle(out);
+        if let (Some(s), Some(o)) = (&self.shared, shared_out) {
+            let t = Instant::now();
+            add_shared(&mut y, &o, x, s.gate.as_ref()).map_err(|e| e.on_rank(rank))?;
+            self.ws.recycle(o);
+            shared_time += t.elapsed().as_secs_f64();
+        }
+        stats.times.shared = shared_time;
         stats.times.route = route_time;
         stats.times.experts = experts_time;
         if let Some(f) = &fallback {
@@ -445,4 +539,23 @@ impl<G: Group> MoeLayer<G> {
         self.metrics.lock().unwrap_or_else(|p| p.into_inner()).record(&stats, gpu_call);
         Ok((y, stats))
     }
+}
+
+/// `y += g * s` row by row, in f32 with one rounding to `y`'s dtype: `g = sigmoid(x · gate)`
+/// per token with a `[1, D]` gate, else 1. `y`, `s` are `[N, D]` in one dtype.
+fn add_shared(y: &mut Tensor, s: &Tensor, x: &Tensor, gate: Option<&Tensor>) -> Result<()> {
+    let (n, d) = (y.rows(), y.cols());
+    let scale: Vec<f32> = match gate {
+        Some(g) => router::router_logits(x, g)?.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
+        None => vec![1.0; n],
+    };
+    let mut yf = y.to_f32_vec();
+    let sf = s.to_f32_vec();
+    for (t, (yr, sr)) in yf.chunks_mut(d.max(1)).zip(sf.chunks(d.max(1))).enumerate() {
+        for (a, b) in yr.iter_mut().zip(sr) {
+            *a += scale[t] * b;
+        }
+    }
+    *y = Tensor::from_f32(y.dtype(), n, d, &yf)?;
+    Ok(())
 }

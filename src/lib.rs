@@ -48,7 +48,7 @@ pub mod weights;
 pub mod workspace;
 
 pub use checkpoint::{Checkpoint, Family};
-pub use config::{Capacity, MoeConfig};
+pub use config::{Capacity, GroupScore, MoeConfig, RouterConfig, Scoring, SharedExpertConfig};
 pub use cpu::CpuEngine;
 pub use dispatch::{CombineHandle, Dispatched, combine, combine_in, dispatch, dispatch_in};
 pub use dtype::{DType, Element};
@@ -63,5 +63,5 @@ pub use router::Routing;
 pub use stats::{ForwardStats, LayerMetrics, StageTimes};
 pub use tensor::Tensor;
 pub use warmup::{CrossoverPoint, WarmUpReport};
-pub use weights::{ExpertSet, ExpertWeights};
+pub use weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 pub use workspace::Workspace;

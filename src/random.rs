@@ -9,8 +9,9 @@ use rayon::prelude::*;
 
 use crate::config::MoeConfig;
 use crate::dtype::DType;
+use crate::placement::Placement;
 use crate::tensor::Tensor;
-use crate::weights::ExpertWeights;
+use crate::weights::{ExpertWeights, LayerWeights, SharedExpert};
 
 fn rng(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
@@ -58,6 +59,38 @@ pub fn expert(cfg: &MoeConfig, seed: u64, e: usize) -> ExpertWeights {
 /// The weights of the listed experts, in the order given.
 pub fn experts(cfg: &MoeConfig, seed: u64, ids: &[usize]) -> Vec<ExpertWeights> {
     ids.iter().map(|&e| expert(cfg, seed, e)).collect()
+}
+
+/// The selection bias `[E]` when `cfg`'s routing uses one (uniform in (-0.2, 0.2): of the order
+/// of the gaps between sigmoid scores, so it changes some choices), else `None`.
+pub fn selection_bias(cfg: &MoeConfig, seed: u64) -> Option<Vec<f32>> {
+    cfg.router.selection_bias.then(|| uniform(DType::F32, 1, cfg.num_experts, 0.2, seed, 2_000_000).to_f32_vec())
+}
+
+/// The shared expert when `cfg` has one (its gate too when gated), else `None`.
+pub fn shared_expert(cfg: &MoeConfig, seed: u64) -> Option<SharedExpert> {
+    let sc = cfg.shared_expert?;
+    let (d, f, dt) = (cfg.hidden, sc.intermediate, cfg.weight_dtype);
+    let s = 2_000_001;
+    Some(SharedExpert {
+        weights: ExpertWeights {
+            gate: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s),
+            up: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s + 1),
+            down: uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, s + 2),
+        },
+        gate: sc.gated.then(|| uniform(dt, 1, d, 3.0 / (d as f32).sqrt(), seed, s + 3)),
+    })
+}
+
+/// Rank `rank`'s [`LayerWeights`] under `placement`: the router, the selection bias and the
+/// shared expert when `cfg` has them, and its own experts.
+pub fn layer_weights(cfg: &MoeConfig, seed: u64, placement: &Placement, rank: usize) -> LayerWeights {
+    LayerWeights {
+        router: gate(cfg, seed),
+        selection_bias: selection_bias(cfg, seed),
+        experts: experts(cfg, seed, placement.experts_of(rank)),
+        shared: shared_expert(cfg, seed),
+    }
 }
 
 /// Make expert 0 every token's first choice: its router row gets weight 40 on feature 0

@@ -1,12 +1,13 @@
 //! A plain dense MoE in f64 on one rank: the reference every test compares with.
 //!
-//! Routing is computed in f64 with the same rules as the library (softmax, top-k with ties to
-//! the lower id, optional renormalisation, capacity drops first-choice-first per source rank);
-//! every token then goes through its experts and the weighted sum, all in f64.
+//! Routing is computed in f64 with the same rules as the library (softmax or sigmoid scores,
+//! selection bias, group-limited top-k with ties to the lower id, optional renormalisation,
+//! scaling, capacity drops first-choice-first per source rank); every token then goes through
+//! its experts, the weighted sum and the shared expert, all in f64.
 
-use crate::config::MoeConfig;
+use crate::config::{GroupScore, MoeConfig, Scoring};
 use crate::tensor::Tensor;
-use crate::weights::ExpertWeights;
+use crate::weights::{ExpertWeights, SharedExpert};
 
 /// Result of the reference on one rank's tokens.
 #[derive(Debug, Clone)]
@@ -23,23 +24,69 @@ pub struct Reference {
 
 /// Softmax top-k routing in f64 of `x` (`[N, D]`) with gate `[E, D]`.
 pub fn route_f64(x: &Tensor, gate: &Tensor, k: usize, renormalize: bool) -> (Vec<u32>, Vec<f64>) {
-    let (n, d, e) = (x.rows(), x.cols(), gate.rows());
+    let cfg = MoeConfig::new(gate.rows(), gate.cols(), 1, k).with_norm_topk_prob(renormalize);
+    route_f64_config(x, gate, None, &cfg)
+}
+
+/// Routing in f64 of `x` (`[N, D]`) with gate `[E, D]` and selection `bias` under `cfg`'s
+/// top-k, `norm_topk_prob` and [`crate::config::RouterConfig`]: scores (softmax or sigmoid),
+/// selection keys (the logit where it ranks as the score does, else score plus bias),
+/// group-limited selection, top-k by a stable sort (ties to the lower id), weights = scores,
+/// renormalised, scaled.
+pub fn route_f64_config(x: &Tensor, gate: &Tensor, bias: Option<&[f32]>, cfg: &MoeConfig) -> (Vec<u32>, Vec<f64>) {
+    let (n, d, e, k) = (x.rows(), x.cols(), gate.rows(), cfg.top_k);
+    let r = &cfg.router;
     let (xs, ws) = (x.to_f64_vec(), gate.to_f64_vec());
     let mut ids = Vec::with_capacity(n * k);
     let mut weights = Vec::with_capacity(n * k);
+    let desc = |v: &[f64]| {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        // Stable sort: equal values keep the lower index first.
+        order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).expect("finite scores"));
+        order
+    };
     for t in 0..n {
         let logits: Vec<f64> = (0..e).map(|j| (0..d).map(|c| xs[t * d + c] * ws[j * d + c]).sum()).collect();
-        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = logits.iter().map(|l| (l - max).exp()).sum();
-        let mut order: Vec<usize> = (0..e).collect();
-        // Stable sort: equal logits keep the lower id first.
-        order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).expect("finite logits"));
-        let top = &order[..k];
-        let mut w: Vec<f64> = top.iter().map(|&j| (logits[j] - max).exp() / z).collect();
-        if renormalize {
+        let scores: Vec<f64> = match r.scoring {
+            Scoring::Softmax => {
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+                logits.iter().map(|l| (l - max).exp() / z).collect()
+            }
+            Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+        };
+        let by_logit = bias.is_none() && (r.n_group == 1 || r.group_score == GroupScore::Max);
+        let mut keys: Vec<f64> = (0..e)
+            .map(|i| match bias {
+                _ if by_logit => logits[i],
+                Some(b) => scores[i] + b[i] as f64,
+                None => scores[i],
+            })
+            .collect();
+        if r.n_group > 1 {
+            let per = e / r.n_group;
+            let group_scores: Vec<f64> = keys
+                .chunks(per)
+                .map(|g| {
+                    let o = desc(g);
+                    match r.group_score {
+                        GroupScore::Max => g[o[0]],
+                        GroupScore::TopTwoSum => g[o[0]] + g[o[1]],
+                    }
+                })
+                .collect();
+            let kept = &desc(&group_scores)[..r.topk_group];
+            for g in (0..r.n_group).filter(|g| !kept.contains(g)) {
+                keys[g * per..(g + 1) * per].fill(f64::NEG_INFINITY);
+            }
+        }
+        let top: Vec<usize> = desc(&keys)[..k].to_vec();
+        let mut w: Vec<f64> = top.iter().map(|&j| scores[j]).collect();
+        if cfg.norm_topk_prob {
             let s: f64 = w.iter().sum();
             w.iter_mut().for_each(|v| *v /= s);
         }
+        w.iter_mut().for_each(|v| *v *= r.routed_scaling_factor as f64);
         ids.extend(top.iter().map(|&j| j as u32));
         weights.extend(w);
     }
@@ -80,10 +127,42 @@ pub fn expert_f64(w: &ExpertWeights, h: &[f64]) -> Vec<f64> {
     (0..d).map(|o| (0..f).map(|i| wd[o * f + i] * a[i]).sum()).collect()
 }
 
-/// The dense MoE of one rank's tokens `x` with all `E` experts (`experts[e]` is expert `e`).
+/// The dense MoE of one rank's tokens `x` with all `E` experts (`experts[e]` is expert `e`),
+/// for configs without selection bias or shared expert.
 pub fn dense_moe(x: &Tensor, gate: &Tensor, experts: &[ExpertWeights], cfg: &MoeConfig) -> Reference {
-    let (ids, weights) = route_f64(x, gate, cfg.top_k, cfg.norm_topk_prob);
-    dense_moe_routed(x, &ids, &weights, experts, cfg)
+    dense_moe_full(x, gate, None, experts, None, cfg)
+}
+
+/// The dense MoE with the config's full routing rules, selection `bias` (`[E]`) and the
+/// shared expert: `y = sum_j w_j expert_j(x) + g(x) shared(x)`, `g = sigmoid(x · gate)` when
+/// the shared expert is gated, else 1.
+pub fn dense_moe_full(
+    x: &Tensor,
+    gate: &Tensor,
+    bias: Option<&[f32]>,
+    experts: &[ExpertWeights],
+    shared: Option<&SharedExpert>,
+    cfg: &MoeConfig,
+) -> Reference {
+    let (ids, weights) = route_f64_config(x, gate, bias, cfg);
+    let mut r = dense_moe_routed(x, &ids, &weights, experts, cfg);
+    if let Some(s) = shared {
+        let (n, d) = (x.rows(), x.cols());
+        let xs = x.to_f64_vec();
+        let g = s.gate.as_ref().map(|g| g.to_f64_vec());
+        for t in 0..n {
+            let h = &xs[t * d..(t + 1) * d];
+            let o = expert_f64(&s.weights, h);
+            let scale = g.as_ref().map_or(1.0, |g| {
+                let z: f64 = g.iter().zip(h).map(|(a, b)| a * b).sum();
+                1.0 / (1.0 + (-z).exp())
+            });
+            for (yc, oc) in r.y[t * d..(t + 1) * d].iter_mut().zip(&o) {
+                *yc += scale * oc;
+            }
+        }
+    }
+    r
 }
 
 /// The dense MoE with given routing (`[N, k]` ids and weights).

@@ -16,11 +16,14 @@ pub struct StageTimes {
     /// Payload of the combine exchange (includes waiting for peers).
     pub exchange_back: f64,
     pub combine: f64,
+    /// The shared expert on this rank's own tokens, and adding it to the output (0 without one).
+    #[serde(default)]
+    pub shared: f64,
 }
 
 impl StageTimes {
     /// Stage names and values, in data-flow order.
-    pub fn entries(&self) -> [(&'static str, f64); 9] {
+    pub fn entries(&self) -> [(&'static str, f64); 10] {
         [
             ("route", self.route),
             ("plan", self.plan),
@@ -31,6 +34,7 @@ impl StageTimes {
             ("gather", self.gather),
             ("exchange_back", self.exchange_back),
             ("combine", self.combine),
+            ("shared", self.shared),
         ]
     }
 
@@ -130,5 +134,6 @@ impl LayerMetrics {
         t.gather += u.gather;
         t.exchange_back += u.exchange_back;
         t.combine += u.combine;
+        t.shared += u.shared;
     }
 }

@@ -1,7 +1,7 @@
 //! Expert weights.
 
 use crate::config::MoeConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// The three matrices of one SwiGLU expert, in Hugging Face layout `[out, in]`:
@@ -19,7 +19,11 @@ pub struct ExpertWeights {
 impl ExpertWeights {
     /// Check shapes and dtype against `config`; `name` goes into the message.
     pub fn validate(&self, config: &MoeConfig, name: &str) -> Result<()> {
-        let (d, f, dt) = (config.hidden, config.intermediate, config.weight_dtype);
+        self.validate_shape(config.hidden, config.intermediate, config.weight_dtype, name)
+    }
+
+    /// Check for `gate [f, d]`, `up [f, d]`, `down [d, f]`, all in `dt`.
+    pub fn validate_shape(&self, d: usize, f: usize, dt: crate::dtype::DType, name: &str) -> Result<()> {
         let check = |t: &Tensor, what: &str, rows: usize, cols: usize| {
             t.expect(&format!("{name}.{what}"), dt, Some(rows), cols)
         };
@@ -32,6 +36,106 @@ impl ExpertWeights {
     /// Bytes of the three matrices.
     pub fn bytes(&self) -> usize {
         self.gate.as_bytes().len() + self.up.as_bytes().len() + self.down.as_bytes().len()
+    }
+}
+
+/// A shared expert's weights (see [`crate::config::SharedExpertConfig`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedExpert {
+    /// `[Fs, D]`, `[Fs, D]`, `[D, Fs]` with `Fs` the shared expert's intermediate dimension.
+    pub weights: ExpertWeights,
+    /// `[1, D]`: the token's output is scaled by `sigmoid(x · gate)` (Qwen2-MoE); `None` when
+    /// the shared expert is not gated (DeepSeek).
+    pub gate: Option<Tensor>,
+}
+
+impl SharedExpert {
+    /// Check against `config.shared_expert`: shapes, dtype, and a gate exactly when gated.
+    pub fn validate(&self, config: &MoeConfig) -> Result<()> {
+        let Some(sc) = config.shared_expert else {
+            return Err(Error::invalid("a shared expert was given but the config has none"));
+        };
+        let (d, dt) = (config.hidden, config.weight_dtype);
+        self.weights.validate_shape(d, sc.intermediate, dt, "shared expert")?;
+        match (&self.gate, sc.gated) {
+            (Some(g), true) => g.expect("shared expert gate", dt, Some(1), d),
+            (None, false) => Ok(()),
+            (Some(_), false) => Err(Error::invalid("the shared expert has a gate but the config says ungated")),
+            (None, true) => Err(Error::invalid("the config's shared expert is gated but no gate weight was given")),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.weights.bytes() + self.gate.as_ref().map_or(0, |g| g.as_bytes().len())
+    }
+}
+
+/// What one rank holds of a layer: the router (replicated), its selection bias if the routing
+/// uses one (replicated), this rank's experts in increasing global id, and the shared expert
+/// if the model has one (replicated: every rank runs it on its own tokens).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerWeights {
+    /// `[E, D]`.
+    pub router: Tensor,
+    /// `[E]` (DeepSeek-V3's `e_score_correction_bias`).
+    pub selection_bias: Option<Vec<f32>>,
+    pub experts: Vec<ExpertWeights>,
+    pub shared: Option<SharedExpert>,
+}
+
+impl LayerWeights {
+    /// Router and local experts, no bias, no shared expert.
+    pub fn new(router: Tensor, experts: Vec<ExpertWeights>) -> Self {
+        LayerWeights { router, selection_bias: None, experts, shared: None }
+    }
+
+    pub fn with_selection_bias(mut self, bias: Vec<f32>) -> Self {
+        self.selection_bias = Some(bias);
+        self
+    }
+
+    pub fn with_shared(mut self, shared: SharedExpert) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Check everything but the experts (which the layer checks against its placement): the
+    /// router, a bias exactly when the routing uses one (`[E]`, finite), a shared expert
+    /// exactly when the config has one.
+    pub fn validate_replicated(&self, config: &MoeConfig) -> Result<()> {
+        validate_router(&self.router, config)?;
+        match (&self.selection_bias, config.router.selection_bias) {
+            (Some(b), true) => {
+                if b.len() != config.num_experts {
+                    return Err(Error::invalid(format!(
+                        "selection bias has {} entries for {} experts",
+                        b.len(),
+                        config.num_experts
+                    )));
+                }
+                if let Some(i) = b.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::invalid(format!("selection bias of expert {i} is {}", b[i])));
+                }
+            }
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(Error::invalid("a selection bias was given but the config's routing uses none"));
+            }
+            (None, true) => return Err(Error::invalid("the config's routing uses a selection bias; none was given")),
+        }
+        match (&self.shared, config.shared_expert) {
+            (Some(s), _) => s.validate(config),
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(Error::invalid("the config has a shared expert; no weights were given for it")),
+        }
+    }
+
+    /// Bytes of every tensor this rank holds.
+    pub fn bytes(&self) -> usize {
+        self.router.as_bytes().len()
+            + self.selection_bias.as_ref().map_or(0, |b| b.len() * 4)
+            + self.experts.iter().map(ExpertWeights::bytes).sum::<usize>()
+            + self.shared.as_ref().map_or(0, SharedExpert::bytes)
     }
 }
 

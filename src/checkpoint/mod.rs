@@ -5,14 +5,13 @@
 //! ```text
 //! let ckpt = Checkpoint::open("Qwen3-30B-A3B")?;
 //! let cfg = ckpt.moe_config(layer)?;
-//! let gate = ckpt.router(layer)?;
-//! let mine = ckpt.experts(layer, placement.experts_of(rank))?;
-//! let layer = MoeLayer::new(group, cfg, placement, gate, mine)?;
+//! let weights = ckpt.layer_weights(layer, &placement, rank)?; // router, bias, shared, mine
+//! let layer = MoeLayer::from_weights(group, cfg, placement, weights, gpu, options)?;
 //! ```
 //!
-//! Supported today: Mixtral and Qwen3-MoE (softmax top-k routing, with or without
-//! renormalisation). Qwen2-MoE's shared expert and DeepSeek-V2/V3 routing are refused with an
-//! error that says so.
+//! Families: Mixtral, Qwen2-MoE (gated shared expert), Qwen3-MoE, DeepSeek-V2 (greedy and
+//! group-limited greedy) and DeepSeek-V3 (sigmoid, selection bias, top-two group scores); see
+//! [`Family`]. FP8 checkpoints (DeepSeek-V3's original release) are refused by dtype.
 
 mod family;
 pub mod write;
@@ -31,8 +30,9 @@ pub use family::Family;
 use crate::config::MoeConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::placement::Placement;
 use crate::tensor::Tensor;
-use crate::weights::ExpertWeights;
+use crate::weights::{ExpertWeights, LayerWeights, SharedExpert};
 
 /// One mapped safetensors file and its parsed header.
 struct Shard {
@@ -188,6 +188,53 @@ impl Checkpoint {
             .collect()
     }
 
+    /// The selection bias `[E]` of `layer` as f32, for families whose routing has one
+    /// (DeepSeek-V3's `e_score_correction_bias`); `None` otherwise.
+    pub fn selection_bias(&self, layer: usize) -> Result<Option<Vec<f32>>> {
+        let cfg = self.moe_config(layer)?;
+        match self.family.bias_name(layer) {
+            Some(name) if cfg.router.selection_bias => Ok(Some(self.vector(&name, cfg.num_experts)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The shared expert of `layer` (and its gate, for Qwen2-MoE), if the layer has one.
+    pub fn shared_expert(&self, layer: usize) -> Result<Option<SharedExpert>> {
+        let cfg = self.moe_config(layer)?;
+        let (Some(sc), Some(([g, u, dn], gate))) = (cfg.shared_expert, self.family.shared_names(layer)) else {
+            return Ok(None);
+        };
+        let (d, f) = (cfg.hidden, sc.intermediate);
+        let weights =
+            ExpertWeights { gate: self.tensor(&g, f, d)?, up: self.tensor(&u, f, d)?, down: self.tensor(&dn, d, f)? };
+        let gate = match gate {
+            Some(name) if sc.gated => Some(self.tensor(&name, 1, d)?),
+            _ => None,
+        };
+        Ok(Some(SharedExpert { weights, gate }))
+    }
+
+    /// Everything rank `rank` holds of `layer` under `placement`: the router, the selection bias
+    /// and shared expert if the family has them, and only that rank's experts. Errors as
+    /// [`Checkpoint::experts`] does, and when the placement is for another expert count.
+    pub fn layer_weights(&self, layer: usize, placement: &Placement, rank: usize) -> Result<LayerWeights> {
+        let cfg = self.moe_config(layer)?;
+        if placement.num_experts() != cfg.num_experts || rank >= placement.world() {
+            return Err(Error::invalid(format!(
+                "placement of {} experts over {} ranks, asked for rank {rank}, for a layer of {} experts",
+                placement.num_experts(),
+                placement.world(),
+                cfg.num_experts
+            )));
+        }
+        Ok(LayerWeights {
+            router: self.router(layer)?,
+            selection_bias: self.selection_bias(layer)?,
+            experts: self.experts(layer, placement.experts_of(rank))?,
+            shared: self.shared_expert(layer)?,
+        })
+    }
+
     fn locate(&self, name: &str) -> Result<&Shard> {
         let s = self.index.get(name).ok_or_else(|| {
             let files: Vec<String> = self.shards.iter().map(|s| s.path.display().to_string()).collect();
@@ -226,6 +273,23 @@ impl Checkpoint {
         t.as_bytes_mut().copy_from_slice(bytes);
         self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(t)
+    }
+}
+
+impl Checkpoint {
+    /// One-dimensional tensor `name` of `len` entries, as f32 (from F32, F16 or BF16).
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let shard = self.locate(name)?;
+        let dtype = self.dtype_of(name)?;
+        let info = shard.meta.info(name).expect("indexed tensors are in their shard");
+        if info.shape != [len] {
+            return Err(ckpt_error(&shard.path, format!("tensor {name} has shape {:?}, expected [{len}]", info.shape)));
+        }
+        let (a, b) = info.data_offsets;
+        let mut t = Tensor::zeros(dtype, 1, len);
+        t.as_bytes_mut().copy_from_slice(&shard.map[shard.data_start + a..shard.data_start + b]);
+        self.bytes_read.fetch_add((b - a) as u64, Ordering::Relaxed);
+        Ok(t.to_f32_vec())
     }
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use moe_ep::reference::{self, Reference};
 use moe_ep::{
-    CpuEngine, DType, Engine, ExpertWeights, ForwardStats, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor,
-    random,
+    CpuEngine, DType, Engine, ExpertWeights, ForwardStats, Group, LayerWeights, LocalGroup, MoeConfig, MoeLayer,
+    Placement, Tensor, random,
 };
 
 /// Makes each rank's compute engine (given the rank).
@@ -89,16 +89,15 @@ impl Case {
         assert_eq!(g.size(), self.world, "the group's size is the case's world");
         let rank = g.rank();
         let p = self.placement();
-        let mine = random::experts(&self.cfg, self.seed, p.experts_of(rank));
-        let layer = MoeLayer::with_engine(g, self.cfg.clone(), p, self.gate(), mine, engine)?;
+        let w = LayerWeights { router: self.gate(), ..random::layer_weights(&self.cfg, self.seed, &p, rank) };
+        let layer = MoeLayer::with_engine_weights(g, self.cfg.clone(), p, w, engine)?;
         let out = layer.forward_with_stats(&self.input(rank))?;
         Ok((out, layer.into_group()))
     }
 
     /// Compare rank `r`'s output and statistics with the f64 dense reference.
     pub fn check_rank(&self, r: usize, y: &Tensor, stats: &ForwardStats) {
-        let experts = self.all_experts();
-        let w = reference::dense_moe(&self.input(r), &self.gate(), &experts, &self.cfg);
+        let w = self.reference_rank(r, &self.all_experts());
         let tol = tolerance(self.cfg.act_dtype);
         assert_eq!((y.rows(), y.cols()), (self.tokens[r], self.cfg.hidden), "rank {r}: output shape");
         assert_eq!(y.dtype(), self.cfg.act_dtype, "rank {r}: output dtype");
@@ -116,8 +115,14 @@ impl Case {
     /// The f64 dense reference for each rank's tokens.
     pub fn reference(&self) -> Vec<Reference> {
         let experts = self.all_experts();
-        let gate = self.gate();
-        (0..self.world).map(|r| reference::dense_moe(&self.input(r), &gate, &experts, &self.cfg)).collect()
+        (0..self.world).map(|r| self.reference_rank(r, &experts)).collect()
+    }
+
+    /// The reference for rank `r`'s tokens, with the config's selection bias and shared expert.
+    pub fn reference_rank(&self, r: usize, experts: &[ExpertWeights]) -> Reference {
+        let bias = random::selection_bias(&self.cfg, self.seed);
+        let shared = random::shared_expert(&self.cfg, self.seed);
+        reference::dense_moe_full(&self.input(r), &self.gate(), bias.as_deref(), experts, shared.as_ref(), &self.cfg)
     }
 
     /// Run on the CPU and compare every rank with the reference; returns the stats.
@@ -221,7 +226,24 @@ pub fn suite_cases(world: usize) -> Vec<Case> {
     let mut skewed = Case::new(small_cfg(2), world);
     skewed.skew = true;
     cases.push(skewed);
+    cases.push(Case::new(deepseek_v3_cfg(), world));
+    cases.push(Case::new(small_cfg(2).with_norm_topk_prob(false).with_shared_expert(24, true), world));
     cases
+}
+
+/// DeepSeek-V3's routing on [`small_cfg`]: sigmoid, selection bias, 4 groups scored by their
+/// top two, 2 kept, renormalised, scaled by 2.5; an ungated shared expert of 48.
+pub fn deepseek_v3_cfg() -> MoeConfig {
+    small_cfg(4)
+        .with_router(moe_ep::RouterConfig {
+            scoring: moe_ep::Scoring::Sigmoid,
+            n_group: 4,
+            topk_group: 2,
+            group_score: moe_ep::GroupScore::TopTwoSum,
+            selection_bias: true,
+            routed_scaling_factor: 2.5,
+        })
+        .with_shared_expert(48, false)
 }
 
 /// Builds one rank's layer from (group, config, placement, router weight, that rank's experts).

@@ -1,7 +1,8 @@
 //! Shared pieces of the moe-ep tools: model presets, timing summaries, table printing.
 
-use moe_ep::{DType, MoeConfig};
+use moe_ep::{DType, Group, GroupScore, MoeConfig, RouterConfig, Scoring};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// A named layer shape after a real model.
 #[derive(Debug, Clone, Serialize)]
@@ -12,6 +13,12 @@ pub struct Preset {
     pub intermediate: usize,
     pub top_k: usize,
     pub norm_topk_prob: bool,
+    /// `softmax` (top-k over all experts) or `deepseek-v3` (sigmoid scores, selection bias,
+    /// 8 groups scored by their top two, 4 kept, weights scaled by 2.5).
+    pub routing: &'static str,
+    /// Shared expert intermediate dimension (0: none) and whether it is gated (Qwen2-MoE).
+    pub shared_intermediate: usize,
+    pub shared_gated: bool,
     /// What differs from the real model, if anything.
     pub note: &'static str,
 }
@@ -25,7 +32,10 @@ pub const PRESETS: &[Preset] = &[
         intermediate: 1408,
         top_k: 6,
         norm_topk_prob: false,
-        note: "routed experts only; softmax routing without group limit",
+        routing: "softmax",
+        shared_intermediate: 2816,
+        shared_gated: false,
+        note: "routing greedy softmax (V2-Lite has no group limit); shared experts 2 x 1408",
     },
     Preset {
         name: "qwen3-30b-a3b",
@@ -34,6 +44,9 @@ pub const PRESETS: &[Preset] = &[
         intermediate: 768,
         top_k: 8,
         norm_topk_prob: true,
+        routing: "softmax",
+        shared_intermediate: 0,
+        shared_gated: false,
         note: "",
     },
     Preset {
@@ -43,6 +56,9 @@ pub const PRESETS: &[Preset] = &[
         intermediate: 14336,
         top_k: 2,
         norm_topk_prob: true,
+        routing: "softmax",
+        shared_intermediate: 0,
+        shared_gated: false,
         note: "",
     },
     Preset {
@@ -52,7 +68,10 @@ pub const PRESETS: &[Preset] = &[
         intermediate: 2048,
         top_k: 8,
         norm_topk_prob: true,
-        note: "256 experts scaled to 32 so bf16 weights fit in memory (2.8 GB); softmax instead of sigmoid routing",
+        routing: "deepseek-v3",
+        shared_intermediate: 2048,
+        shared_gated: false,
+        note: "256 experts scaled to 32 so bf16 weights fit in memory (2.8 GB routed + 88 MB shared); V3 routing with 8 groups of 4 experts, 4 kept",
     },
     Preset {
         name: "tiny",
@@ -61,6 +80,9 @@ pub const PRESETS: &[Preset] = &[
         intermediate: 512,
         top_k: 4,
         norm_topk_prob: true,
+        routing: "softmax",
+        shared_intermediate: 0,
+        shared_gated: false,
         note: "for smoke runs",
     },
 ];
@@ -74,9 +96,23 @@ pub fn preset(name: &str) -> Result<&'static Preset, String> {
 
 impl Preset {
     pub fn config(&self, act: DType, weight: DType) -> MoeConfig {
-        MoeConfig::new(self.num_experts, self.hidden, self.intermediate, self.top_k)
+        let mut c = MoeConfig::new(self.num_experts, self.hidden, self.intermediate, self.top_k)
             .with_norm_topk_prob(self.norm_topk_prob)
-            .with_dtypes(act, weight)
+            .with_dtypes(act, weight);
+        if self.routing == "deepseek-v3" {
+            c = c.with_router(RouterConfig {
+                scoring: Scoring::Sigmoid,
+                n_group: 8,
+                topk_group: 4,
+                group_score: GroupScore::TopTwoSum,
+                selection_bias: true,
+                routed_scaling_factor: 2.5,
+            });
+        }
+        if self.shared_intermediate > 0 {
+            c = c.with_shared_expert(self.shared_intermediate, self.shared_gated);
+        }
+        c
     }
 }
 
@@ -106,4 +142,50 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The group of an MPI job (`mpirun -n W tool --group mpi`), when the tools are built with
+/// `--features mpi`; without it, an error that says how to build them.
+#[cfg(feature = "mpi")]
+pub fn mpi_group(tool: &str) -> Result<moe_ep_mpi::MpiGroup, String> {
+    moe_ep_mpi::MpiGroup::init(std::time::Duration::from_secs(600)).map_err(|e| format!("{tool}: {e}"))
+}
+
+/// See the `mpi` feature's version: this build has no MPI.
+#[cfg(not(feature = "mpi"))]
+pub fn mpi_group(tool: &str) -> Result<moe_ep::LocalGroup, String> {
+    Err(format!("this {tool} was built without MPI: cargo build --release -p moe-ep-tools --features mpi"))
+}
+
+/// Every rank's `mine` on every rank, in rank order (JSON over the group: sizes, then the
+/// bytes padded to the largest).
+pub fn gather_json<G: Group, T: Serialize + DeserializeOwned>(g: &G, mine: &T) -> Result<Vec<T>, String> {
+    let bytes = serde_json::to_vec(mine).map_err(|e| e.to_string())?;
+    let lens = g.all_gather_u64(&[bytes.len() as u64]).map_err(|e| e.to_string())?;
+    let max = lens.iter().copied().max().unwrap_or(0) as usize;
+    let mut padded = bytes;
+    padded.resize(max, b' ');
+    let all = g.all_gather(&padded).map_err(|e| e.to_string())?;
+    all.chunks(max.max(1))
+        .zip(&lens)
+        .map(|(c, &l)| serde_json::from_slice(&c[..l as usize]).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// This process's resident set size in bytes (`VmRSS` of `/proc/self/status`; `None` where
+/// that file does not exist).
+pub fn resident_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Human bytes: `812.0 kB`, `3.4 MB`, `1.20 GB`.
+pub fn fmt_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GB", b as f64 / 1e9),
+        b if b >= 1 << 20 => format!("{:.1} MB", b as f64 / 1e6),
+        b => format!("{:.1} kB", b as f64 / 1e3),
+    }
 }

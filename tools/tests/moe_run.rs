@@ -4,15 +4,15 @@
 use std::process::Command;
 
 use moe_ep::checkpoint::write::write_checkpoint;
-use moe_ep::{DType, Family, MoeConfig, random};
+use moe_ep::{DType, Family, GroupScore, MoeConfig, Placement, RouterConfig, Scoring, random};
 
 #[test]
 fn moe_run_loads_a_checkpoint_and_reports() {
     let dir = std::env::temp_dir().join(format!("moe-run-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = MoeConfig::new(8, 32, 48, 2).with_dtypes(DType::BF16, DType::BF16);
-    let experts = random::experts(&cfg, 1, &(0..8).collect::<Vec<_>>());
-    write_checkpoint(&dir, Family::Mixtral, &cfg, 2, &random::gate(&cfg, 1), &experts, 3).unwrap();
+    let all = Placement::contiguous(8, 1).unwrap();
+    write_checkpoint(&dir, Family::Mixtral, &cfg, 2, &random::layer_weights(&cfg, 1, &all, 0), 3).unwrap();
     let run = |layer: &str| {
         Command::new(env!("CARGO_BIN_EXE_moe-run"))
             .args(["--checkpoint"])
@@ -24,14 +24,49 @@ fn moe_run_loads_a_checkpoint_and_reports() {
     let out = run("2");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "moe-run failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for needle in
-        ["Mixtral layer 2: E=8 D=32 F=48 k=2 bf16", "rank 3: read", "2 experts", "exchange_back", "forward median"]
-    {
+    for needle in [
+        "Mixtral layer 2: E=8 D=32 F=48 k=2 bf16",
+        "rank 3: 2 experts; read",
+        "holds",
+        "exchange_back",
+        "forward median",
+    ] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
     let out = run("7");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("layer 7 of a model with 3 layers"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn moe_run_runs_a_deepseek_v3_layer_with_bias_and_shared_expert() {
+    let dir = std::env::temp_dir().join(format!("moe-run-v3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = MoeConfig::new(8, 32, 16, 2)
+        .with_dtypes(DType::BF16, DType::BF16)
+        .with_router(RouterConfig {
+            scoring: Scoring::Sigmoid,
+            n_group: 4,
+            topk_group: 2,
+            group_score: GroupScore::TopTwoSum,
+            selection_bias: true,
+            routed_scaling_factor: 2.5,
+        })
+        .with_shared_expert(32, false);
+    let all = Placement::contiguous(8, 1).unwrap();
+    write_checkpoint(&dir, Family::DeepseekV3, &cfg, 1, &random::layer_weights(&cfg, 2, &all, 0), 2).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(["--checkpoint"])
+        .arg(&dir)
+        .args(["--layer", "1", "--world", "3", "--tokens", "4", "--iters", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "moe-run failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["DeepseekV3 layer 1", "Sigmoid", "intermediate: 32", "rank 2: 2 experts", "shared"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

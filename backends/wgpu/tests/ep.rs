@@ -6,7 +6,7 @@
 mod harness;
 
 use harness::{Case, TIMEOUT, small_cfg};
-use moe_ep::{Capacity, CpuEngine, DType, Engine, Group, LocalGroup, Tensor, router};
+use moe_ep::{Capacity, CpuEngine, DType, Engine, Group, LocalGroup, Tensor, random, router};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 
 fn gpu_engine(rank: usize) -> moe_ep::Result<Box<dyn Engine>> {
@@ -26,7 +26,8 @@ fn data_path(case: &Case, engine: harness::MakeEngine<'_>) -> Vec<Tensor> {
         let e = engine(rank)?;
         let x = case.input(rank);
         let cfg = &case.cfg;
-        let routing = router::route(&x, &case.gate(), cfg.top_k, cfg.norm_topk_prob)?;
+        let bias = random::selection_bias(cfg, case.seed);
+        let routing = router::route_config(&x, &case.gate(), bias.as_deref(), cfg)?;
         let d = moe_ep::dispatch(&g, e.as_ref(), &case.placement(), cfg.capacity, &x, &routing)?;
         let out = d.batch;
         moe_ep::combine(&g, e.as_ref(), d.handle, &out).map(|(y, _)| y)
@@ -79,4 +80,12 @@ fn gpu_path_every_dtype_capacity_and_skew() {
     let mut skewed = Case::new(small_cfg(2), 2);
     skewed.skew = true;
     same_as_cpu(&skewed);
+}
+
+#[test]
+fn gpu_layer_with_deepseek_routing_and_shared_experts() {
+    for world in [2, 3] {
+        same_as_cpu(&Case::new(harness::deepseek_v3_cfg(), world));
+        same_as_cpu(&Case::new(small_cfg(2).with_norm_topk_prob(false).with_shared_expert(24, true), world));
+    }
 }

@@ -111,14 +111,14 @@ struct RankJob<'a> {
 /// the timed ones' (wall seconds, stats), and the group back.
 fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, ForwardStats)>, G)> {
     let (cfg, rank) = (job.cfg, g.rank());
-    let mine = random::experts(cfg, job.seed, job.placement.experts_of(rank));
-    let (mut gate, mut x) = (random::gate(cfg, job.seed), random::input(cfg, job.tokens, job.seed, rank));
+    let mut w = random::layer_weights(cfg, job.seed, job.placement, rank);
+    let mut x = random::input(cfg, job.tokens, job.seed, rank);
     if job.skew {
-        (gate, x) = (random::skewed_gate(&gate), random::skewed_input(&x));
+        (w.router, x) = (random::skewed_gate(&w.router), random::skewed_input(&x));
     }
     let (p, c) = (job.placement.clone(), cfg.clone());
     let layer = match job.backend {
-        "cpu" => MoeLayer::new(g, c, p, gate, mine)?,
+        "cpu" => MoeLayer::from_weights(g, c, p, w, None, LayerOptions::default())?,
         policy => {
             let e = GpuEngine::new(&ContextOptions::from_env())?;
             if rank == 0 {
@@ -130,7 +130,7 @@ fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, Forw
                 }
                 _ => LayerOptions::default(),
             };
-            MoeLayer::with_gpu(g, c, p, gate, mine, Box::new(e), options)?
+            MoeLayer::from_weights(g, c, p, w, Some(Box::new(e)), options)?
         }
     };
     let report = layer.warm_up()?;
@@ -158,32 +158,8 @@ fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, Forw
     Ok((out, layer.into_group()))
 }
 
-/// Every rank's results on every rank (JSON over the group: sizes first, then padded bytes).
-fn gather_results<G: Group>(g: &G, mine: &[(f64, ForwardStats)]) -> Result<Vec<Vec<(f64, ForwardStats)>>, String> {
-    let bytes = serde_json::to_vec(mine).map_err(|e| e.to_string())?;
-    let lens = g.all_gather_u64(&[bytes.len() as u64]).map_err(|e| e.to_string())?;
-    let max = lens.iter().copied().max().unwrap_or(0) as usize;
-    let mut padded = bytes;
-    padded.resize(max, b' ');
-    let all = g.all_gather(&padded).map_err(|e| e.to_string())?;
-    all.chunks(max.max(1))
-        .zip(&lens)
-        .map(|(c, &l)| serde_json::from_slice(&c[..l as usize]).map_err(|e| e.to_string()))
-        .collect()
-}
-
-#[cfg(feature = "mpi")]
-fn mpi_group() -> Result<moe_ep_mpi::MpiGroup, String> {
-    moe_ep_mpi::MpiGroup::init(Duration::from_secs(600)).map_err(|e| e.to_string())
-}
-
-#[cfg(not(feature = "mpi"))]
-fn mpi_group() -> Result<LocalGroup, String> {
-    Err("this ep-bench was built without MPI: cargo build --release -p moe-ep-tools --features mpi".into())
-}
-
 fn run(mut args: Args) -> Result<(), String> {
-    let mpi = if args.group == "mpi" { Some(mpi_group()?) } else { None };
+    let mpi = if args.group == "mpi" { Some(moe_ep_tools::mpi_group("ep-bench")?) } else { None };
     if let Some(g) = &mpi {
         args.world = g.size();
     }
@@ -221,7 +197,7 @@ fn run(mut args: Args) -> Result<(), String> {
         // Other MPI ranks: the same layer, silently; rank 0 reports.
         let g = mpi.expect("only MPI has other ranks");
         let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
-        gather_results(&g, &mine)?;
+        moe_ep_tools::gather_json(&g, &mine)?;
         return Ok(());
     }
 
@@ -277,7 +253,7 @@ fn run(mut args: Args) -> Result<(), String> {
     let per_rank = match mpi {
         Some(g) => {
             let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
-            gather_results(&g, &mine)?
+            moe_ep_tools::gather_json(&g, &mine)?
         }
         None => {
             let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| run_rank(g, &job).map(|(out, _)| out))

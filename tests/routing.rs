@@ -1,0 +1,217 @@
+//! The routing rules beyond softmax top-k (sigmoid scores, selection bias, group-limited
+//! top-k, scaling) against the f64 router, and layers with those rules and a shared expert
+//! (DeepSeek-V2/V3 and Qwen2-MoE shapes, scaled down) against the f64 dense reference at
+//! several world sizes with uneven tokens.
+
+mod common;
+
+use common::{Case, TIMEOUT};
+use moe_ep::reference::route_f64_config;
+use moe_ep::router::{route_config, top_k};
+use moe_ep::{
+    DType, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Scoring, random,
+};
+
+/// DeepSeek-V3's rules on a small layer: sigmoid, selection bias, 8 groups scored by their top
+/// two, 4 kept, renormalised, scaled by 2.5; an ungated shared expert.
+fn deepseek_v3(e: usize, k: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k)
+        .with_norm_topk_prob(true)
+        .with_router(RouterConfig {
+            scoring: Scoring::Sigmoid,
+            n_group: 8,
+            topk_group: 4,
+            group_score: GroupScore::TopTwoSum,
+            selection_bias: true,
+            routed_scaling_factor: 2.5,
+        })
+        .with_shared_expert(48, false)
+}
+
+/// DeepSeek-V2's rules: softmax, 4 groups scored by their best, 2 kept, not renormalised,
+/// scaled by 16 (as DeepSeek-V2 is); an ungated shared expert.
+fn deepseek_v2(e: usize, k: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k)
+        .with_norm_topk_prob(false)
+        .with_router(RouterConfig {
+            n_group: 4,
+            topk_group: 2,
+            group_score: GroupScore::Max,
+            routed_scaling_factor: 16.0,
+            ..Default::default()
+        })
+        .with_shared_expert(40, false)
+}
+
+/// Qwen2-MoE: softmax top-k without renormalisation and a sigmoid-gated shared expert.
+fn qwen2_moe(e: usize, k: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k).with_norm_topk_prob(false).with_shared_expert(56, true)
+}
+
+#[test]
+fn router_rules_match_f64() {
+    let sigmoid_plain = MoeConfig::new(24, 48, 8, 4)
+        .with_router(RouterConfig { scoring: Scoring::Sigmoid, ..Default::default() })
+        .with_norm_topk_prob(false);
+    for base in [deepseek_v3(64, 8), deepseek_v3(32, 4), deepseek_v2(32, 6), qwen2_moe(12, 4), sigmoid_plain] {
+        for dt in DType::ALL {
+            let cfg = base.clone().with_dtypes(dt, dt);
+            let x = random::input(&cfg, 41, 5, 0);
+            let gate = random::gate(&cfg, 5);
+            let bias = random::selection_bias(&cfg, 5);
+            let got = route_config(&x, &gate, bias.as_deref(), &cfg).unwrap();
+            let (ids, ws) = route_f64_config(&x, &gate, bias.as_deref(), &cfg);
+            assert_eq!(got.ids, ids, "{:?} {dt}", cfg.router);
+            for (a, b) in got.weights.iter().zip(&ws) {
+                assert!(((*a as f64) - b).abs() <= 1e-5 * b.abs().max(1e-3), "{:?}: {a} vs {b}", cfg.router);
+            }
+            if cfg.norm_topk_prob {
+                let k = cfg.top_k;
+                for t in 0..41 {
+                    let s: f32 = got.weights[t * k..(t + 1) * k].iter().sum();
+                    assert!((s - cfg.router.routed_scaling_factor).abs() < 1e-5 * s, "token {t}: weights sum to {s}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn group_limited_selection_keeps_only_the_best_groups() {
+    // 8 experts in 4 groups of 2; softmax, groups scored by their best, 2 kept, k = 2.
+    let rules = RouterConfig { n_group: 4, topk_group: 2, ..Default::default() };
+    // Group maxima: g0 = 1.0, g1 = 3.0, g2 = 2.9, g3 = 0.0. Expert 3 (3.0) and expert 4 (2.9)
+    // lead; expert 5 (2.8) is third overall but g2 is kept, so it stays a candidate.
+    let logits = [1.0f32, 0.5, 2.0, 3.0, 2.9, 2.8, 0.0, -1.0];
+    let r = top_k(&logits, 8, 3, false, &rules, None).unwrap();
+    assert_eq!(r.ids, vec![3, 4, 5]);
+    // With one group kept, only g1's experts can be chosen: 3, then 2.
+    let one = RouterConfig { topk_group: 1, ..rules };
+    let r = top_k(&logits, 8, 2, false, &one, None).unwrap();
+    assert_eq!(r.ids, vec![3, 2]);
+    // Weights are the softmax over all 8 experts, not over the kept ones.
+    let z: f32 = logits.iter().map(|l| (l - 3.0).exp()).sum();
+    assert!((r.weights[0] - 1.0 / z).abs() < 1e-6);
+    // Top-two-sum: g2 = 2.9 + 2.8 beats g1 = 3.0 + 2.0, so with one group kept it is g2.
+    let two = RouterConfig { group_score: GroupScore::TopTwoSum, ..one };
+    let r = top_k(&logits, 8, 2, false, &two, None).unwrap();
+    assert_eq!(r.ids, vec![4, 5]);
+    // More experts than the kept groups hold is refused.
+    let e = top_k(&logits, 8, 3, false, &one, None).unwrap_err().to_string();
+    assert!(e.contains("topk_group"), "{e}");
+}
+
+#[test]
+fn selection_bias_changes_choices_but_not_weights() {
+    let rules = RouterConfig { scoring: Scoring::Sigmoid, selection_bias: true, ..Default::default() };
+    // Expert 2 has the best score, but a bias of -1 moves expert 0 ahead of it.
+    let logits = [1.0f32, 0.0, 2.0, -1.0];
+    let bias = [0.0f32, 0.0, -1.0, 0.0];
+    let r = top_k(&logits, 4, 2, false, &rules, Some(&bias)).unwrap();
+    assert_eq!(r.ids, vec![0, 1]);
+    let sig = |z: f32| 1.0 / (1.0 + (-z).exp());
+    assert_eq!(r.weights, vec![sig(1.0), sig(0.0)]);
+    // Missing, unexpected and wrong-length biases are errors.
+    assert!(top_k(&logits, 4, 2, false, &rules, None).unwrap_err().to_string().contains("none was given"));
+    let plain = RouterConfig::default();
+    assert!(top_k(&logits, 4, 2, false, &plain, Some(&bias)).is_err());
+    assert!(top_k(&logits, 4, 2, false, &rules, Some(&bias[..3])).unwrap_err().to_string().contains("3 entries"));
+}
+
+#[test]
+fn bias_changes_some_routes_on_random_data() {
+    let cfg = deepseek_v3(64, 8);
+    let x = random::input(&cfg, 64, 9, 0);
+    let gate = random::gate(&cfg, 9);
+    let bias = random::selection_bias(&cfg, 9).unwrap();
+    let with = route_config(&x, &gate, Some(&bias), &cfg).unwrap();
+    let zero = vec![0f32; 64];
+    let without = route_config(&x, &gate, Some(&zero), &cfg).unwrap();
+    let changed = (0..64).filter(|t| with.ids[t * 8..(t + 1) * 8] != without.ids[t * 8..(t + 1) * 8]).count();
+    assert!(changed > 8, "the bias changed the experts of only {changed} of 64 tokens");
+}
+
+#[test]
+fn deepseek_v3_layer_matches_the_reference_at_several_world_sizes() {
+    for dt in [DType::F32, DType::BF16] {
+        for world in [1, 2, 3, 4] {
+            let case = Case::new(deepseek_v3(24, 4).with_dtypes(dt, dt), world);
+            let stats = case.check();
+            assert!(stats.iter().any(|s| s.times.shared > 0.0), "the shared expert stage ran");
+        }
+    }
+}
+
+#[test]
+fn deepseek_v2_layer_matches_the_reference_at_several_world_sizes() {
+    for world in [1, 2, 3, 4] {
+        Case::new(deepseek_v2(24, 3), world).check();
+    }
+}
+
+#[test]
+fn qwen2_moe_layer_with_a_gated_shared_expert_matches_the_reference() {
+    for dt in [DType::F32, DType::F16] {
+        for world in [1, 2, 3] {
+            Case::new(qwen2_moe(12, 4).with_dtypes(dt, dt), world).check();
+        }
+    }
+}
+
+#[test]
+fn missing_or_mismatched_bias_and_shared_expert_are_errors_on_every_rank() {
+    let cfg = deepseek_v3(16, 4);
+    let p = Placement::contiguous(16, 2).unwrap();
+    let run = |edit: &(dyn Fn(usize, &mut LayerWeights) + Sync)| -> Vec<String> {
+        LocalGroup::run(2, TIMEOUT, |g| {
+            let rank = moe_ep::Group::rank(&g);
+            let mut w = random::layer_weights(&cfg, 1, &p, rank);
+            edit(rank, &mut w);
+            MoeLayer::from_weights(g, cfg.clone(), p.clone(), w, None, Default::default()).map(|_| ())
+        })
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap().expect_err("an error").to_string())
+        .collect()
+    };
+    // A rank without the bias: that rank says what is missing, the other names it.
+    let e = run(&|rank, w| {
+        if rank == 1 {
+            w.selection_bias = None;
+        }
+    });
+    assert!(e[1].contains("rank 1") && e[1].contains("selection bias"), "{}", e[1]);
+    assert!(e[0].contains("rank 1"), "{}", e[0]);
+    // No shared expert at all.
+    let e = run(&|_, w| w.shared = None);
+    assert!(e.iter().all(|m| m.contains("shared expert")), "{e:?}");
+    // Shared expert weights that differ between ranks.
+    let e = run(&|rank, w| {
+        if rank == 1 {
+            let s = w.shared.as_mut().unwrap();
+            s.weights.up = random::uniform(DType::F32, 48, 32, 0.1, 77, 0);
+        }
+    });
+    assert!(e.iter().all(|m| m.contains("shared expert weight differs")), "{e:?}");
+    // A bias that differs between ranks.
+    let e = run(&|rank, w| {
+        if rank == 1 {
+            w.selection_bias.as_mut().unwrap()[3] += 0.5;
+        }
+    });
+    assert!(e.iter().all(|m| m.contains("selection bias differs")), "{e:?}");
+    // A shared expert of the wrong size.
+    let e = run(&|_, w| w.shared.as_mut().unwrap().weights.down = random::uniform(DType::F32, 32, 40, 0.1, 1, 1));
+    assert!(e.iter().all(|m| m.contains("shared expert.down")), "{e:?}");
+}
+
+#[test]
+fn invalid_routing_rules_are_refused() {
+    let bad = |r: RouterConfig| MoeConfig::new(16, 8, 8, 4).with_router(r).validate().unwrap_err().to_string();
+    assert!(bad(RouterConfig { n_group: 3, ..Default::default() }).contains("divide"));
+    assert!(bad(RouterConfig { n_group: 4, topk_group: 5, ..Default::default() }).contains("topk_group"));
+    assert!(bad(RouterConfig { n_group: 16, topk_group: 2, ..Default::default() }).contains("keep at least"));
+    let two = RouterConfig { n_group: 16, topk_group: 4, group_score: GroupScore::TopTwoSum, ..Default::default() };
+    assert!(bad(two).contains("at least 2 experts per group"));
+    assert!(bad(RouterConfig { routed_scaling_factor: f32::NAN, ..Default::default() }).contains("routed_scaling"));
+}
