@@ -155,7 +155,7 @@ impl Checkpoint {
 
     /// The MoE layer shape and routing of decoder layer `layer`, with activations and weights
     /// in the checkpoint's dtype (of the layer's router weight). Errors when the layer has no
-    /// MoE block, or when the family's routing or shared experts are not supported yet.
+    /// MoE block, or when its keys describe a routing this library does not implement.
     pub fn moe_config(&self, layer: usize) -> Result<MoeConfig> {
         let cfg =
             self.family.moe_config(&self.config, layer).map_err(|e| ckpt_error(&self.dir.join("config.json"), e))?;

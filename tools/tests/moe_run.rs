@@ -40,9 +40,10 @@ fn moe_run_loads_a_checkpoint_and_reports() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn moe_run_runs_a_deepseek_v3_layer_with_bias_and_shared_expert() {
-    let dir = std::env::temp_dir().join(format!("moe-run-v3-{}", std::process::id()));
+/// A 2-layer DeepSeek-V3 checkpoint (layer 1 MoE: selection bias, groups, a shared expert),
+/// sharded over two files.
+fn deepseek_v3_checkpoint(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = MoeConfig::new(8, 32, 16, 2)
         .with_dtypes(DType::BF16, DType::BF16)
@@ -57,6 +58,14 @@ fn moe_run_runs_a_deepseek_v3_layer_with_bias_and_shared_expert() {
         .with_shared_expert(32, false);
     let all = Placement::contiguous(8, 1).unwrap();
     write_checkpoint(&dir, Family::DeepseekV3, &cfg, 1, &random::layer_weights(&cfg, 2, &all, 0), 2).unwrap();
+    dir
+}
+
+const V3_NEEDLES: [&str; 5] = ["DeepseekV3 layer 1", "Sigmoid", "intermediate: 32", "rank 2: 2 experts", "shared"];
+
+#[test]
+fn moe_run_runs_a_deepseek_v3_layer_with_bias_and_shared_expert() {
+    let dir = deepseek_v3_checkpoint("moe-run-v3");
     let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
         .args(["--checkpoint"])
         .arg(&dir)
@@ -65,7 +74,31 @@ fn moe_run_runs_a_deepseek_v3_layer_with_bias_and_shared_expert() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "moe-run failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["DeepseekV3 layer 1", "Sigmoid", "intermediate: 32", "rank 2: 2 experts", "shared"] {
+    for needle in V3_NEEDLES {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// moe-run as 3 MPI processes: each reads its own share; rank 0 prints every rank's line.
+#[cfg(feature = "mpi")]
+#[test]
+fn moe_run_over_mpi_processes() {
+    let dir = deepseek_v3_checkpoint("moe-run-v3-mpi");
+    let version = Command::new("mpirun").arg("--version").output().expect("mpirun not found: run scripts/test.sh");
+    let mut cmd = Command::new("mpirun");
+    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
+        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
+    }
+    let out = cmd
+        .args(["-n", "3", env!("CARGO_BIN_EXE_moe-run"), "--group", "mpi", "--checkpoint"])
+        .arg(&dir)
+        .args(["--layer", "1", "--tokens", "4", "--iters", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "mpirun moe-run failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for needle in V3_NEEDLES.iter().chain(&["one rank per process", "rank 0: forward median"]) {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
     std::fs::remove_dir_all(&dir).ok();
