@@ -1,10 +1,10 @@
 //! `MoeLayer`: route, dispatch, experts, combine on one rank of a group.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use crate::agree::{Field, agree};
 use crate::config::MoeConfig;
 use crate::cpu::CpuEngine;
 use crate::dispatch::{combine_or_fail, dispatch_or_fail};
@@ -17,7 +17,7 @@ use crate::router;
 use crate::stats::{ForwardStats, LayerMetrics};
 use crate::tensor::Tensor;
 use crate::warmup::{WarmUpReport, measure_crossover};
-use crate::weights::{ExpertSet, ExpertWeights, LayerWeights};
+use crate::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 use crate::workspace::Workspace;
 
 /// `crossover` value: not decided yet (measured at warm-up or on the first call).
@@ -89,10 +89,20 @@ impl<G: Group> std::fmt::Debug for MoeLayer<G> {
     }
 }
 
-fn hash_bytes(b: &[u8]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    b.hash(&mut h);
-    h.finish()
+/// The agreement fields of the replicated weights: router, selection bias, shared expert.
+pub(crate) fn replicated_fields(gate: &Tensor, bias: Option<&[f32]>, shared: Option<&SharedExpert>) -> Vec<Field> {
+    let bias_bits: Vec<u32> = bias.iter().copied().flatten().map(|v| v.to_bits()).collect();
+    let shared_parts: Vec<&[u8]> = shared.map_or(Vec::new(), |s| {
+        let w = &s.weights;
+        let mut parts = vec![w.gate.as_bytes(), w.up.as_bytes(), w.down.as_bytes()];
+        parts.extend(s.gate.as_ref().map(|g| g.as_bytes()));
+        parts
+    });
+    vec![
+        Field::hash("router weight", &[gate.as_bytes()]),
+        Field::hash("selection bias", &[bytemuck::cast_slice(&bias_bits)]),
+        Field::hash("shared expert weight", &shared_parts),
+    ]
 }
 
 impl<G: Group> MoeLayer<G> {
@@ -234,42 +244,14 @@ impl<G: Group> MoeLayer<G> {
         .map_err(|e| e.on_rank(rank));
 
         // Agreement round: status, then every field that must match, then hashes of the
-        // placement and the router weight.
-        let mut fields: Vec<(&str, u64)> = vec![("status", local.is_err() as u64)];
-        fields.extend(config.fingerprint_fields());
+        // placement and the replicated weights.
+        let mut fields: Vec<Field> =
+            config.fingerprint_fields().into_iter().map(|(n, v)| Field::number(n, v)).collect();
         let owners: Vec<u64> = placement.owners().iter().map(|&r| r as u64).collect();
-        fields.push(("placement", hash_bytes(bytemuck::cast_slice(&owners))));
-        let ok = local.is_ok();
-        fields.push(("router weight", if ok { hash_bytes(gate.as_bytes()) } else { 0 }));
-        let bias_bits: Vec<u32> = selection_bias.iter().flatten().map(|v| v.to_bits()).collect();
-        fields.push(("selection bias", if ok { hash_bytes(bytemuck::cast_slice(&bias_bits)) } else { 0 }));
-        let shared_hash = shared.as_ref().map_or(0, |s| {
-            let w = &s.weights;
-            let mut parts = vec![w.gate.as_bytes(), w.up.as_bytes(), w.down.as_bytes()];
-            parts.extend(s.gate.as_ref().map(|g| g.as_bytes()));
-            hash_bytes(&parts.concat())
-        });
-        fields.push(("shared expert weight", if ok { shared_hash } else { 0 }));
-        let mine: Vec<u64> = fields.iter().map(|f| f.1).collect();
-        let all = group.all_gather_u64(&mine)?;
+        fields.push(Field::hash("placement", &[bytemuck::cast_slice(&owners)]));
+        fields.extend(replicated_fields(&gate, selection_bias.as_deref(), shared.as_ref()));
+        agree(&group, "MoeLayer::new", local.is_err(), &fields)?;
         let (options, crossover) = local?;
-        let m = mine.len();
-        for peer in 0..group.size() {
-            if all[peer * m] != 0 {
-                return Err(Error::PeerFailed { rank, op: "MoeLayer::new", peer });
-            }
-        }
-        for (i, (name, _)) in fields.iter().enumerate().skip(1) {
-            if let Some(peer) = (1..group.size()).find(|&p| all[p * m + i] != all[i]) {
-                let hashed = ["placement", "router weight", "selection bias", "shared expert weight"];
-                let what = if hashed.contains(name) {
-                    format!("{name} differs between rank 0 and rank {peer}")
-                } else {
-                    format!("{name} is {} on rank 0 but {} on rank {peer}", all[i], all[peer * m + i])
-                };
-                return Err(Error::ConfigMismatch { rank, detail: what });
-            }
-        }
         let experts = ExpertSet::new(experts);
         let shared = shared.map(|s| Shared { set: ExpertSet::new(vec![s.weights]), gate: s.gate });
         let mut set_ids = vec![experts.id()];
@@ -543,7 +525,7 @@ impl<G: Group> MoeLayer<G> {
 
 /// `y += g * s` row by row, in f32 with one rounding to `y`'s dtype: `g = sigmoid(x · gate)`
 /// per token with a `[1, D]` gate, else 1. `y`, `s` are `[N, D]` in one dtype.
-fn add_shared(y: &mut Tensor, s: &Tensor, x: &Tensor, gate: Option<&Tensor>) -> Result<()> {
+pub(crate) fn add_shared(y: &mut Tensor, s: &Tensor, x: &Tensor, gate: Option<&Tensor>) -> Result<()> {
     let (n, d) = (y.rows(), y.cols());
     let scale: Vec<f32> = match gate {
         Some(g) => router::router_logits(x, g)?.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),

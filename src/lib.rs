@@ -24,6 +24,7 @@
 //! }
 //! ```
 
+mod agree;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
@@ -43,6 +44,7 @@ pub mod router;
 mod segments;
 pub mod stats;
 pub mod tensor;
+pub mod tp;
 pub mod warmup;
 pub mod weights;
 pub mod workspace;
@@ -62,6 +64,7 @@ pub use policy::{BackendChoice, LayerOptions, OnGpuError};
 pub use router::Routing;
 pub use stats::{ForwardStats, LayerMetrics, StageTimes};
 pub use tensor::Tensor;
+pub use tp::TpLayer;
 pub use warmup::{CrossoverPoint, WarmUpReport};
 pub use weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 pub use workspace::Workspace;

@@ -103,6 +103,16 @@ impl LayerWeights {
     /// router, a bias exactly when the routing uses one (`[E]`, finite), a shared expert
     /// exactly when the config has one.
     pub fn validate_replicated(&self, config: &MoeConfig) -> Result<()> {
+        self.validate_router_and_bias(config)?;
+        match (&self.shared, config.shared_expert) {
+            (Some(s), _) => s.validate(config),
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err(Error::invalid("the config has a shared expert; no weights were given for it")),
+        }
+    }
+
+    /// Check the router (`[E, D]`) and a bias exactly when the routing uses one (`[E]`, finite).
+    pub fn validate_router_and_bias(&self, config: &MoeConfig) -> Result<()> {
         validate_router(&self.router, config)?;
         match (&self.selection_bias, config.router.selection_bias) {
             (Some(b), true) => {
@@ -123,11 +133,7 @@ impl LayerWeights {
             }
             (None, true) => return Err(Error::invalid("the config's routing uses a selection bias; none was given")),
         }
-        match (&self.shared, config.shared_expert) {
-            (Some(s), _) => s.validate(config),
-            (None, None) => Ok(()),
-            (None, Some(_)) => Err(Error::invalid("the config has a shared expert; no weights were given for it")),
-        }
+        Ok(())
     }
 
     /// Bytes of every tensor this rank holds.

@@ -95,6 +95,55 @@ impl Case {
         Ok((out, layer.into_group()))
     }
 
+    /// The whole layer's weights (all experts), as [`moe_ep::tp::tp_weights`] slices them.
+    pub fn full_weights(&self) -> LayerWeights {
+        let all = Placement::contiguous(self.cfg.num_experts, 1).unwrap();
+        LayerWeights { router: self.gate(), ..random::layer_weights(&self.cfg, self.seed, &all, 0) }
+    }
+
+    /// The case as a tensor-parallel layer ([`moe_ep::TpLayer`]) with each rank's engine made
+    /// by `engine`; per rank (y, stats).
+    pub fn run_tp_with(&self, engine: MakeEngine<'_>) -> Vec<(Tensor, ForwardStats)> {
+        let outs = LocalGroup::run(self.world, TIMEOUT, |g| {
+            let rank = g.rank();
+            self.run_tp_rank(g, engine(rank)?).map(|(out, _)| out)
+        })
+        .unwrap();
+        let outs: Vec<_> =
+            outs.into_iter().enumerate().map(|(r, o)| o.unwrap_or_else(|_| panic!("rank {r} panicked"))).collect();
+        let errors: Vec<String> = outs.iter().filter_map(|o| o.as_ref().err().map(|e| e.to_string())).collect();
+        assert!(errors.is_empty(), "{self:?}: {errors:#?}");
+        outs.into_iter().map(|o| o.unwrap()).collect()
+    }
+
+    /// One rank's part of the case as a tensor-parallel layer on any group: (y, stats) and the
+    /// group back.
+    pub fn run_tp_rank<G: Group>(&self, g: G, engine: Box<dyn Engine>) -> moe_ep::Result<((Tensor, ForwardStats), G)> {
+        let rank = g.rank();
+        let w = moe_ep::tp::tp_weights(&self.full_weights(), &self.cfg, rank, self.world)?;
+        let layer = moe_ep::TpLayer::new(g, self.cfg.clone(), w, engine)?;
+        let out = layer.forward_with_stats(&self.input(rank))?;
+        Ok((out, layer.into_group()))
+    }
+
+    /// Compare each rank's tensor-parallel output with the reference.
+    pub fn check_tp_outputs(&self, got: &[(Tensor, ForwardStats)]) {
+        for (r, (y, stats)) in got.iter().enumerate() {
+            self.check_tp_rank(r, y, stats);
+        }
+    }
+
+    /// Compare rank `r`'s tensor-parallel output with the reference. Partials are rounded to
+    /// the activation dtype once per rank before they are summed, so the tolerance grows with
+    /// the world size.
+    pub fn check_tp_rank(&self, r: usize, y: &Tensor, stats: &ForwardStats) {
+        let w = self.reference_rank(r, &self.all_experts());
+        let tol = tolerance(self.cfg.act_dtype) * (1.0 + (self.world as f64).sqrt());
+        assert_eq!((y.rows(), y.cols(), y.dtype()), (self.tokens[r], self.cfg.hidden, self.cfg.act_dtype));
+        assert_eq!(stats.tokens, self.tokens[r]);
+        assert_close(&y.to_f64_vec(), &w.y, tol, &format!("TP {self:?} rank {r}"));
+    }
+
     /// Compare rank `r`'s output and statistics with the f64 dense reference.
     pub fn check_rank(&self, r: usize, y: &Tensor, stats: &ForwardStats) {
         let w = self.reference_rank(r, &self.all_experts());

@@ -2,7 +2,7 @@
 //! `tests/mpirun.rs` launches it at several world sizes; each scenario prints one line per rank.
 //!
 //! ```text
-//! mpirun -n 3 target/debug/examples/mpi_suite suite   # group operations + layer vs the dense reference
+//! mpirun -n 3 target/debug/examples/mpi_suite suite   # group operations + EP and TP layers vs the dense reference
 //! mpirun -n 3 target/debug/examples/mpi_suite stall   # the last rank stalls: the others time out naming it
 //! mpirun -n 3 target/debug/examples/mpi_suite kill    # the last rank dies mid-run
 //! ```
@@ -12,7 +12,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{cpu_engine, group_ops, suite_cases};
+use harness::{Case, cpu_engine, deepseek_v3_cfg, group_ops, suite_cases};
 use moe_ep::Group;
 use moe_ep_mpi::MpiGroup;
 
@@ -57,6 +57,19 @@ fn suite(mut g: MpiGroup) -> moe_ep::Result<MpiGroup> {
                 assert_eq!(sent[a * world + b], got[b * world + a], "rows {a} -> {b}");
             }
         }
+        group = back;
+    }
+    // The tensor-parallel layer (ep-vs-tp's baseline) on the same cases.
+    for case in &suite_cases(world)[..3] {
+        let rank = group.rank();
+        let ((y, stats), back) = case.run_tp_rank(group, cpu_engine(rank)?)?;
+        case.check_tp_rank(rank, &y, &stats);
+        group = back;
+    }
+    for case in [Case::new(deepseek_v3_cfg(), world)] {
+        let rank = group.rank();
+        let ((y, stats), back) = case.run_tp_rank(group, cpu_engine(rank)?)?;
+        case.check_tp_rank(rank, &y, &stats);
         group = back;
     }
     Ok(group)

@@ -89,3 +89,15 @@ fn gpu_layer_with_deepseek_routing_and_shared_experts() {
         same_as_cpu(&Case::new(small_cfg(2).with_norm_topk_prob(false).with_shared_expert(24, true), world));
     }
 }
+
+#[test]
+fn tp_layer_on_the_gpu_matches_the_reference() {
+    for world in [2, 3] {
+        for cfg in [small_cfg(2).with_dtypes(DType::BF16, DType::BF16), harness::deepseek_v3_cfg()] {
+            let case = Case::new(cfg, world);
+            let got = case.run_tp_with(&gpu_engine);
+            assert!(got.iter().all(|(_, s)| s.backend.starts_with("wgpu:")));
+            case.check_tp_outputs(&got);
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The agreement round of collective constructors: every rank's status and the fields that must
+//! be equal on every rank (config numbers, hashes of replicated weights), gathered once.
+
+use std::hash::{Hash, Hasher};
+
+use crate::error::{Error, Result};
+use crate::group::Group;
+
+/// A field compared across ranks: its name, its value on this rank, and whether the value is a
+/// hash (reported as "differs") rather than a number (reported with both values).
+pub(crate) struct Field {
+    pub name: &'static str,
+    pub value: u64,
+    pub hashed: bool,
+}
+
+impl Field {
+    pub fn number(name: &'static str, value: u64) -> Self {
+        Field { name, value, hashed: false }
+    }
+
+    /// A hash of `parts` (one after another).
+    pub fn hash(name: &'static str, parts: &[&[u8]]) -> Self {
+        let mut h = std::hash::DefaultHasher::new();
+        for p in parts {
+            p.hash(&mut h);
+        }
+        Field { name, value: h.finish(), hashed: true }
+    }
+}
+
+/// Gather `failed` and `fields` from every rank (collective). When this rank failed, returns
+/// `Ok` so that the caller returns its own error; otherwise errors with
+/// [`Error::PeerFailed`] naming the first failed peer, or [`Error::ConfigMismatch`] naming the
+/// first field that differs from rank 0's and the rank where it does.
+pub(crate) fn agree<G: Group + ?Sized>(group: &G, op: &'static str, failed: bool, fields: &[Field]) -> Result<()> {
+    let rank = group.rank();
+    let mut mine = vec![failed as u64];
+    // A failed rank's fields may be meaningless; zeros keep the round the same size.
+    mine.extend(fields.iter().map(|f| if failed { 0 } else { f.value }));
+    let all = group.all_gather_u64(&mine)?;
+    if failed {
+        return Ok(());
+    }
+    let m = mine.len();
+    if let Some(peer) = (0..group.size()).find(|&p| all[p * m] != 0) {
+        return Err(Error::PeerFailed { rank, op, peer });
+    }
+    for (i, f) in fields.iter().enumerate().map(|(i, f)| (i + 1, f)) {
+        if let Some(peer) = (1..group.size()).find(|&p| all[p * m + i] != all[i]) {
+            let detail = if f.hashed {
+                format!("{} differs between rank 0 and rank {peer}", f.name)
+            } else {
+                format!("{} is {} on rank 0 but {} on rank {peer}", f.name, all[i], all[peer * m + i])
+            };
+            return Err(Error::ConfigMismatch { rank, detail });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! Tensor parallelism over the same MoE layer, the baseline expert parallelism is measured
+//! against.
+//!
+//! Every rank holds a slice of every expert's intermediate dimension (rows of `gate` and `up`,
+//! the same columns of `down`; the shared expert likewise) and the whole router. A forward
+//! call takes each rank's own tokens, as [`crate::MoeLayer::forward`] does, and:
+//!
+//! 1. all-gathers the tokens, so that every rank holds the whole batch;
+//! 2. routes every token itself (the same bits on every rank);
+//! 3. runs its slice of every expert on the rows routed to it, and the weighted sum per token
+//!    (plus its slice of the shared expert): a partial output of every token;
+//! 4. reduce-scatters the partial outputs: each rank receives every rank's partial of its own
+//!    tokens and sums them in rank order, in f32, rounding once.
+//!
+//! The reduce-scatter is the half of an all-reduce each rank needs (its own tokens' rows), so
+//! the comparison gives tensor parallelism its cheapest exchange. Partials are rounded to the
+//! activation dtype before the exchange (as they travel in it).
+
+use std::ops::Range;
+use std::time::Instant;
+
+use crate::agree::{Field, agree};
+use crate::config::{Capacity, MoeConfig};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::group::Group;
+use crate::layer::{add_shared, replicated_fields};
+use crate::router;
+use crate::stats::ForwardStats;
+use crate::tensor::Tensor;
+use crate::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
+use crate::workspace::Workspace;
+
+/// Rank `rank`'s part of `f` intermediate columns over `world` ranks: contiguous blocks of
+/// whole units, balanced (the first ranks one unit wider), where a unit is the largest of 64,
+/// 8, 2 and 1 columns that divides `f` into at least `world` units. Whole units keep every
+/// slice a size the GPU kernels take at full speed (pairs of 16-bit values, multiples of 8).
+pub fn tp_slice(f: usize, world: usize, rank: usize) -> Range<usize> {
+    let unit = [64, 8, 2, 1].into_iter().find(|&u| f % u == 0 && f / u >= world).unwrap_or(1);
+    let units = f / unit;
+    let (base, extra) = (units / world, units % world);
+    let start = rank * base + rank.min(extra);
+    (start * unit)..(start + base + usize::from(rank < extra)) * unit
+}
+
+/// Columns `cols` of `t` (`[rows, cols.len()]`).
+fn columns(t: &Tensor, cols: &Range<usize>) -> Tensor {
+    let es = t.dtype().size();
+    let (src_rb, dst_rb) = (t.cols() * es, cols.len() * es);
+    let mut out = Tensor::zeros(t.dtype(), t.rows(), cols.len());
+    let src = t.as_bytes();
+    for (r, dst) in out.as_bytes_mut().chunks_mut(dst_rb.max(1)).enumerate().take(t.rows()) {
+        dst.copy_from_slice(&src[r * src_rb + cols.start * es..r * src_rb + cols.end * es]);
+    }
+    out
+}
+
+/// Intermediate slice `range` of one expert: rows of `gate` and `up`, columns of `down`.
+pub fn slice_expert(w: &ExpertWeights, range: &Range<usize>) -> Result<ExpertWeights> {
+    Ok(ExpertWeights {
+        gate: w.gate.slice_rows(range.start, range.end)?,
+        up: w.up.slice_rows(range.start, range.end)?,
+        down: columns(&w.down, range),
+    })
+}
+
+/// Rank `rank`'s tensor-parallel weights from the whole layer's (`full.experts` holding all
+/// `E` experts): the router and bias whole, every expert and the shared expert sliced by
+/// [`tp_slice`]. Errors when `full` does not hold `E` experts of `cfg`'s shape.
+pub fn tp_weights(full: &LayerWeights, cfg: &MoeConfig, rank: usize, world: usize) -> Result<LayerWeights> {
+    if full.experts.len() != cfg.num_experts || world == 0 || rank >= world {
+        return Err(Error::invalid(format!(
+            "tensor-parallel slices need all {} experts and rank < world (got {} experts, rank {rank} of {world})",
+            cfg.num_experts,
+            full.experts.len()
+        )));
+    }
+    let range = tp_slice(cfg.intermediate, world, rank);
+    let experts = full.experts.iter().map(|w| slice_expert(w, &range)).collect::<Result<Vec<_>>>()?;
+    let shared = match (&full.shared, cfg.shared_expert) {
+        (Some(s), Some(sc)) => Some(SharedExpert {
+            weights: slice_expert(&s.weights, &tp_slice(sc.intermediate, world, rank))?,
+            gate: s.gate.clone(),
+        }),
+        _ => None,
+    };
+    Ok(LayerWeights { router: full.router.clone(), selection_bias: full.selection_bias.clone(), experts, shared })
+}
+
+/// One rank's part of a tensor-parallel MoE layer. See the module documentation.
+pub struct TpLayer<G: Group> {
+    group: G,
+    config: MoeConfig,
+    gate: Tensor,
+    selection_bias: Option<Vec<f32>>,
+    held: Held,
+    ws: Workspace,
+}
+
+/// The engine and the weight sets it may keep copies of, released on drop.
+struct Held {
+    engine: Box<dyn Engine>,
+    experts: ExpertSet,
+    /// The shared expert's slice and its (whole) gate.
+    shared: Option<(ExpertSet, Option<Tensor>)>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.engine.release(self.experts.id());
+        if let Some((s, _)) = &self.shared {
+            self.engine.release(s.id());
+        }
+    }
+}
+
+impl<G: Group> std::fmt::Debug for TpLayer<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpLayer")
+            .field("rank", &self.group.rank())
+            .field("world", &self.group.size())
+            .field("config", &self.config)
+            .field("engine", &self.held.engine.name())
+            .finish()
+    }
+}
+
+impl<G: Group> TpLayer<G> {
+    /// Build this rank's layer. Collective. `weights` is this rank's slice ([`tp_weights`]):
+    /// the router (and bias) whole, all `E` experts and the shared expert cut to
+    /// [`tp_slice`]`(F, world, rank)`. Every call runs on `engine`. Errors on every rank when a
+    /// shape is wrong on some rank, when the config or the replicated weights differ between
+    /// ranks, or when the config asks for a capacity limit (tensor parallelism drops nothing).
+    pub fn new(group: G, config: MoeConfig, weights: LayerWeights, engine: Box<dyn Engine>) -> Result<Self> {
+        let (rank, world) = (group.rank(), group.size());
+        let _span = tracing::debug_span!("tp_layer_new", rank).entered();
+        let local = (|| {
+            config.validate()?;
+            if config.capacity != Capacity::Dropless {
+                return Err(Error::invalid("tensor parallelism computes every assignment: use Capacity::Dropless"));
+            }
+            if config.intermediate < world {
+                return Err(Error::invalid(format!(
+                    "an intermediate dimension of {} cannot be sliced over {world} ranks",
+                    config.intermediate
+                )));
+            }
+            weights.validate_router_and_bias(&config)?;
+            match (&weights.shared, config.shared_expert) {
+                (None, None) => {}
+                (Some(s), Some(sc)) => match (&s.gate, sc.gated) {
+                    (Some(g), true) => g.expect("shared expert gate", config.weight_dtype, Some(1), config.hidden)?,
+                    (None, false) => {}
+                    _ => return Err(Error::invalid("the shared expert's gate does not match the config's gating")),
+                },
+                _ => return Err(Error::invalid("a shared expert is given exactly when the config has one")),
+            }
+            if weights.experts.len() != config.num_experts {
+                return Err(Error::invalid(format!(
+                    "tensor parallelism holds a slice of all {} experts; {} given",
+                    config.num_experts,
+                    weights.experts.len()
+                )));
+            }
+            let f = tp_slice(config.intermediate, world, rank).len();
+            let (d, dt) = (config.hidden, config.weight_dtype);
+            for (e, w) in weights.experts.iter().enumerate() {
+                w.validate_shape(d, f, dt, &format!("expert {e} (slice of {f})"))?;
+            }
+            if let (Some(s), Some(sc)) = (&weights.shared, config.shared_expert) {
+                let fs = tp_slice(sc.intermediate, world, rank).len();
+                s.weights.validate_shape(d, fs, dt, &format!("shared expert (slice of {fs})"))?;
+            }
+            Ok(())
+        })()
+        .map_err(|e| e.on_rank(rank));
+        let mut fields: Vec<Field> =
+            config.fingerprint_fields().into_iter().map(|(n, v)| Field::number(n, v)).collect();
+        let shared_gate = weights.shared.as_ref().and_then(|s| s.gate.as_ref()).map_or(&[][..], |g| g.as_bytes());
+        fields.extend(replicated_fields(&weights.router, weights.selection_bias.as_deref(), None));
+        fields.push(Field::hash("shared expert gate", &[shared_gate]));
+        agree(&group, "TpLayer::new", local.is_err(), &fields)?;
+        local?;
+        let LayerWeights { router, selection_bias, experts, shared } = weights;
+        Ok(TpLayer {
+            group,
+            config,
+            gate: router,
+            selection_bias,
+            held: Held {
+                engine,
+                experts: ExpertSet::new(experts),
+                shared: shared.map(|s| (ExpertSet::new(vec![s.weights]), s.gate)),
+            },
+            ws: Workspace::new(),
+        })
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    pub fn group(&self) -> &G {
+        &self.group
+    }
+
+    pub fn engine(&self) -> &dyn Engine {
+        self.held.engine.as_ref()
+    }
+
+    /// Take the group back.
+    pub fn into_group(self) -> G {
+        self.group
+    }
+
+    /// Upload the slices, compile the kernels for calls of up to `max_tokens` tokens over the
+    /// whole group. Local (no collective call).
+    pub fn warm_up(&self, max_tokens: usize) -> Result<()> {
+        let act = self.config.act_dtype;
+        self.held.engine.warm_up(&self.held.experts, act, max_tokens * self.config.top_k)?;
+        if let Some((s, _)) = &self.held.shared {
+            self.held.engine.warm_up(s, act, max_tokens)?;
+        }
+        Ok(())
+    }
+
+    /// `y = MoE(x)` for this rank's tokens (`[N, D]`, N may differ per rank); the same result
+    /// as [`crate::MoeLayer::forward`] up to rounding. Collective.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_stats(x).map(|(y, _)| y)
+    }
+
+    /// [`TpLayer::forward`] with the call's statistics, mapped onto the EP stages: `exchange`
+    /// is the all-gather of the tokens, `scatter` the expert-major gather of their rows,
+    /// `experts` the sliced FFN, `combine` the weighted sum of the partials, `exchange_back`
+    /// the reduce-scatter, `gather` the final sum over ranks; `plan` and `pack` stay 0.
+    /// `bytes_sent` / `bytes_received` count both exchanges.
+    pub fn forward_with_stats(&self, x: &Tensor) -> Result<(Tensor, ForwardStats)> {
+        let (rank, world) = (self.group.rank(), self.group.size());
+        let cfg = &self.config;
+        let _span = tracing::debug_span!("tp_forward", rank, tokens = x.rows()).entered();
+        let mut stats =
+            ForwardStats { rank, world, tokens: x.rows(), backend: self.held.engine.name(), ..Default::default() };
+        let rb = cfg.hidden * cfg.act_dtype.size();
+
+        // 1. All-gather the tokens: sizes and status first, then rows padded to the largest.
+        let t = Instant::now();
+        let local = x.expect("input x", cfg.act_dtype, None, cfg.hidden).map_err(|e| e.on_rank(rank));
+        let sizes = self.group.all_gather_u64(&[local.is_err() as u64, x.rows() as u64])?;
+        local?;
+        if let Some(peer) = (0..world).find(|&p| sizes[2 * p] != 0) {
+            return Err(Error::PeerFailed { rank, op: "TpLayer::forward", peer });
+        }
+        let counts: Vec<usize> = (0..world).map(|p| sizes[2 * p + 1] as usize).collect();
+        let max_n = counts.iter().copied().max().unwrap_or(0);
+        let total: usize = counts.iter().sum();
+        let mut padded = self.ws.take(cfg.act_dtype, max_n, cfg.hidden);
+        padded.as_bytes_mut()[..x.as_bytes().len()].copy_from_slice(x.as_bytes());
+        let mut all = self.ws.take(cfg.act_dtype, max_n * world, cfg.hidden);
+        self.group.all_gather_into(padded.as_bytes(), all.as_bytes_mut())?;
+        self.ws.recycle(padded);
+        let x_all = if max_n * world == total {
+            all
+        } else {
+            let mut packed = self.ws.take(cfg.act_dtype, total, cfg.hidden);
+            let mut at = 0;
+            for (p, &n) in counts.iter().enumerate() {
+                let src = &all.as_bytes()[p * max_n * rb..(p * max_n + n) * rb];
+                packed.as_bytes_mut()[at * rb..(at + n) * rb].copy_from_slice(src);
+                at += n;
+            }
+            self.ws.recycle(all);
+            packed
+        };
+        stats.times.exchange = t.elapsed().as_secs_f64();
+        // Both exchanges: the tokens out to every peer and in from them, then the partials
+        // of the peers' tokens out and of this rank's tokens in.
+        stats.bytes_sent = x.rows() * rb * (world - 1) + (total - x.rows()) * rb;
+        stats.bytes_received = stats.bytes_sent;
+
+        // 2.-3. Route, compute the partials, then the reduce-scatter (a failure here travels
+        // through the status round before it, so no rank waits on a failed one).
+        let partial = self.partial(&x_all, &mut stats).map_err(|e| e.on_rank(rank));
+        self.ws.recycle(x_all);
+        let status = self.group.all_gather_u64(&[partial.is_err() as u64])?;
+        let partial = partial?;
+        if let Some(peer) = (0..world).find(|&p| status[p] != 0) {
+            return Err(Error::PeerFailed { rank, op: "TpLayer::forward", peer });
+        }
+
+        // 4. Reduce-scatter: rank p's tokens' rows of every partial go to p.
+        let t = Instant::now();
+        let send_counts: Vec<usize> = counts.iter().map(|&n| n * rb).collect();
+        let mut recv = self.ws.take(cfg.act_dtype, world * x.rows(), cfg.hidden);
+        self.group.exchange_v_known_into(
+            partial.as_bytes(),
+            &send_counts,
+            recv.as_bytes_mut(),
+            &vec![x.rows() * rb; world],
+        )?;
+        self.ws.recycle(partial);
+        stats.times.exchange_back = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let n = x.rows();
+        let idx: Vec<u32> = (0..n).flat_map(|t| (0..world).map(move |p| (p * n + t) as u32)).collect();
+        let mut y = self.ws.take(cfg.act_dtype, n, cfg.hidden);
+        self.held.engine.combine(&[&recv], &idx, &vec![1.0; n * world], world, &mut y).map_err(|e| e.on_rank(rank))?;
+        self.ws.recycle(recv);
+        stats.times.gather = t.elapsed().as_secs_f64();
+        stats.tokens = n;
+        Ok((y, stats))
+    }
+
+    /// This rank's partial output of every token of `x_all` (`[M, D]`).
+    fn partial(&self, x_all: &Tensor, stats: &mut ForwardStats) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (m, k, e) = (x_all.rows(), cfg.top_k, cfg.num_experts);
+        let t = Instant::now();
+        let routing = router::route_config(x_all, &self.gate, self.selection_bias.as_deref(), cfg)?;
+        stats.times.route = t.elapsed().as_secs_f64();
+
+        // Expert-major order of the (token, slot) pairs, tokens ascending within an expert.
+        let t = Instant::now();
+        let mut per_expert = vec![0usize; e];
+        for &id in &routing.ids {
+            per_expert[id as usize] += 1;
+        }
+        let offsets = crate::engine::ffn_offsets(&per_expert);
+        let mut next = offsets.clone();
+        let mut rows = vec![0u32; m * k];
+        let mut slot_row = vec![0u32; m * k];
+        for (i, &id) in routing.ids.iter().enumerate() {
+            let at = next[id as usize];
+            next[id as usize] += 1;
+            rows[at] = (i / k) as u32;
+            slot_row[i] = at as u32;
+        }
+        let mut batch = self.ws.take(cfg.act_dtype, m * k, cfg.hidden);
+        self.held.engine.gather_rows(&[x_all], &rows, &mut batch)?;
+        stats.times.scatter = t.elapsed().as_secs_f64();
+        stats.assignments_per_expert = per_expert;
+        stats.local_rows = m * k;
+
+        let t = Instant::now();
+        let mut out = self.ws.take(cfg.act_dtype, m * k, cfg.hidden);
+        let ffn = self.held.engine.ffn(&batch, &offsets, &self.held.experts, cfg.deterministic, &mut out);
+        self.ws.recycle(batch);
+        ffn?;
+        stats.times.experts = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let mut y = self.ws.take(cfg.act_dtype, m, cfg.hidden);
+        self.held.engine.combine(&[&out], &slot_row, &routing.weights, k, &mut y)?;
+        self.ws.recycle(out);
+        stats.times.combine = t.elapsed().as_secs_f64();
+
+        if let Some((set, gate)) = &self.held.shared {
+            let t = Instant::now();
+            let mut s = self.ws.take(cfg.act_dtype, m, cfg.hidden);
+            if m > 0 {
+                self.held.engine.ffn(x_all, &[0, m], set, cfg.deterministic, &mut s)?;
+                add_shared(&mut y, &s, x_all, gate.as_ref())?;
+            }
+            self.ws.recycle(s);
+            stats.times.shared = t.elapsed().as_secs_f64();
+        }
+        Ok(y)
+    }
+}
