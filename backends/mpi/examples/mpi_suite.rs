@@ -12,7 +12,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Case, cpu_engine, deepseek_v3_cfg, group_ops, suite_cases};
+use harness::{Case, cpu_engine, deepseek_v3_cfg, group_ops, small_cfg, suite_cases};
 use moe_ep::Group;
 use moe_ep_mpi::MpiGroup;
 
@@ -59,14 +59,11 @@ fn suite(mut g: MpiGroup) -> moe_ep::Result<MpiGroup> {
         }
         group = back;
     }
-    // The tensor-parallel layer (ep-vs-tp's baseline) on the same cases.
-    for case in &suite_cases(world)[..3] {
-        let rank = group.rank();
-        let ((y, stats), back) = case.run_tp_rank(group, cpu_engine(rank)?)?;
-        case.check_tp_rank(rank, &y, &stats);
-        group = back;
-    }
-    for case in [Case::new(deepseek_v3_cfg(), world)] {
+    // The tensor-parallel layer (ep-vs-tp's baseline): plain, bf16, DeepSeek-V3 rules + shared.
+    let bf16 = moe_ep::DType::BF16;
+    let tp_cases = [small_cfg(2), small_cfg(6).with_dtypes(bf16, bf16), deepseek_v3_cfg()];
+    for cfg in tp_cases {
+        let case = Case::new(cfg, world);
         let rank = group.rank();
         let ((y, stats), back) = case.run_tp_rank(group, cpu_engine(rank)?)?;
         case.check_tp_rank(rank, &y, &stats);
