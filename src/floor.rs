@@ -38,3 +38,23 @@ pub fn memcpy_gbps(bytes: usize, threads: usize, reps: usize) -> f64 {
     }
     2.0 * bytes as f64 / best / 1e9
 }
+
+/// The CPU GEMM's f32 rate (matrixmultiply, as the CPU engine uses it) on `m`-square products,
+/// one per rayon thread at once: GFLOP/s over all threads, median of `reps`.
+pub fn gemm_gflops(m: usize, reps: usize) -> f64 {
+    let threads = rayon::current_num_threads();
+    let a = vec![0.5f32; m * m];
+    let b = vec![0.25f32; m * m];
+    let mut times = Vec::new();
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        (0..threads).into_par_iter().for_each(|_| {
+            let mut c = vec![0f32; m * m];
+            crate::cpu::gemm::matmul_bt(&a, &b, &mut c, m, m, m);
+            std::hint::black_box(&c);
+        });
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    (threads * 2 * m * m * m) as f64 / times[times.len() / 2] / 1e9
+}

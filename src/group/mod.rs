@@ -22,7 +22,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 ///
 /// Every rank must call the same operations in the same order with sizes that fit together;
 /// a rank that does not is reported as an error on its peers, never as a hang.
-pub trait Group: Send {
+pub trait Group {
     /// This rank, `0..size()`.
     fn rank(&self) -> usize;
     /// Number of ranks.
@@ -92,6 +92,45 @@ pub trait Group: Send {
         let mut recv = vec![0u64; v.len() * self.size()];
         self.all_gather_into(bytemuck::cast_slice(v), bytemuck::cast_slice_mut(&mut recv))?;
         Ok(recv)
+    }
+}
+
+/// A shared reference to a group is the same group, so that several layers (an EP and a TP
+/// layer in ep-vs-tp, the layers of a model) can take turns on one set of ranks. Their calls
+/// must still come in the same order on every rank.
+impl<G: Group + ?Sized> Group for &G {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn size(&self) -> usize {
+        (**self).size()
+    }
+    fn timeout(&self) -> Duration {
+        (**self).timeout()
+    }
+    fn all_to_all_into(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        (**self).all_to_all_into(send, recv)
+    }
+    fn exchange_v_known_into(
+        &self,
+        send: &[u8],
+        send_counts: &[usize],
+        recv: &mut [u8],
+        recv_counts: &[usize],
+    ) -> Result<()> {
+        (**self).exchange_v_known_into(send, send_counts, recv, recv_counts)
+    }
+    fn all_gather_into(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        (**self).all_gather_into(send, recv)
+    }
+    fn all_reduce_sum_f32(&self, data: &mut [f32]) -> Result<()> {
+        (**self).all_reduce_sum_f32(data)
+    }
+    fn barrier(&self) -> Result<()> {
+        (**self).barrier()
+    }
+    fn exchange_counts(&self, send_counts: &[usize]) -> Result<Vec<usize>> {
+        (**self).exchange_counts(send_counts)
     }
 }
 

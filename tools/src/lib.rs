@@ -1,5 +1,7 @@
 //! Shared pieces of the moe-ep tools: model presets, timing summaries, table printing.
 
+pub mod plot;
+
 use moe_ep::{DType, Group, GroupScore, MoeConfig, RouterConfig, Scoring};
 use serde::Serialize;
 use serde::de::DeserializeOwned;

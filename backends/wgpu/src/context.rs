@@ -26,6 +26,10 @@ pub struct ContextOptions {
     /// Part of the adapter's name (case-insensitive); `None` takes the best adapter: a
     /// discrete GPU, then an integrated one, then a virtual one, then a CPU driver.
     pub adapter: Option<String>,
+    /// Which of several equally good adapters (the same best device type, after the name
+    /// filter, in wgpu's enumeration order): one GPU per rank on a multi-GPU host takes
+    /// `Some(rank)`. `None` takes the first.
+    pub device_index: Option<usize>,
     /// A cap on the bytes of one storage binding, below the adapter's own limit (tests use it
     /// to reach the limit checks with small data).
     pub max_binding_bytes: Option<u64>,
@@ -38,7 +42,13 @@ pub struct ContextOptions {
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { adapter: None, max_binding_bytes: None, timeout: Duration::from_secs(60), fast_variants: true }
+        ContextOptions {
+            adapter: None,
+            device_index: None,
+            max_binding_bytes: None,
+            timeout: Duration::from_secs(60),
+            fast_variants: true,
+        }
     }
 }
 
@@ -115,7 +125,17 @@ impl GpuContext {
             }
         }
         adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
-        let adapter = adapters.into_iter().next().ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
+        let best = adapters.first().map(|a| a.get_info().device_type).ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
+        adapters.retain(|a| a.get_info().device_type == best);
+        let index = opts.device_index.unwrap_or(0);
+        if index >= adapters.len() {
+            return Err(backend_error(format!(
+                "device {index} asked for, but there are {} {best:?} adapters; found: [{}]",
+                adapters.len(),
+                found.join(", ")
+            )));
+        }
+        let adapter = adapters.swap_remove(index);
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let mut features = adapter.features() & wanted;

@@ -1,8 +1,10 @@
 //! ep-bench: one expert-parallel MoE layer over thread ranks (or MPI processes), timed stage
-//! by stage.
+//! by stage over a sweep of tokens per rank, with uniform and/or skewed routing.
 //!
-//! Prints the per-stage time table (median over iterations of the slowest rank), the layer
-//! time, and the data-movement and FLOP rates against the floors measured in the same run.
+//! Prints the warm-up's CPU/GPU crossover, then per (routing, N): the layer time, the exchange
+//! and expert times, the data-movement rate against memcpy and the expert FLOP rate against the
+//! CPU GEMM (floors measured in the same run); for a single point, the full per-stage table
+//! (median over iterations of the slowest rank). `--json` writes every point.
 //!
 //! Over MPI (built with `--features mpi`): `mpirun -n 4 ep-bench --group mpi`; one rank per
 //! process, rank 0 prints.
@@ -10,6 +12,8 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_ep::WarmUpReport;
 use moe_ep::{
     BackendChoice, Capacity, DType, Engine, ForwardStats, Group, LayerOptions, LocalGroup, MoeLayer, OnGpuError,
     Placement, floor, random,
@@ -31,9 +35,9 @@ struct Args {
     /// build with `--features mpi`).
     #[arg(long, default_value = "local", value_parser = ["local", "mpi"])]
     group: String,
-    /// Tokens per rank.
-    #[arg(long, default_value_t = 256)]
-    tokens: usize,
+    /// Tokens per rank: one count or a comma-separated sweep (e.g. 1,8,64,512,4096).
+    #[arg(long, default_value = "256", value_delimiter = ',')]
+    tokens: Vec<usize>,
     /// Activation dtype (f32, f16, bf16).
     #[arg(long, default_value = "bf16")]
     dtype: DType,
@@ -43,9 +47,13 @@ struct Args {
     /// Capacity factor (dropless when absent).
     #[arg(long)]
     capacity_factor: Option<f32>,
-    /// Route every token's first choice to expert 0 (worst-case load imbalance).
+    /// uniform (random router), skewed (every token's first choice is expert 0: worst-case load
+    /// imbalance) or both (each sweep twice, side by side).
+    #[arg(long, default_value = "uniform", value_parser = ["uniform", "skewed", "both"])]
+    routing: String,
+    /// One GPU per rank (rank r takes the r-th GPU of the host) instead of every rank on the best one.
     #[arg(long)]
-    skew: bool,
+    gpu_per_rank: bool,
     /// Compute backend: auto gives the layer the GPU when wgpu finds one (not a software driver
     /// such as lavapipe) and lets its policy choose per call: the CPU below the crossover that
     /// warm-up measures, the GPU from it on; wgpu runs every call on any adapter (MOE_EP_ADAPTER
@@ -63,27 +71,43 @@ struct Args {
     json: Option<std::path::PathBuf>,
 }
 
+/// One (routing, tokens) point: medians over iterations of the slowest rank.
+#[derive(Serialize)]
+struct Point {
+    routing: String,
+    tokens_per_rank: usize,
+    forward_s: f64,
+    /// Per stage, seconds.
+    stages: Vec<(String, f64)>,
+    /// Model bytes of dispatch + combine over all ranks, the time of those stages, the rate
+    /// and its fraction of the parallel memcpy floor.
+    movement_bytes: usize,
+    movement_s: f64,
+    movement_gbps: f64,
+    movement_fraction_of_memcpy: f64,
+    expert_flops: f64,
+    experts_s: f64,
+    expert_gflops: f64,
+    /// Against the CPU GEMM floor; `None` on the GPU (its floors: ffn-bench).
+    expert_fraction_of_cpu_gemm: Option<f64>,
+    /// Rank 0's stats of the last iteration.
+    last_stats_rank0: ForwardStats,
+}
+
 #[derive(Serialize)]
 struct Report {
     preset: &'static moe_ep_tools::Preset,
     config: moe_ep::MoeConfig,
     world: usize,
-    tokens_per_rank: usize,
+    group: String,
     backend: String,
     iters: usize,
-    /// Median over iterations of the slowest rank's forward, seconds.
-    forward_s: f64,
-    /// Per stage: median over iterations of the slowest rank, seconds.
-    stages: Vec<(String, f64)>,
-    movement_bytes: usize,
-    movement_s: f64,
-    movement_gbps: f64,
     memcpy_1t_gbps: f64,
     memcpy_all_gbps: f64,
-    expert_flops: f64,
-    experts_s: f64,
-    /// Rank 0's stats of the last iteration.
-    last_stats_rank0: ForwardStats,
+    cpu_gemm_gflops: f64,
+    /// Rank 0's warm-up per routing mode (crossover and its measured points).
+    warm_up: Vec<WarmUpReport>,
+    points: Vec<Point>,
 }
 
 fn main() {
@@ -100,27 +124,32 @@ struct RankJob<'a> {
     cfg: &'a moe_ep::MoeConfig,
     placement: &'a Placement,
     backend: &'a str,
-    tokens: usize,
+    gpu_per_rank: bool,
+    tokens: &'a [usize],
     seed: u64,
     skew: bool,
     warmup: usize,
     iters: usize,
+    bar: Option<&'a ProgressBar>,
 }
 
-/// One rank: build its layer, then time `warmup + iters` forwards (each after a barrier);
-/// the timed ones' (wall seconds, stats), and the group back.
-fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, ForwardStats)>, G)> {
+/// Per token count, the timed calls' (wall seconds, stats).
+type Sweep = Vec<Vec<(f64, ForwardStats)>>;
+
+/// One rank: build its layer and warm it up, then for each token count time `warmup + iters`
+/// forwards (each after a barrier). The warm-up report, the sweep, and the group back.
+fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<((WarmUpReport, Sweep), G)> {
     let (cfg, rank) = (job.cfg, g.rank());
     let mut w = random::layer_weights(cfg, job.seed, job.placement, rank);
-    let mut x = random::input(cfg, job.tokens, job.seed, rank);
     if job.skew {
-        (w.router, x) = (random::skewed_gate(&w.router), random::skewed_input(&x));
+        w.router = random::skewed_gate(&w.router);
     }
     let (p, c) = (job.placement.clone(), cfg.clone());
     let layer = match job.backend {
         "cpu" => MoeLayer::from_weights(g, c, p, w, None, LayerOptions::default())?,
         policy => {
-            let e = GpuEngine::new(&ContextOptions::from_env())?;
+            let opts = ContextOptions { device_index: job.gpu_per_rank.then_some(rank), ..ContextOptions::from_env() };
+            let e = GpuEngine::new(&opts)?;
             if rank == 0 {
                 println!("  rank 0 GPU engine: {}", e.name());
             }
@@ -134,32 +163,32 @@ fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<(Vec<(f64, Forw
         }
     };
     let report = layer.warm_up()?;
-    if rank == 0 {
-        println!(
-            "  rank 0 warm-up: {} ({}), crossover {}",
-            fmt_time(report.total_s),
-            report.crossover_source,
-            report.crossover.map_or("none: the CPU runs every call".into(), |n| format!("GPU from {n} tokens"))
-        );
-        for pt in &report.points {
-            println!("    N={:<5} cpu {:>10}  gpu {:>10}", pt.tokens, fmt_time(pt.cpu_s), fmt_time(pt.gpu_s));
+    let mut sweep = Vec::new();
+    for &n in job.tokens {
+        let mut x = random::input(cfg, n, job.seed, rank);
+        if job.skew {
+            x = random::skewed_input(&x);
+        }
+        let mut out = Vec::with_capacity(job.iters);
+        for i in 0..job.warmup + job.iters {
+            layer.group().barrier()?;
+            let t = Instant::now();
+            let (_, stats) = layer.forward_with_stats(&x)?;
+            let wall = t.elapsed().as_secs_f64();
+            if i >= job.warmup {
+                out.push((wall, stats));
+            }
+        }
+        sweep.push(out);
+        if let Some(b) = job.bar {
+            b.inc(1);
         }
     }
-    let mut out = Vec::with_capacity(job.iters);
-    for i in 0..job.warmup + job.iters {
-        layer.group().barrier()?;
-        let t = Instant::now();
-        let (_, stats) = layer.forward_with_stats(&x)?;
-        let wall = t.elapsed().as_secs_f64();
-        if i >= job.warmup {
-            out.push((wall, stats));
-        }
-    }
-    Ok((out, layer.into_group()))
+    Ok(((report, sweep), layer.into_group()))
 }
 
 fn run(mut args: Args) -> Result<(), String> {
-    let mpi = if args.group == "mpi" { Some(moe_ep_tools::mpi_group("ep-bench")?) } else { None };
+    let mut mpi = if args.group == "mpi" { Some(moe_ep_tools::mpi_group("ep-bench")?) } else { None };
     if let Some(g) = &mpi {
         args.world = g.size();
     }
@@ -171,6 +200,9 @@ fn run(mut args: Args) -> Result<(), String> {
         cfg = cfg.with_capacity(Capacity::Factor(f));
     }
     cfg.validate().map_err(|e| e.to_string())?;
+    if args.tokens.is_empty() || args.iters == 0 {
+        return Err("--tokens needs at least one count and --iters at least 1".into());
+    }
     let placement = Placement::balanced(cfg.num_experts, args.world).map_err(|e| e.to_string())?;
     let gpus: Vec<String> = moe_ep_wgpu::list_adapters()
         .into_iter()
@@ -183,134 +215,173 @@ fn run(mut args: Args) -> Result<(), String> {
         "wgpu" => "wgpu",
         other => return Err(format!("unknown backend {other}")),
     };
-    let job = RankJob {
-        cfg: &cfg,
-        placement: &placement,
-        backend,
-        tokens: args.tokens,
-        seed: args.seed,
-        skew: args.skew,
-        warmup: args.warmup,
-        iters: args.iters,
+    let routings: Vec<bool> = match args.routing.as_str() {
+        "uniform" => vec![false],
+        "skewed" => vec![true],
+        _ => vec![false, true],
     };
+
+    let (memcpy_1t, memcpy_all, gemm) = if root {
+        println!(
+            "ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as {}, tokens per rank {:?}",
+            p.name,
+            cfg.num_experts,
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.top_k,
+            args.world,
+            if args.group == "mpi" { "MPI processes" } else { "threads" },
+            args.tokens
+        );
+        if cfg.num_experts % args.world != 0 {
+            println!(
+                "  placement: {} experts do not divide over {} ranks; blocks of {} and {}",
+                cfg.num_experts,
+                args.world,
+                cfg.num_experts / args.world + 1,
+                cfg.num_experts / args.world
+            );
+        }
+        if !p.note.is_empty() {
+            println!("  note: {}", p.note);
+        }
+        println!(
+            "  activations {}, weights {}, {}, backend {backend}{} ({} CPU threads), routing {}",
+            cfg.act_dtype,
+            cfg.weight_dtype,
+            if args.capacity_factor.is_some() { "capacity factor" } else { "dropless" },
+            if args.gpu_per_rank { ", one GPU per rank" } else { "" },
+            rayon::current_num_threads(),
+            args.routing
+        );
+        if args.backend == "auto" {
+            match gpus.first() {
+                Some(g) => println!("  auto: wgpu found {g}: the layer's policy picks CPU or GPU per call"),
+                None => {
+                    println!("  auto: wgpu found no GPU (software drivers are skipped), so the CPU runs every stage")
+                }
+            }
+        }
+        let m1 = floor::memcpy_gbps(256 << 20, 1, 5);
+        let mall = floor::memcpy_gbps(256 << 20, rayon::current_num_threads(), 5);
+        let gemm = floor::gemm_gflops(1024, 3);
+        println!(
+            "  floors: memcpy {m1:.1} GB/s on 1 thread, {mall:.1} GB/s on {} (read + write); CPU f32 GEMM {gemm:.1} GFLOP/s",
+            rayon::current_num_threads()
+        );
+        let weight_bytes = cfg.num_experts * 3 * cfg.hidden * cfg.intermediate * wdt.size();
+        println!("  generating {:.2} GB of expert weights per routing mode ...", weight_bytes as f64 / 1e9);
+        (m1, mall, gemm)
+    } else {
+        (0.0, 0.0, 0.0)
+    };
+    let bar = root.then(|| {
+        let b = ProgressBar::new((routings.len() * args.tokens.len()) as u64);
+        b.set_style(ProgressStyle::with_template("  {bar:30} {pos}/{len} points {elapsed}").expect("template"));
+        b
+    });
+
+    let t0 = Instant::now();
+    let mut warm_ups = Vec::new();
+    let mut points = Vec::new();
+    for &skew in &routings {
+        let job = RankJob {
+            cfg: &cfg,
+            placement: &placement,
+            backend,
+            gpu_per_rank: args.gpu_per_rank,
+            tokens: &args.tokens,
+            seed: args.seed,
+            skew,
+            warmup: args.warmup,
+            iters: args.iters,
+            bar: bar.as_ref(),
+        };
+        let per_rank: Vec<(WarmUpReport, Sweep)> = match mpi.take() {
+            Some(g) => {
+                let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
+                let all = moe_ep_tools::gather_json(&g, &mine)?;
+                mpi = Some(g);
+                all
+            }
+            None => {
+                let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| {
+                    let job = RankJob { bar: if g.rank() == 0 { job.bar } else { None }, ..job };
+                    run_rank(g, &job).map(|(out, _)| out)
+                })
+                .map_err(|e| e.to_string())?;
+                let mut per_rank = Vec::new();
+                for (r, o) in outs.into_iter().enumerate() {
+                    per_rank.push(o.map_err(|_| format!("rank {r} panicked"))?.map_err(|e| e.to_string())?);
+                }
+                per_rank
+            }
+        };
+        if !root {
+            continue;
+        }
+        warm_ups.push(per_rank[0].0.clone());
+        for (i, &n) in args.tokens.iter().enumerate() {
+            let runs: Vec<&[(f64, ForwardStats)]> = per_rank.iter().map(|r| r.1[i].as_slice()).collect();
+            points.push(summarize(&cfg, &runs, n, args.world, skew, backend, memcpy_all, gemm));
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
     if !root {
-        // Other MPI ranks: the same layer, silently; rank 0 reports.
-        let g = mpi.expect("only MPI has other ranks");
-        let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
-        moe_ep_tools::gather_json(&g, &mine)?;
         return Ok(());
     }
-
-    println!(
-        "ep-bench: {} (E={}, D={}, F={}, k={}), {} ranks as {}, {} tokens per rank",
-        p.name,
-        cfg.num_experts,
-        cfg.hidden,
-        cfg.intermediate,
-        cfg.top_k,
-        args.world,
-        if args.group == "mpi" { "MPI processes" } else { "threads" },
-        args.tokens
-    );
-    if cfg.num_experts % args.world != 0 {
+    println!("  setup and {} points took {:.1} s", points.len(), t0.elapsed().as_secs_f64());
+    for (w, skew) in warm_ups.iter().zip(&routings) {
         println!(
-            "  placement: {} experts do not divide over {} ranks; blocks of {} and {}",
-            cfg.num_experts,
-            args.world,
-            cfg.num_experts / args.world + 1,
-            cfg.num_experts / args.world
+            "  warm-up ({}): {} ({}), crossover {}",
+            if *skew { "skewed" } else { "uniform" },
+            fmt_time(w.total_s),
+            w.crossover_source,
+            w.crossover.map_or("none: the CPU runs every call".into(), |n| format!("GPU from {n} tokens"))
+        );
+        for pt in &w.points {
+            println!("    N={:<5} cpu {:>10}  gpu {:>10}", pt.tokens, fmt_time(pt.cpu_s), fmt_time(pt.gpu_s));
+        }
+    }
+
+    if points.len() == 1 {
+        let pt = &points[0];
+        println!("\n  {:<14} {:>12} {:>8}", "stage", "time", "share");
+        let sum: f64 = pt.stages.iter().map(|s| s.1).sum();
+        for (n, t) in &pt.stages {
+            println!("  {:<14} {:>12} {:>7.1}%", n, fmt_time(*t), 100.0 * t / sum);
+        }
+        println!("  {:<14} {:>12}", "forward", fmt_time(pt.forward_s));
+    }
+    println!(
+        "\n  {:<8} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>18} {:>18}",
+        "routing", "N", "forward", "tokens/s", "exchange", "experts", "other", "move GB/s (memcpy)", "expert GFLOP/s"
+    );
+    for pt in &points {
+        let stage = |name: &str| pt.stages.iter().find(|s| s.0 == name).map_or(0.0, |s| s.1);
+        let exchange = stage("exchange") + stage("exchange_back");
+        let other = pt.forward_s - exchange - pt.experts_s;
+        println!(
+            "  {:<8} {:>6} {:>10} {:>12.0} {:>10} {:>10} {:>10} {:>10.2} ({:>4.1}%) {:>10.1}{}",
+            pt.routing,
+            pt.tokens_per_rank,
+            fmt_time(pt.forward_s),
+            (pt.tokens_per_rank * args.world) as f64 / pt.forward_s,
+            fmt_time(exchange),
+            fmt_time(pt.experts_s),
+            fmt_time(other.max(0.0)),
+            pt.movement_gbps,
+            100.0 * pt.movement_fraction_of_memcpy,
+            pt.expert_gflops,
+            pt.expert_fraction_of_cpu_gemm.map_or(String::new(), |f| format!(" ({:.1}% GEMM)", 100.0 * f)),
         );
     }
-    if !p.note.is_empty() {
-        println!("  note: {}", p.note);
-    }
+    let last = &points[points.len() - 1].last_stats_rank0;
     println!(
-        "  activations {}, weights {}, {}, backend {backend} ({} CPU threads){}",
-        cfg.act_dtype,
-        cfg.weight_dtype,
-        if args.capacity_factor.is_some() { "capacity factor" } else { "dropless" },
-        rayon::current_num_threads(),
-        if args.skew { ", skewed routing" } else { "" }
-    );
-    if args.backend == "auto" {
-        match gpus.first() {
-            Some(g) => println!("  auto: wgpu found {g}: the layer's policy picks CPU or GPU per call"),
-            None => println!("  auto: wgpu found no GPU (software drivers are skipped), so the CPU runs every stage"),
-        }
-    }
-
-    let memcpy_1t = floor::memcpy_gbps(256 << 20, 1, 5);
-    let memcpy_all = floor::memcpy_gbps(256 << 20, rayon::current_num_threads(), 5);
-    println!(
-        "  floor: memcpy {memcpy_1t:.1} GB/s on 1 thread, {memcpy_all:.1} GB/s on {} (read + write)",
-        rayon::current_num_threads()
-    );
-
-    let weight_bytes = cfg.num_experts * 3 * cfg.hidden * cfg.intermediate * wdt.size();
-    println!("  generating {:.2} GB of expert weights ...", weight_bytes as f64 / 1e9);
-    let t0 = Instant::now();
-    let total_iters = args.warmup + args.iters;
-    let per_rank = match mpi {
-        Some(g) => {
-            let (mine, g) = run_rank(g, &job).map_err(|e| e.to_string())?;
-            moe_ep_tools::gather_json(&g, &mine)?
-        }
-        None => {
-            let outs = LocalGroup::run(args.world, Duration::from_secs(600), |g| run_rank(g, &job).map(|(out, _)| out))
-                .map_err(|e| e.to_string())?;
-            let mut per_rank = Vec::new();
-            for (r, o) in outs.into_iter().enumerate() {
-                per_rank.push(o.map_err(|_| format!("rank {r} panicked"))?.map_err(|e| e.to_string())?);
-            }
-            per_rank
-        }
-    };
-    println!("  setup + {total_iters} iterations took {:.1} s", t0.elapsed().as_secs_f64());
-
-    // Per iteration, the slowest rank; then the median over iterations.
-    let slowest = |f: &dyn Fn(&(f64, ForwardStats)) -> f64| -> f64 {
-        let per_iter: Vec<f64> =
-            (0..args.iters).map(|i| per_rank.iter().map(|r| f(&r[i])).fold(0.0, f64::max)).collect();
-        median(&per_iter)
-    };
-    let forward = slowest(&|s| s.0);
-    let names = per_rank[0][0].1.times.entries().map(|(n, _)| n);
-    let stages: Vec<(String, f64)> =
-        names.iter().enumerate().map(|(i, n)| (n.to_string(), slowest(&|s| s.1.times.entries()[i].1))).collect();
-
-    println!("\n  {:<14} {:>12} {:>8}", "stage", "time", "share");
-    let sum: f64 = stages.iter().map(|s| s.1).sum();
-    for (n, t) in &stages {
-        println!("  {:<14} {:>12} {:>7.1}%", n, fmt_time(*t), 100.0 * t / sum);
-    }
-    println!("  {:<14} {:>12}", "forward", fmt_time(forward));
-    println!("  {:.0} tokens/s over all ranks", (args.tokens * args.world) as f64 / forward);
-
-    let rb = cfg.hidden * cfg.act_dtype.size();
-    let movement_bytes = args.world * floor::dispatch_combine_bytes(args.tokens, cfg.top_k, rb);
-    let movement = slowest(&|s| {
-        let t = &s.1.times;
-        t.plan + t.pack + t.exchange + t.scatter + t.gather + t.exchange_back + t.combine
-    });
-    let gbps = movement_bytes as f64 / movement / 1e9;
-    println!(
-        "\n  dispatch + combine: {:.1} MB moved (model bytes, all ranks) in {} = {gbps:.2} GB/s; floor memcpy {memcpy_all:.1} GB/s -> {:.1}%",
-        movement_bytes as f64 / 1e6,
-        fmt_time(movement),
-        100.0 * gbps / memcpy_all
-    );
-    let flops = floor::expert_flops(args.tokens * args.world * cfg.top_k, cfg.hidden, cfg.intermediate);
-    let experts = slowest(&|s| s.1.times.experts);
-    println!(
-        "  experts: {:.1} GFLOP in {} = {:.1} GFLOP/s (slowest rank)",
-        flops / 1e9,
-        fmt_time(experts),
-        flops / experts / 1e9
-    );
-    let s0 = &per_rank[0][args.iters - 1].1;
-    println!(
-        "  rank 0: rows sent per rank {:?}, received {:?}, dropped {}",
-        s0.rows_sent, s0.rows_received, s0.dropped
+        "  rank 0, last point: rows sent per rank {:?}, received {:?}, dropped {}",
+        last.rows_sent, last.rows_received, last.dropped
     );
 
     if let Some(path) = &args.json {
@@ -318,23 +389,66 @@ fn run(mut args: Args) -> Result<(), String> {
             preset: p,
             config: cfg.clone(),
             world: args.world,
-            tokens_per_rank: args.tokens,
+            group: args.group.clone(),
             backend: backend.into(),
             iters: args.iters,
-            forward_s: forward,
-            stages,
-            movement_bytes,
-            movement_s: movement,
-            movement_gbps: gbps,
             memcpy_1t_gbps: memcpy_1t,
             memcpy_all_gbps: memcpy_all,
-            expert_flops: flops,
-            experts_s: experts,
-            last_stats_rank0: s0.clone(),
+            cpu_gemm_gflops: gemm,
+            warm_up: warm_ups,
+            points,
         };
         std::fs::write(path, serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?)
             .map_err(|e| format!("{}: {e}", path.display()))?;
         println!("  wrote {}", path.display());
     }
     Ok(())
+}
+
+/// One point from every rank's timed calls: per call the slowest rank, then the median.
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    cfg: &moe_ep::MoeConfig,
+    runs: &[&[(f64, ForwardStats)]],
+    n: usize,
+    world: usize,
+    skew: bool,
+    backend: &str,
+    memcpy_all: f64,
+    gemm: f64,
+) -> Point {
+    let iters = runs[0].len();
+    let slowest = |f: &dyn Fn(&(f64, ForwardStats)) -> f64| -> f64 {
+        median(&(0..iters).map(|i| runs.iter().map(|r| f(&r[i])).fold(0.0, f64::max)).collect::<Vec<_>>())
+    };
+    let names = runs[0][0].1.times.entries().map(|(n, _)| n);
+    let stages: Vec<(String, f64)> =
+        names.iter().enumerate().map(|(i, n)| (n.to_string(), slowest(&|s| s.1.times.entries()[i].1))).collect();
+    let rb = cfg.hidden * cfg.act_dtype.size();
+    let movement_bytes = world * floor::dispatch_combine_bytes(n, cfg.top_k, rb);
+    let movement_s = slowest(&|s| {
+        let t = &s.1.times;
+        t.plan + t.pack + t.exchange + t.scatter + t.gather + t.exchange_back + t.combine
+    });
+    let movement_gbps = movement_bytes as f64 / movement_s / 1e9;
+    let expert_flops = floor::expert_flops(n * world * cfg.top_k, cfg.hidden, cfg.intermediate);
+    let experts_s = slowest(&|s| s.1.times.experts);
+    let expert_gflops = expert_flops / experts_s / 1e9;
+    let on_cpu = runs[0].iter().all(|r| r.1.backend == "cpu");
+    Point {
+        routing: if skew { "skewed" } else { "uniform" }.into(),
+        tokens_per_rank: n,
+        forward_s: slowest(&|s| s.0),
+        stages,
+        movement_bytes,
+        movement_s,
+        movement_gbps,
+        movement_fraction_of_memcpy: movement_gbps / memcpy_all,
+        expert_flops,
+        experts_s,
+        expert_gflops,
+        // Each rank's experts run on its own share of the cores; the floor is all cores.
+        expert_fraction_of_cpu_gemm: (on_cpu || backend == "cpu").then(|| expert_gflops / gemm),
+        last_stats_rank0: runs[0][iters - 1].1.clone(),
+    }
 }

@@ -141,43 +141,6 @@ fn cpu_copy_gbps() -> f64 {
     2.0 * (n * 4) as f64 / median(&times) / 1e9
 }
 
-/// matrixmultiply's f32 rate on 1024-square products, one per core at once: FLOP/s.
-fn cpu_gemm_flops() -> f64 {
-    let m = 1024;
-    let threads = rayon::current_num_threads();
-    let a = vec![0.5f32; m * m];
-    let b = vec![0.25f32; m * m];
-    let mut times = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        (0..threads).into_par_iter().for_each(|_| {
-            let mut c = vec![0f32; m * m];
-            // SAFETY: a, b, c hold m*m elements each, row-major with the strides given.
-            unsafe {
-                matrixmultiply::sgemm(
-                    m,
-                    m,
-                    m,
-                    1.0,
-                    a.as_ptr(),
-                    m as isize,
-                    1,
-                    b.as_ptr(),
-                    m as isize,
-                    1,
-                    0.0,
-                    c.as_mut_ptr(),
-                    m as isize,
-                    1,
-                );
-            }
-            std::hint::black_box(&c);
-        });
-        times.push(t.elapsed().as_secs_f64());
-    }
-    (threads * 2 * m * m * m) as f64 / median(&times)
-}
-
 /// A GPU copy kernel (the identity row gather) over 512 MiB: bytes read + written per second.
 fn gpu_copy_gbps(ctx: &GpuContext, timer: &GpuTimer, iters: u32) -> Result<f64, Box<dyn std::error::Error>> {
     let rb = 16384usize;
@@ -323,7 +286,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if use_cpu {
         let copy = cpu_copy_gbps();
-        let gemm = cpu_gemm_flops();
+        let gemm = moe_ep::floor::gemm_gflops(1024, 3) * 1e9;
         println!(
             "CPU floors ({} threads): parallel memcpy {copy:.1} GB/s (read + write); matrixmultiply f32 1024^3 on every core {:.1} GFLOP/s",
             rayon::current_num_threads(),
