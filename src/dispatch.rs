@@ -344,7 +344,7 @@ pub fn combine<G: Group + ?Sized>(
     handle: CombineHandle,
     outputs: &Tensor,
 ) -> Result<(Tensor, ForwardStats)> {
-    combine_or_fail(group, engine, &Workspace::new(), handle, Ok(outputs))
+    combine_or_fail(group, engine, &Workspace::new(), handle, Ok(outputs), None)
 }
 
 /// [`combine`] with buffers from `ws` (the output is taken from it too).
@@ -355,16 +355,22 @@ pub fn combine_in<G: Group + ?Sized>(
     handle: CombineHandle,
     outputs: &Tensor,
 ) -> Result<(Tensor, ForwardStats)> {
-    combine_or_fail(group, engine, ws, handle, Ok(outputs))
+    combine_or_fail(group, engine, ws, handle, Ok(outputs), None)
 }
 
-/// [`combine`], or take part in its exchange as a failed rank and return `outputs`' error.
+/// One more term per token for the combine: `rows` (`[N, D]`, the call's dtype) scaled by
+/// `weights` (`[N]`), summed after the k routed slots (the shared expert's output).
+pub(crate) type ExtraTerm<'a> = (&'a Tensor, &'a [f32]);
+
+/// [`combine`], or take part in its exchange as a failed rank and return `outputs`' error;
+/// with `extra`, each token's sum ends with that term (in the same f32 sum, one rounding).
 pub(crate) fn combine_or_fail<G: Group + ?Sized>(
     group: &G,
     engine: &dyn Engine,
     ws: &Workspace,
     handle: CombineHandle,
     outputs: Result<&Tensor>,
+    extra: Option<ExtraTerm<'_>>,
 ) -> Result<(Tensor, ForwardStats)> {
     let (rank, world) = (group.rank(), group.size());
     let _span = tracing::debug_span!("combine", rank, world).entered();
@@ -415,9 +421,38 @@ pub(crate) fn combine_or_fail<G: Group + ?Sized>(
     let t = Instant::now();
     let stage = tracing::debug_span!("combine_sum", rank).entered();
     let mut y = ws.take(h.dtype, h.n, h.cols);
-    engine.combine(&[outputs, &back_recv], &h.combine_idx, &h.weights, h.k, &mut y).map_err(|e| e.on_rank(rank))?;
+    let combined = match extra {
+        None => engine.combine(&[outputs, &back_recv], &h.combine_idx, &h.weights, h.k, &mut y),
+        Some((rows, w)) => {
+            let base = (outputs.rows() + back_recv.rows()) as u32;
+            let (idx, weights) = with_extra_slot(&h.combine_idx, &h.weights, h.k, base, w);
+            engine.combine(&[outputs, &back_recv, rows], &idx, &weights, h.k + 1, &mut y)
+        }
+    };
+    combined.map_err(|e| e.on_rank(rank))?;
     ws.recycle(back_recv);
     drop(stage);
     stats.times.combine = t.elapsed().as_secs_f64();
     Ok((y, stats))
+}
+
+/// Combine indices and weights of `k` slots per token widened to `k + 1`: each token's last
+/// slot reads row `base + t` with weight `extra[t]`.
+pub(crate) fn with_extra_slot(
+    idx: &[u32],
+    weights: &[f32],
+    k: usize,
+    base: u32,
+    extra: &[f32],
+) -> (Vec<u32>, Vec<f32>) {
+    let n = extra.len();
+    let mut i2 = Vec::with_capacity(n * (k + 1));
+    let mut w2 = Vec::with_capacity(n * (k + 1));
+    for t in 0..n {
+        i2.extend_from_slice(&idx[t * k..(t + 1) * k]);
+        i2.push(base + t as u32);
+        w2.extend_from_slice(&weights[t * k..(t + 1) * k]);
+        w2.push(extra[t]);
+    }
+    (i2, w2)
 }

@@ -429,12 +429,13 @@ impl<G: Group> MoeLayer<G> {
         n >= self.engines.crossover.load(Ordering::Relaxed)
     }
 
-    /// The shared expert's output for `x`, `[N, D]` in the activation dtype.
-    fn shared_ffn(&self, engine: &dyn Engine, s: &Shared, x: &Tensor) -> Result<Tensor> {
+    /// The shared expert's output for `x` (`[N, D]` in the activation dtype) and its weight
+    /// per token in the combine.
+    fn shared_ffn(&self, engine: &dyn Engine, s: &Shared, x: &Tensor) -> Result<(Tensor, Vec<f32>)> {
         let _s = tracing::debug_span!("shared_expert", rank = self.group.rank(), rows = x.rows()).entered();
         let mut out = self.ws.take(self.config.act_dtype, x.rows(), self.config.hidden);
         engine.ffn(x, &[0, x.rows()], &s.set, self.config.deterministic, &mut out)?;
-        Ok(out)
+        Ok((out, shared_scale(x, s.gate.as_ref())?))
     }
 
     /// `y = MoE(x)` for this rank's tokens `x` (`[N, D]` in the activation dtype; N may be 0
@@ -500,16 +501,14 @@ impl<G: Group> MoeLayer<G> {
             },
             (_, r) => (r, None),
         };
-        let mut shared_time = t.elapsed().as_secs_f64();
+        let shared_time = t.elapsed().as_secs_f64();
 
         self.ws.recycle(d.batch);
-        let (mut y, mut stats) = combine_or_fail(&self.group, engine, &self.ws, d.handle, ffn.map(|_| &out))?;
+        let extra = shared_out.as_ref().map(|(o, scale)| (o, scale.as_slice()));
+        let (y, mut stats) = combine_or_fail(&self.group, engine, &self.ws, d.handle, ffn.map(|_| &out), extra)?;
         self.ws.recycle(out);
-        if let (Some(s), Some(o)) = (&self.shared, shared_out) {
-            let t = Instant::now();
-            add_shared(&mut y, &o, x, s.gate.as_ref()).map_err(|e| e.on_rank(rank))?;
+        if let Some((o, _)) = shared_out {
             self.ws.recycle(o);
-            shared_time += t.elapsed().as_secs_f64();
         }
         stats.times.shared = shared_time;
         stats.times.route = route_time;
@@ -523,21 +522,10 @@ impl<G: Group> MoeLayer<G> {
     }
 }
 
-/// `y += g * s` row by row, in f32 with one rounding to `y`'s dtype: `g = sigmoid(x · gate)`
-/// per token with a `[1, D]` gate, else 1. `y`, `s` are `[N, D]` in one dtype.
-pub(crate) fn add_shared(y: &mut Tensor, s: &Tensor, x: &Tensor, gate: Option<&Tensor>) -> Result<()> {
-    let (n, d) = (y.rows(), y.cols());
-    let scale: Vec<f32> = match gate {
+/// The shared expert's weight per token of `x`: `sigmoid(x · gate)` with a `[1, D]` gate, else 1.
+pub(crate) fn shared_scale(x: &Tensor, gate: Option<&Tensor>) -> Result<Vec<f32>> {
+    Ok(match gate {
         Some(g) => router::router_logits(x, g)?.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
-        None => vec![1.0; n],
-    };
-    let mut yf = y.to_f32_vec();
-    let sf = s.to_f32_vec();
-    for (t, (yr, sr)) in yf.chunks_mut(d.max(1)).zip(sf.chunks(d.max(1))).enumerate() {
-        for (a, b) in yr.iter_mut().zip(sr) {
-            *a += scale[t] * b;
-        }
-    }
-    *y = Tensor::from_f32(y.dtype(), n, d, &yf)?;
-    Ok(())
+        None => vec![1.0; x.rows()],
+    })
 }

@@ -138,8 +138,14 @@ impl Tensor {
 
     /// Every element widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
         let mut out = vec![0f32; self.len()];
-        with_storage!(&self.storage, v => Element::widen_slice(v, &mut out));
+        // Large tensors (a prefill batch for the router) widen on every core.
+        with_storage!(&self.storage, v => out
+            .par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .for_each(|(d, s)| Element::widen_slice(s, d)));
         out
     }
 

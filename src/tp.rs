@@ -21,10 +21,11 @@ use std::time::Instant;
 
 use crate::agree::{Field, agree};
 use crate::config::{Capacity, MoeConfig};
+use crate::dispatch::with_extra_slot;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::group::Group;
-use crate::layer::{add_shared, replicated_fields};
+use crate::layer::{replicated_fields, shared_scale};
 use crate::router;
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
@@ -348,22 +349,43 @@ impl<G: Group> TpLayer<G> {
         ffn?;
         stats.times.experts = t.elapsed().as_secs_f64();
 
+        // This rank's slice of the shared expert, summed with the routed slots below.
+        let shared = match &self.held.shared {
+            Some((set, gate)) => {
+                let t = Instant::now();
+                let mut s = self.ws.take(cfg.act_dtype, m, cfg.hidden);
+                let scale = self
+                    .held
+                    .engine
+                    .ffn(x_all, &[0, m], set, cfg.deterministic, &mut s)
+                    .and_then(|_| shared_scale(x_all, gate.as_ref()));
+                stats.times.shared = t.elapsed().as_secs_f64();
+                match scale {
+                    Ok(scale) => Some((s, scale)),
+                    Err(e) => {
+                        self.ws.recycle(out);
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+
         let t = Instant::now();
         let mut y = self.ws.take(cfg.act_dtype, m, cfg.hidden);
-        self.held.engine.combine(&[&out], &slot_row, &routing.weights, k, &mut y)?;
-        self.ws.recycle(out);
-        stats.times.combine = t.elapsed().as_secs_f64();
-
-        if let Some((set, gate)) = &self.held.shared {
-            let t = Instant::now();
-            let mut s = self.ws.take(cfg.act_dtype, m, cfg.hidden);
-            if m > 0 {
-                self.held.engine.ffn(x_all, &[0, m], set, cfg.deterministic, &mut s)?;
-                add_shared(&mut y, &s, x_all, gate.as_ref())?;
+        let combined = match &shared {
+            None => self.held.engine.combine(&[&out], &slot_row, &routing.weights, k, &mut y),
+            Some((s, scale)) => {
+                let (idx, w) = with_extra_slot(&slot_row, &routing.weights, k, out.rows() as u32, scale);
+                self.held.engine.combine(&[&out, s], &idx, &w, k + 1, &mut y)
             }
+        };
+        self.ws.recycle(out);
+        if let Some((s, _)) = shared {
             self.ws.recycle(s);
-            stats.times.shared = t.elapsed().as_secs_f64();
         }
+        combined?;
+        stats.times.combine = t.elapsed().as_secs_f64();
         Ok(y)
     }
 }

@@ -35,3 +35,24 @@ fn ep_vs_tp_prints_the_table_and_writes_json_and_svg() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// ep-vs-tp as 2 MPI processes (the tools built with `--features mpi`, as scripts/test.sh does).
+#[cfg(feature = "mpi")]
+#[test]
+fn ep_vs_tp_runs_over_mpi() {
+    let version = Command::new("mpirun").arg("--version").output().expect("mpirun not found: install MPI");
+    let mut cmd = Command::new("mpirun");
+    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
+        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
+    }
+    let out = cmd
+        .args(["-n", "2", env!("CARGO_BIN_EXE_ep-vs-tp"), "--group", "mpi", "--backend", "cpu"])
+        .args(["--config", "tiny", "--max-tokens", "8", "--iters", "2", "--warmup", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("2 ranks as MPI processes"), "{stdout}");
+    // Rank 0 alone prints the table: one row per N.
+    assert_eq!(stdout.matches("TP/EP").count(), 3, "{stdout}");
+}

@@ -206,6 +206,25 @@ impl Engine for GpuEngine {
     ) -> Result<()> {
         let f = experts.first().map_or(0, |w| w.gate.rows());
         let wdt = experts.first().map_or(DType::F32, |w| w.gate.dtype());
+        // A call whose f32 intermediates or outputs would not fit one buffer binding runs in
+        // row chunks that do (each row's result does not depend on the others in its call).
+        let rows = batch.rows();
+        let widest = 4 * batch.cols().max(f).max(1) as u64;
+        let per_call = ((self.ctx.max_binding_bytes() / widest) as usize).saturating_sub(crate::ffn::COOP_PAD_ROWS);
+        if rows > per_call && per_call > 0 {
+            check_ffn(batch, offsets, experts, out)?;
+            let rb = out.row_bytes();
+            for r0 in (0..rows).step_by(per_call) {
+                let r1 = (r0 + per_call).min(rows);
+                let part: Vec<usize> = offsets.iter().map(|&o| o.clamp(r0, r1) - r0).collect();
+                let chunk = batch.slice_rows(r0, r1)?;
+                let mut y = Tensor::zeros(out.dtype(), r1 - r0, out.cols());
+                let tile = self.tile_for(&part, batch.cols(), f, batch.dtype(), wdt, deterministic);
+                self.ffn_with_tile(&chunk, &part, experts, tile, &mut y)?;
+                out.as_bytes_mut()[r0 * rb..r1 * rb].copy_from_slice(y.as_bytes());
+            }
+            return Ok(());
+        }
         let tile = self.tile_for(offsets, batch.cols(), f, batch.dtype(), wdt, deterministic);
         self.ffn_with_tile(batch, offsets, experts, tile, out)
     }

@@ -137,6 +137,25 @@ fn weights_split_over_bindings_give_the_same_result() {
 }
 
 #[test]
+fn calls_over_the_binding_limit_run_in_row_chunks_with_the_same_bits() {
+    // Rows of D = 64, F = 96: 384 f32 bytes per intermediate row; a 64 KiB binding cap takes
+    // 170 rows (106 after the cooperative tile's padding), so 300 rows run as 3 chunks, cutting
+    // experts in two.
+    let (d, f) = (64, 96);
+    let (batch, offs, experts) = setup(DType::BF16, DType::BF16, d, f, &[90, 0, 130, 80], 8);
+    let whole = GpuEngine::with_context(Arc::new(context()));
+    let opts = ContextOptions { max_binding_bytes: Some(64 << 10), ..ContextOptions::from_env() };
+    let chunked = GpuEngine::with_context(Arc::new(context_with(&opts)));
+    let mut a = Tensor::zeros(DType::BF16, batch.rows(), d);
+    let mut b = Tensor::zeros(DType::BF16, batch.rows(), d);
+    whole.ffn(&batch, &offs, &experts, true, &mut a).unwrap();
+    chunked.ffn(&batch, &offs, &experts, true, &mut b).unwrap();
+    assert_eq!(a.as_bytes(), b.as_bytes(), "chunked and whole calls differ");
+    let err = rel_error(&b.to_f64_vec(), &reference(&batch, &offs, &experts));
+    assert!(err < tolerance(DType::BF16), "rel error {err:.2e}");
+}
+
+#[test]
 fn bad_ffn_input_is_an_error() {
     let gpu = GpuEngine::with_context(Arc::new(context()));
     let (batch, offs, experts) = setup(DType::F32, DType::F32, 16, 8, &[2, 2], 3);

@@ -41,6 +41,9 @@ struct Args {
     backend: String,
     #[arg(long, default_value = "bf16")]
     dtype: DType,
+    /// One GPU per rank (rank r takes the r-th GPU of the host) instead of every rank on the best one.
+    #[arg(long)]
+    gpu_per_rank: bool,
     /// Smallest and largest tokens per rank of the sweep (powers of two between).
     #[arg(long, default_value_t = 1)]
     min_tokens: usize,
@@ -110,9 +113,9 @@ fn main() {
     }
 }
 
-fn make_engine(backend: &str) -> moe_ep::Result<Box<dyn Engine>> {
+fn make_engine(backend: &str, device: Option<usize>) -> moe_ep::Result<Box<dyn Engine>> {
     Ok(match backend {
-        "wgpu" => Box::new(GpuEngine::new(&ContextOptions::from_env())?),
+        "wgpu" => Box::new(GpuEngine::new(&ContextOptions { device_index: device, ..ContextOptions::from_env() })?),
         _ => Box::new(CpuEngine),
     })
 }
@@ -131,10 +134,11 @@ fn run_rank<G: Group>(
     let mine = placement.experts_of(rank).iter().map(|&e| full.experts[e].clone()).collect();
     let ep_w = LayerWeights { experts: mine, ..full.clone_replicated() };
     let tp_w = tp_weights(full, cfg, rank, world)?;
-    let engine = make_engine(a.backend.as_str())?;
+    let device = a.gpu_per_rank.then_some(rank);
+    let engine = make_engine(a.backend.as_str(), device)?;
     let engine_name = engine.name();
     let ep = MoeLayer::with_engine_weights(g, cfg.clone(), placement, ep_w, engine)?;
-    let tp = TpLayer::new(g, cfg.clone(), tp_w, make_engine(a.backend.as_str())?)?;
+    let tp = TpLayer::new(g, cfg.clone(), tp_w, make_engine(a.backend.as_str(), device)?)?;
     ep.warm_up()?;
     tp.warm_up(world * a.max_tokens)?;
     let mut points = Vec::new();
