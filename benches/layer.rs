@@ -11,8 +11,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use moe_ep::engine::even_offsets;
 use moe_ep::tp::tp_weights;
 use moe_ep::{
-    CpuEngine, DType, Engine, ExpertSet, Group, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor,
-    TpLayer, floor, random,
+    CpuEngine, DType, Engine, ExpertSet, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor, TpLayer, floor,
+    random,
 };
 
 /// A small layer: fast enough for criterion on two cores, big enough to leave the caches.
@@ -100,8 +100,7 @@ fn time_layer(world: usize, n: usize, tp: bool, reps: usize) -> f64 {
             Box::new(move || layer.forward(&x))
         } else {
             let p = Placement::contiguous(c.num_experts, world)?;
-            let mine = p.experts_of(rank).iter().map(|&e| full.experts[e].clone()).collect();
-            let w = LayerWeights { experts: mine, ..LayerWeights::new(full.router.clone(), Vec::new()) };
+            let w = full.ep_share(&p, rank)?;
             let layer = MoeLayer::with_engine_weights(g, c.clone(), p, w, Box::new(CpuEngine))?;
             Box::new(move || layer.forward(&x))
         };

@@ -136,6 +136,26 @@ impl LayerWeights {
         Ok(())
     }
 
+    /// Rank `rank`'s expert-parallel share of a whole layer's weights (`self.experts` holding
+    /// all `E`): the replicated parts cloned, and only the experts `placement` gives the rank.
+    /// Errors when `self` does not hold `placement.num_experts()` experts or `rank` is not in it.
+    pub fn ep_share(&self, placement: &crate::placement::Placement, rank: usize) -> Result<LayerWeights> {
+        if self.experts.len() != placement.num_experts() || rank >= placement.world() {
+            return Err(Error::invalid(format!(
+                "an EP share needs all {} experts and a rank below {} (got {} experts, rank {rank})",
+                placement.num_experts(),
+                placement.world(),
+                self.experts.len()
+            )));
+        }
+        Ok(LayerWeights {
+            router: self.router.clone(),
+            selection_bias: self.selection_bias.clone(),
+            experts: placement.experts_of(rank).iter().map(|&e| self.experts[e].clone()).collect(),
+            shared: self.shared.clone(),
+        })
+    }
+
     /// Bytes of every tensor this rank holds.
     pub fn bytes(&self) -> usize {
         self.router.as_bytes().len()

@@ -75,6 +75,12 @@ fn tp_errors_reach_every_rank() {
     let errs: Vec<String> = errs.into_iter().map(|e| e.unwrap().unwrap_err().to_string()).collect();
     assert!(errs[2].contains("rank 2") && errs[2].contains("slice of 8"), "{}", errs[2]);
     assert!(errs[0].contains("rank 2"), "{}", errs[0]);
+    // EP shares of the same weights: only the placement's experts, replicated parts whole.
+    let p = moe_ep::Placement::contiguous(24, 3).unwrap();
+    let share = full.ep_share(&p, 1).unwrap();
+    assert_eq!(share.experts, full.experts[8..16].to_vec());
+    assert_eq!(share.router, full.router);
+    assert!(full.ep_share(&p, 3).unwrap_err().to_string().contains("rank 3"));
     // A capacity limit is refused; an input of the wrong width fails on every rank.
     let capped = cfg.clone().with_capacity(Capacity::PerExpert(2));
     let errs = LocalGroup::run(2, TIMEOUT, |g| {

@@ -131,8 +131,7 @@ fn run_rank<G: Group>(
 ) -> moe_ep::Result<(Vec<RankPoint>, Option<String>, String)> {
     let (rank, world) = (g.rank(), g.size());
     let placement = Placement::balanced(cfg.num_experts, world)?;
-    let mine = placement.experts_of(rank).iter().map(|&e| full.experts[e].clone()).collect();
-    let ep_w = LayerWeights { experts: mine, ..full.clone_replicated() };
+    let ep_w = full.ep_share(&placement, rank)?;
     let tp_w = tp_weights(full, cfg, rank, world)?;
     let device = a.gpu_per_rank.then_some(rank);
     let engine = make_engine(a.backend.as_str(), device)?;
@@ -177,22 +176,6 @@ fn run_rank<G: Group>(
         }
     }
     Ok((points, stopped, engine_name))
-}
-
-trait CloneReplicated {
-    fn clone_replicated(&self) -> LayerWeights;
-}
-
-impl CloneReplicated for LayerWeights {
-    /// Router, bias and shared expert; no routed experts.
-    fn clone_replicated(&self) -> LayerWeights {
-        LayerWeights {
-            router: self.router.clone(),
-            selection_bias: self.selection_bias.clone(),
-            experts: Vec::new(),
-            shared: self.shared.clone(),
-        }
-    }
 }
 
 fn geomean(v: &[f64]) -> Option<f64> {
