@@ -239,6 +239,16 @@ fn sizes_over_the_binding_limit_are_an_error() {
 }
 
 #[test]
+fn a_device_index_past_the_adapters_is_an_error_naming_them() {
+    // Index 0 is the adapter the default picks; one past the last is refused with the count.
+    let first = GpuContext::new(&ContextOptions { device_index: Some(0), ..ContextOptions::from_env() }).unwrap();
+    assert_eq!(first.adapter_info().name, context().adapter_info().name);
+    let e = GpuContext::new(&ContextOptions { device_index: Some(64), ..ContextOptions::from_env() }).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("device 64 asked for") && msg.contains("adapters; found"), "{msg}");
+}
+
+#[test]
 fn combine_converts_every_16bit_value_as_the_cpu_does() {
     // All 65536 bit patterns (subnormals, infinities and NaNs included), scaled by weights that
     // round, overflow to infinity and underflow to subnormals and zero.
