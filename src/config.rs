@@ -93,6 +93,20 @@ impl Default for RouterConfig {
 }
 
 impl RouterConfig {
+    /// DeepSeek-V3's rules (`noaux_tc`): sigmoid scores, a per-expert selection bias, `n_group`
+    /// groups scored by the sum of their two best, `topk_group` kept, weights scaled by
+    /// `routed_scaling_factor` (renormalisation is `MoeConfig::norm_topk_prob`).
+    pub fn deepseek_v3(n_group: usize, topk_group: usize, routed_scaling_factor: f32) -> Self {
+        RouterConfig {
+            scoring: Scoring::Sigmoid,
+            n_group,
+            topk_group,
+            group_score: GroupScore::TopTwoSum,
+            selection_bias: true,
+            routed_scaling_factor,
+        }
+    }
+
     /// Check the rules against `num_experts` and `top_k`: groups divide the experts, the kept
     /// groups hold at least `top_k` experts, the scaling factor is finite and positive.
     pub fn validate(&self, num_experts: usize, top_k: usize) -> Result<()> {

@@ -11,8 +11,8 @@ use common::{TIMEOUT, assert_close, tolerance};
 use moe_ep::checkpoint::write::{layer_tensors, write_checkpoint, write_safetensors};
 use moe_ep::reference::dense_moe_full;
 use moe_ep::{
-    Checkpoint, DType, Family, Group, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement,
-    RouterConfig, Scoring, Tensor, random,
+    Checkpoint, DType, Family, Group, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Tensor,
+    random,
 };
 use safetensors::tensor::TensorView;
 
@@ -48,14 +48,7 @@ fn family_cfg(family: Family, dtype: DType) -> MoeConfig {
             .with_norm_topk_prob(false)
             .with_shared_expert(2 * inter, false)
             .with_router(RouterConfig { n_group: 4, topk_group: 2, routed_scaling_factor: 16.0, ..Default::default() }),
-        Family::DeepseekV3 => base.with_shared_expert(inter, false).with_router(RouterConfig {
-            scoring: Scoring::Sigmoid,
-            n_group: 4,
-            topk_group: 2,
-            group_score: GroupScore::TopTwoSum,
-            selection_bias: true,
-            routed_scaling_factor: 2.5,
-        }),
+        Family::DeepseekV3 => base.with_shared_expert(inter, false).with_router(RouterConfig::deepseek_v3(4, 2, 2.5)),
     }
 }
 

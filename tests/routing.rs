@@ -17,14 +17,7 @@ use moe_ep::{
 fn deepseek_v3(e: usize, k: usize) -> MoeConfig {
     MoeConfig::new(e, 32, 24, k)
         .with_norm_topk_prob(true)
-        .with_router(RouterConfig {
-            scoring: Scoring::Sigmoid,
-            n_group: 8,
-            topk_group: 4,
-            group_score: GroupScore::TopTwoSum,
-            selection_bias: true,
-            routed_scaling_factor: 2.5,
-        })
+        .with_router(RouterConfig::deepseek_v3(8, 4, 2.5))
         .with_shared_expert(48, false)
 }
 

@@ -3,7 +3,7 @@
 //! transformers (`modeling_mixtral.py`, `modeling_qwen2_moe.py`, `modeling_qwen3_moe.py`,
 //! `modeling_deepseek_v2.py` / `_v3.py`).
 
-use crate::config::{GroupScore, MoeConfig, RouterConfig, Scoring};
+use crate::config::{GroupScore, MoeConfig, RouterConfig};
 
 /// A model family, from `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,14 +156,7 @@ impl Family {
             }
             (Family::DeepseekV3, "noaux_tc", "sigmoid") => {
                 let (n_group, topk_group) = groups()?;
-                RouterConfig {
-                    scoring: Scoring::Sigmoid,
-                    n_group,
-                    topk_group,
-                    group_score: GroupScore::TopTwoSum,
-                    selection_bias: true,
-                    routed_scaling_factor: scale,
-                }
+                RouterConfig::deepseek_v3(n_group, topk_group, scale)
             }
             _ => {
                 return Err(format!(

@@ -283,16 +283,7 @@ pub fn suite_cases(world: usize) -> Vec<Case> {
 /// DeepSeek-V3's routing on [`small_cfg`]: sigmoid, selection bias, 4 groups scored by their
 /// top two, 2 kept, renormalised, scaled by 2.5; an ungated shared expert of 48.
 pub fn deepseek_v3_cfg() -> MoeConfig {
-    small_cfg(4)
-        .with_router(moe_ep::RouterConfig {
-            scoring: moe_ep::Scoring::Sigmoid,
-            n_group: 4,
-            topk_group: 2,
-            group_score: moe_ep::GroupScore::TopTwoSum,
-            selection_bias: true,
-            routed_scaling_factor: 2.5,
-        })
-        .with_shared_expert(48, false)
+    small_cfg(4).with_router(moe_ep::RouterConfig::deepseek_v3(4, 2, 2.5)).with_shared_expert(48, false)
 }
 
 /// Builds one rank's layer from (group, config, placement, router weight, that rank's experts).

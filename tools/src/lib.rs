@@ -2,7 +2,7 @@
 
 pub mod plot;
 
-use moe_ep::{DType, Group, GroupScore, MoeConfig, RouterConfig, Scoring};
+use moe_ep::{DType, Group, MoeConfig, RouterConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -102,14 +102,7 @@ impl Preset {
             .with_norm_topk_prob(self.norm_topk_prob)
             .with_dtypes(act, weight);
         if self.routing == "deepseek-v3" {
-            c = c.with_router(RouterConfig {
-                scoring: Scoring::Sigmoid,
-                n_group: 8,
-                topk_group: 4,
-                group_score: GroupScore::TopTwoSum,
-                selection_bias: true,
-                routed_scaling_factor: 2.5,
-            });
+            c = c.with_router(RouterConfig::deepseek_v3(8, 4, 2.5));
         }
         if self.shared_intermediate > 0 {
             c = c.with_shared_expert(self.shared_intermediate, self.shared_gated);

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use moe_ep::checkpoint::write::write_checkpoint;
-use moe_ep::{DType, Family, GroupScore, MoeConfig, Placement, RouterConfig, Scoring, random};
+use moe_ep::{DType, Family, MoeConfig, Placement, RouterConfig, random};
 
 #[test]
 fn moe_run_loads_a_checkpoint_and_reports() {
@@ -47,14 +47,7 @@ fn deepseek_v3_checkpoint(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = MoeConfig::new(8, 32, 16, 2)
         .with_dtypes(DType::BF16, DType::BF16)
-        .with_router(RouterConfig {
-            scoring: Scoring::Sigmoid,
-            n_group: 4,
-            topk_group: 2,
-            group_score: GroupScore::TopTwoSum,
-            selection_bias: true,
-            routed_scaling_factor: 2.5,
-        })
+        .with_router(RouterConfig::deepseek_v3(4, 2, 2.5))
         .with_shared_expert(32, false);
     let all = Placement::contiguous(8, 1).unwrap();
     write_checkpoint(&dir, Family::DeepseekV3, &cfg, 1, &random::layer_weights(&cfg, 2, &all, 0), 2).unwrap();
