@@ -1,5 +1,8 @@
 //! The README's main command, on a small preset: it runs, prints the table, writes valid JSON.
 
+#[cfg(feature = "mpi")]
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -93,11 +96,7 @@ fn ep_bench_runs_every_call_on_the_gpu() {
 #[cfg(feature = "mpi")]
 #[test]
 fn ep_bench_runs_over_mpi() {
-    let version = Command::new("mpirun").arg("--version").output().expect("mpirun not found: install MPI");
-    let mut cmd = Command::new("mpirun");
-    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
-        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
-    }
+    let mut cmd = common::mpirun();
     let out = cmd
         .args(["-n", "2", env!("CARGO_BIN_EXE_ep-bench"), "--group", "mpi", "--backend", "cpu"])
         .args(["--config", "tiny", "--tokens", "24", "--iters", "2", "--warmup", "1"])

@@ -1,5 +1,8 @@
 //! ep-vs-tp end to end on a tiny layer: the table, the geometric means, the JSON and the SVG.
 
+#[cfg(feature = "mpi")]
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -40,11 +43,7 @@ fn ep_vs_tp_prints_the_table_and_writes_json_and_svg() {
 #[cfg(feature = "mpi")]
 #[test]
 fn ep_vs_tp_runs_over_mpi() {
-    let version = Command::new("mpirun").arg("--version").output().expect("mpirun not found: install MPI");
-    let mut cmd = Command::new("mpirun");
-    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
-        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
-    }
+    let mut cmd = common::mpirun();
     let out = cmd
         .args(["-n", "2", env!("CARGO_BIN_EXE_ep-vs-tp"), "--group", "mpi", "--backend", "cpu"])
         .args(["--config", "tiny", "--max-tokens", "8", "--iters", "2", "--warmup", "1"])

@@ -1,6 +1,9 @@
 //! moe-run on a small Mixtral checkpoint written here (sharded, with an index): every rank
 //! reads only its share, the layer runs, the stage table prints; a dense layer is refused.
 
+#[cfg(feature = "mpi")]
+mod common;
+
 use std::process::Command;
 
 use moe_ep::checkpoint::write::write_checkpoint;
@@ -78,11 +81,7 @@ fn moe_run_runs_a_deepseek_v3_layer_with_bias_and_shared_expert() {
 #[test]
 fn moe_run_over_mpi_processes() {
     let dir = deepseek_v3_checkpoint("moe-run-v3-mpi");
-    let version = Command::new("mpirun").arg("--version").output().expect("mpirun not found: run scripts/test.sh");
-    let mut cmd = Command::new("mpirun");
-    if String::from_utf8_lossy(&version.stdout).contains("Open MPI") {
-        cmd.args(["--allow-run-as-root", "--oversubscribe"]);
-    }
+    let mut cmd = common::mpirun();
     let out = cmd
         .args(["-n", "3", env!("CARGO_BIN_EXE_moe-run"), "--group", "mpi", "--checkpoint"])
         .arg(&dir)
