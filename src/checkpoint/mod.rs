@@ -258,13 +258,24 @@ impl Checkpoint {
     /// Tensor `name` as `[rows, cols]`, copied out of its file. Errors name the tensor and
     /// the file: missing, another shape, an unsupported dtype.
     pub fn tensor(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
+        self.read(name, &[rows, cols], rows, cols)
+    }
+
+    /// One-dimensional tensor `name` of `len` entries, as f32 (from F32, F16 or BF16).
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.read(name, &[len], 1, len)?.to_f32_vec())
+    }
+
+    /// Tensor `name`, stored with `shape`, copied out of its file as `[rows, cols]`; counts the
+    /// bytes read. Errors name the tensor and the file.
+    fn read(&self, name: &str, shape: &[usize], rows: usize, cols: usize) -> Result<Tensor> {
         let shard = self.locate(name)?;
         let dtype = self.dtype_of(name)?;
         let info = shard.meta.info(name).expect("indexed tensors are in their shard");
-        if info.shape != [rows, cols] {
+        if info.shape != shape {
             return Err(ckpt_error(
                 &shard.path,
-                format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", info.shape),
+                format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape),
             ));
         }
         let (a, b) = info.data_offsets;
@@ -273,23 +284,6 @@ impl Checkpoint {
         t.as_bytes_mut().copy_from_slice(bytes);
         self.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(t)
-    }
-}
-
-impl Checkpoint {
-    /// One-dimensional tensor `name` of `len` entries, as f32 (from F32, F16 or BF16).
-    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let shard = self.locate(name)?;
-        let dtype = self.dtype_of(name)?;
-        let info = shard.meta.info(name).expect("indexed tensors are in their shard");
-        if info.shape != [len] {
-            return Err(ckpt_error(&shard.path, format!("tensor {name} has shape {:?}, expected [{len}]", info.shape)));
-        }
-        let (a, b) = info.data_offsets;
-        let mut t = Tensor::zeros(dtype, 1, len);
-        t.as_bytes_mut().copy_from_slice(&shard.map[shard.data_start + a..shard.data_start + b]);
-        self.bytes_read.fetch_add((b - a) as u64, Ordering::Relaxed);
-        Ok(t.to_f32_vec())
     }
 }
 
