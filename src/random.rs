@@ -47,12 +47,16 @@ pub fn gate(cfg: &MoeConfig, seed: u64) -> Tensor {
 
 /// Expert `e`'s weights, scaled so outputs stay of unit order.
 pub fn expert(cfg: &MoeConfig, seed: u64, e: usize) -> ExpertWeights {
-    let (d, f, dt) = (cfg.hidden, cfg.intermediate, cfg.weight_dtype);
-    let s = 3u64 * e as u64 + 1;
+    swiglu(cfg.weight_dtype, cfg.hidden, cfg.intermediate, seed, 3 * e as u64 + 1)
+}
+
+/// A SwiGLU MLP `[f, d]`, `[f, d]`, `[d, f]` from streams `stream..stream + 3`, scaled so
+/// outputs stay of unit order.
+fn swiglu(dt: DType, d: usize, f: usize, seed: u64, stream: u64) -> ExpertWeights {
     ExpertWeights {
-        gate: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s),
-        up: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s + 1),
-        down: uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, s + 2),
+        gate: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, stream),
+        up: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, stream + 1),
+        down: uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, stream + 2),
     }
 }
 
@@ -73,11 +77,7 @@ pub fn shared_expert(cfg: &MoeConfig, seed: u64) -> Option<SharedExpert> {
     let (d, f, dt) = (cfg.hidden, sc.intermediate, cfg.weight_dtype);
     let s = 2_000_001;
     Some(SharedExpert {
-        weights: ExpertWeights {
-            gate: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s),
-            up: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, s + 1),
-            down: uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, s + 2),
-        },
+        weights: swiglu(dt, d, f, seed, s),
         gate: sc.gated.then(|| uniform(dt, 1, d, 3.0 / (d as f32).sqrt(), seed, s + 3)),
     })
 }

@@ -129,9 +129,6 @@ impl<G: Group + ?Sized> Group for &G {
     fn barrier(&self) -> Result<()> {
         (**self).barrier()
     }
-    fn exchange_counts(&self, send_counts: &[usize]) -> Result<Vec<usize>> {
-        (**self).exchange_counts(send_counts)
-    }
 }
 
 /// Argument check shared by the engines: a per-rank array must have one entry per rank.
