@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use moe_ep::{
-    Capacity, CpuEngine, DType, Group, LocalGroup, Placement, Workspace, combine_in, dispatch_in, floor, random, router,
+    Capacity, CpuEngine, DType, Group, LocalGroup, Placement, Workspace, combine_in, dispatch_in, model::router,
+    random, testing::floor,
 };
 
 const E: usize = 64;

@@ -8,11 +8,11 @@
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use moe_ep::engine::even_offsets;
-use moe_ep::tp::tp_weights;
+use moe_ep::compute::engine::even_offsets;
+use moe_ep::layer::tp::tp_weights;
 use moe_ep::{
-    CpuEngine, DType, Engine, ExpertSet, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor, TpLayer, floor,
-    random,
+    CpuEngine, DType, Engine, ExpertSet, Group, LocalGroup, MoeConfig, MoeLayer, Placement, Tensor, TpLayer, random,
+    testing::floor,
 };
 
 /// A small layer: fast enough for criterion on two cores, big enough to leave the caches.

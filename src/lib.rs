@@ -1,12 +1,12 @@
 //! Expert-parallel Mixture-of-Experts layers.
 //!
 //! Each rank of a [`Group`] owns some experts ([`Placement`]); tokens are routed
-//! ([`router`]), planned ([`RoutePlan`]), dispatched to the ranks owning their experts
+//! ([`model::router`]), planned ([`RoutePlan`]), dispatched to the ranks owning their experts
 //! ([`dispatch()`]), computed there and combined back ([`combine()`]). [`MoeLayer`] does all of
 //! it in one call. See `DESIGN.md` in the repository for the data flow and the semantics.
 //!
 //! ```
-//! use moe_ep::{LocalGroup, MoeConfig, MoeLayer, Placement, random};
+//! use moe_ep::{LocalGroup, MoeConfig, MoeLayer, Placement, testing::random};
 //! use std::time::Duration;
 //!
 //! let cfg = MoeConfig::new(8, 16, 32, 2);
@@ -24,47 +24,36 @@
 //! }
 //! ```
 
-mod agree;
-pub mod checkpoint;
-pub mod config;
-pub mod cpu;
-pub mod dispatch;
+pub mod compute;
 pub mod dtype;
-pub mod engine;
 pub mod error;
-pub mod floor;
-pub mod group;
+pub mod exchange;
 pub mod layer;
-pub mod placement;
-pub mod plan;
-pub mod policy;
-pub mod random;
-pub mod reference;
-pub mod router;
+pub mod model;
 mod segments;
 pub mod stats;
 pub mod tensor;
-pub mod tp;
-pub mod warmup;
-pub mod weights;
-pub mod workspace;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-pub use checkpoint::{Checkpoint, Family};
-pub use config::{Capacity, GroupScore, MoeConfig, RouterConfig, Scoring, SharedExpertConfig};
-pub use cpu::CpuEngine;
-pub use dispatch::{CombineHandle, Dispatched, combine, combine_in, dispatch, dispatch_in};
+pub use compute::cpu::CpuEngine;
+pub use compute::engine::Engine;
+pub use compute::policy::{BackendChoice, LayerOptions, OnGpuError};
+pub use compute::warmup::{CrossoverPoint, WarmUpReport};
+pub use compute::workspace::Workspace;
 pub use dtype::{DType, Element};
-pub use engine::Engine;
 pub use error::{Error, Result};
-pub use group::{Group, LocalGroup};
-pub use layer::MoeLayer;
-pub use placement::Placement;
-pub use plan::RoutePlan;
-pub use policy::{BackendChoice, LayerOptions, OnGpuError};
-pub use router::Routing;
+pub use exchange::dispatch::{CombineHandle, Dispatched, combine, combine_in, dispatch, dispatch_in};
+pub use exchange::group::{Group, LocalGroup};
+pub use exchange::plan::RoutePlan;
+pub use layer::moe::MoeLayer;
+pub use layer::tp::TpLayer;
+pub use model::checkpoint::{Checkpoint, Family};
+pub use model::config::{Capacity, GroupScore, MoeConfig, RouterConfig, Scoring, SharedExpertConfig};
+pub use model::placement::Placement;
+pub use model::router::Routing;
+pub use model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 pub use stats::{ForwardStats, LayerMetrics, StageTimes};
 pub use tensor::Tensor;
-pub use tp::TpLayer;
-pub use warmup::{CrossoverPoint, WarmUpReport};
-pub use weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
-pub use workspace::Workspace;
+#[cfg(feature = "testing")]
+pub use testing::random;

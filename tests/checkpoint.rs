@@ -8,8 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{TIMEOUT, assert_close, tolerance};
-use moe_ep::checkpoint::write::{layer_tensors, write_checkpoint, write_safetensors};
-use moe_ep::reference::dense_moe_full;
+use moe_ep::testing::checkpoint_writer::{layer_tensors, write_checkpoint, write_safetensors};
+use moe_ep::testing::reference::dense_moe_full;
 use moe_ep::{
     Checkpoint, DType, Family, Group, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Tensor,
     random,

@@ -2,8 +2,8 @@
 //! taken in deterministic mode) and the decode path (a few rows an expert), every dtype pair,
 //! sizes that fill no tile, experts without rows; and bad arguments.
 
-use moe_ep::engine::ffn_offsets;
-use moe_ep::reference::{expert_f64, rel_error};
+use moe_ep::compute::engine::ffn_offsets;
+use moe_ep::testing::reference::{expert_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
 
 fn tolerance(act: DType) -> f64 {

@@ -1,7 +1,7 @@
 //! Router against f64, and the route plan's order and capacity rules.
 
-use moe_ep::reference::route_f64;
-use moe_ep::router::{route, softmax_top_k};
+use moe_ep::model::router::{route, softmax_top_k};
+use moe_ep::testing::reference::route_f64;
 use moe_ep::{Capacity, DType, MoeConfig, Placement, RoutePlan, Routing, random};
 
 #[test]
@@ -57,8 +57,8 @@ fn plan_orders_blocks_by_local_expert_then_token_and_drops_first_choice_first() 
     // Capacity 2 per expert: expert 3 takes slot-0 of tokens 0 and 2 before any slot-1.
     let plan = RoutePlan::new(0, &r, &p, Capacity::PerExpert(2)).unwrap();
     assert_eq!(plan.dropped_per_expert, vec![0, 0, 0, 2]);
-    assert_eq!(plan.dest[2 + 1], moe_ep::plan::DROPPED); // token 1 slot 1 (expert 3)
-    assert_eq!(plan.dest[3 * 2 + 1], moe_ep::plan::DROPPED); // token 3 slot 1 (expert 3)
+    assert_eq!(plan.dest[2 + 1], moe_ep::exchange::plan::DROPPED); // token 1 slot 1 (expert 3)
+    assert_eq!(plan.dest[3 * 2 + 1], moe_ep::exchange::plan::DROPPED); // token 3 slot 1 (expert 3)
     assert_eq!(plan.block_tokens[1], vec![2, 0, 2]);
     // Factor: ceil(1.0 * 4 * 2 / 4) = 2, the same plan.
     assert_eq!(RoutePlan::new(0, &r, &p, Capacity::Factor(1.0)).unwrap(), plan);

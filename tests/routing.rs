@@ -6,8 +6,8 @@
 mod common;
 
 use common::{Case, TIMEOUT};
-use moe_ep::reference::route_f64_config;
-use moe_ep::router::{route_config, top_k};
+use moe_ep::model::router::{route_config, top_k};
+use moe_ep::testing::reference::route_f64_config;
 use moe_ep::{
     DType, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Scoring, random,
 };

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Case, TIMEOUT, cpu_engine, deepseek_v3_cfg, small_cfg};
-use moe_ep::tp::{tp_slice, tp_weights};
+use moe_ep::layer::tp::{tp_slice, tp_weights};
 use moe_ep::{Capacity, DType, Group, LocalGroup, TpLayer};
 
 #[test]
@@ -55,7 +55,7 @@ fn tp_and_ep_agree_on_the_same_tokens() {
     let tp = case.run_tp_with(&cpu_engine);
     let ep = case.run();
     for (r, ((a, _), (b, _))) in tp.iter().zip(&ep).enumerate() {
-        let rel = moe_ep::reference::rel_error(&a.to_f64_vec(), &b.to_f64_vec());
+        let rel = moe_ep::testing::reference::rel_error(&a.to_f64_vec(), &b.to_f64_vec());
         assert!(rel < 1e-5, "rank {r}: TP and EP differ by {rel:.2e}");
     }
 }
@@ -94,7 +94,7 @@ fn tp_errors_reach_every_rank() {
         let rank = g.rank();
         let w = tp_weights(&full, &cfg, rank, 2).unwrap();
         let layer = TpLayer::new(g, cfg.clone(), w, cpu_engine(rank).unwrap())?;
-        let x = moe_ep::random::uniform(DType::F32, 3, if rank == 1 { 31 } else { 32 }, 1.0, 1, rank as u64);
+        let x = moe_ep::testing::random::uniform(DType::F32, 3, if rank == 1 { 31 } else { 32 }, 1.0, 1, rank as u64);
         layer.forward(&x).map(|_| ())
     })
     .unwrap();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use moe_ep::reference::{self, Reference};
+use moe_ep::testing::reference::{self, Reference};
 use moe_ep::{
     CpuEngine, DType, Engine, ExpertWeights, ForwardStats, Group, LayerWeights, LocalGroup, MoeConfig, MoeLayer,
     Placement, Tensor, random,
@@ -95,7 +95,7 @@ impl Case {
         Ok((out, layer.into_group()))
     }
 
-    /// The whole layer's weights (all experts), as [`moe_ep::tp::tp_weights`] slices them.
+    /// The whole layer's weights (all experts), as [`moe_ep::layer::tp::tp_weights`] slices them.
     pub fn full_weights(&self) -> LayerWeights {
         let all = Placement::contiguous(self.cfg.num_experts, 1).unwrap();
         LayerWeights { router: self.gate(), ..random::layer_weights(&self.cfg, self.seed, &all, 0) }
@@ -120,7 +120,7 @@ impl Case {
     /// group back.
     pub fn run_tp_rank<G: Group>(&self, g: G, engine: Box<dyn Engine>) -> moe_ep::Result<((Tensor, ForwardStats), G)> {
         let rank = g.rank();
-        let w = moe_ep::tp::tp_weights(&self.full_weights(), &self.cfg, rank, self.world)?;
+        let w = moe_ep::layer::tp::tp_weights(&self.full_weights(), &self.cfg, rank, self.world)?;
         let layer = moe_ep::TpLayer::new(g, self.cfg.clone(), w, engine)?;
         let out = layer.forward_with_stats(&self.input(rank))?;
         Ok((out, layer.into_group()))

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use moe_ep::checkpoint::write::write_checkpoint;
+use moe_ep::testing::checkpoint_writer::write_checkpoint;
 use moe_ep::{DType, Family, MoeConfig, Placement, RouterConfig, random};
 
 #[test]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use moe_ep::engine::{ZERO_ROW, check_combine, check_ffn, check_gather, even_offsets};
+use moe_ep::compute::engine::{ZERO_ROW, check_combine, check_ffn, check_gather, even_offsets};
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
@@ -291,7 +291,7 @@ impl Engine for GpuEngine {
         let mut sizes: Vec<usize> = [1, 2, 4, 8].iter().map(|r| r * l).collect();
         sizes.push(max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1)));
         for rows in sizes {
-            let batch = moe_ep::random::uniform(act, rows, d, 1.0, 0x3a7, rows as u64);
+            let batch = moe_ep::compute::warmup::sample_rows(act, rows, d, 0x3a7 ^ rows as u64);
             let offsets = even_offsets(rows, l);
             let mut out = Tensor::zeros(act, rows, d);
             self.ffn(&batch, &offsets, experts, false, &mut out)?;

@@ -211,7 +211,7 @@ impl GpuContext {
     /// The launches of one FFN call, in order: up then down for each shard, then the narrow.
     /// Tile tables and parameters are uploaded into buffers pushed on `scratch` (give them
     /// back to the pool after the submit). `offsets` are validated by the caller
-    /// (`moe_ep::engine::check_ffn`); sizes are checked here against the device's limits.
+    /// (`moe_ep::compute::engine::check_ffn`); sizes are checked here against the device's limits.
     pub fn ffn_launches(
         &self,
         dev: &DeviceExperts,

@@ -6,7 +6,7 @@
 mod harness;
 
 use harness::{Case, TIMEOUT, small_cfg};
-use moe_ep::{Capacity, CpuEngine, DType, Engine, Group, LocalGroup, Tensor, random, router};
+use moe_ep::{Capacity, CpuEngine, DType, Engine, Group, LocalGroup, Tensor, model::router, random};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 
 fn gpu_engine(rank: usize) -> moe_ep::Result<Box<dyn Engine>> {

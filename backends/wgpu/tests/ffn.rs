@@ -5,8 +5,8 @@
 mod common;
 
 use common::{context, context_with};
-use moe_ep::engine::ffn_offsets;
-use moe_ep::reference::{expert_f64, rel_error};
+use moe_ep::compute::engine::ffn_offsets;
+use moe_ep::testing::reference::{expert_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
 use moe_ep_wgpu::kernels::Tile;
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
@@ -171,7 +171,7 @@ fn bad_ffn_input_is_an_error() {
     let (batch, offs, experts) = setup(DType::BF16, DType::BF16, 15, 8, &[1, 1], 3);
     let mut out = Tensor::zeros(DType::BF16, 2, 15);
     let e = gpu.ffn(&batch, &offs, &experts, false, &mut out).unwrap_err();
-    assert!(moe_ep::policy::is_device_error(&e) && e.to_string().contains("even"), "{e}");
+    assert!(moe_ep::compute::policy::is_device_error(&e) && e.to_string().contains("even"), "{e}");
 }
 
 #[test]

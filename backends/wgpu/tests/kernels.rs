@@ -5,7 +5,7 @@
 mod common;
 
 use common::{context, context_with, indices, rows};
-use moe_ep::engine::ZERO_ROW;
+use moe_ep::compute::engine::ZERO_ROW;
 use moe_ep::{CpuEngine, DType, Engine, Error, Tensor};
 use moe_ep_wgpu::ops::{Combine, Gather};
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
@@ -160,7 +160,7 @@ fn combine_equals_cpu_bitwise_and_f64_within_rounding() {
                     ctx.submit_and_read(enc, &dst, got.as_bytes_mut()).unwrap();
                     let what = format!("combine {dtype} D={cols} k={k} n={n}");
                     let exact = f64_combine(&[&a, &b], &idx, &w, k, cols);
-                    let rel = moe_ep::reference::rel_error(&got.to_f64_vec(), &exact);
+                    let rel = moe_ep::testing::reference::rel_error(&got.to_f64_vec(), &exact);
                     assert!(rel <= tolerance(dtype), "{what}: relative error {rel:.2e} against f64");
                     // Metal compiles with fast math (wgpu's default), free to reorder the sum.
                     if strict && got.as_bytes() != want.as_bytes() {

@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use moe_ep::WarmUpReport;
 use moe_ep::{
     BackendChoice, Capacity, DType, Engine, ForwardStats, Group, LayerOptions, LocalGroup, MoeLayer, OnGpuError,
-    Placement, floor, random,
+    Placement, random, testing::floor,
 };
 use moe_ep_tools::{fmt_time, median, preset};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_ep::tp::tp_weights;
+use moe_ep::layer::tp::tp_weights;
 use moe_ep::{
     CpuEngine, DType, Engine, ForwardStats, Group, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, TpLayer,
     random,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
-use moe_ep::engine::ffn_offsets;
+use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, LayerOptions, LocalGroup, MoeLayer, Placement, Tensor, random};
 use moe_ep_tools::{fmt_time, init_tracing, median, preset};
 use moe_ep_wgpu::kernels::Tile;
@@ -286,7 +286,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if use_cpu {
         let copy = cpu_copy_gbps();
-        let gemm = moe_ep::floor::gemm_gflops(1024, 3) * 1e9;
+        let gemm = moe_ep::testing::floor::gemm_gflops(1024, 3) * 1e9;
         println!(
             "CPU floors ({} threads): parallel memcpy {copy:.1} GB/s (read + write); matrixmultiply f32 1024^3 on every core {:.1} GFLOP/s",
             rayon::current_num_threads(),

@@ -1,7 +1,7 @@
 //! Shared by the GPU tests: a device or a clear failure, seeded data.
 #![allow(dead_code)]
 
-use moe_ep::engine::ZERO_ROW;
+use moe_ep::compute::engine::ZERO_ROW;
 use moe_ep::{DType, Tensor, random};
 use moe_ep_wgpu::{ContextOptions, GpuContext};
 use rand::{Rng, SeedableRng};

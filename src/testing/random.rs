@@ -7,11 +7,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::config::MoeConfig;
 use crate::dtype::DType;
-use crate::placement::Placement;
+use crate::model::config::MoeConfig;
+use crate::model::placement::Placement;
+use crate::model::weights::{ExpertWeights, LayerWeights, SharedExpert};
 use crate::tensor::Tensor;
-use crate::weights::{ExpertWeights, LayerWeights, SharedExpert};
 
 fn rng(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut r = ChaCha8Rng::seed_from_u64(seed);

@@ -4,21 +4,21 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::agree::{Field, agree};
-use crate::config::MoeConfig;
-use crate::cpu::CpuEngine;
-use crate::dispatch::{combine_or_fail, dispatch_or_fail};
-use crate::engine::Engine;
+use crate::compute::cpu::CpuEngine;
+use crate::compute::engine::Engine;
+use crate::compute::policy::{BackendChoice, LayerOptions, OnGpuError, WithFallback, is_device_error};
+use crate::compute::warmup::{WarmUpReport, measure_crossover};
+use crate::compute::workspace::Workspace;
 use crate::error::{Error, Result};
-use crate::group::Group;
-use crate::placement::Placement;
-use crate::policy::{BackendChoice, LayerOptions, OnGpuError, WithFallback, is_device_error};
-use crate::router;
+use crate::exchange::agree::{Field, agree};
+use crate::exchange::dispatch::{combine_or_fail, dispatch_or_fail};
+use crate::exchange::group::Group;
+use crate::model::config::MoeConfig;
+use crate::model::placement::Placement;
+use crate::model::router;
+use crate::model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 use crate::stats::{ForwardStats, LayerMetrics};
 use crate::tensor::Tensor;
-use crate::warmup::{WarmUpReport, measure_crossover};
-use crate::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
-use crate::workspace::Workspace;
 
 /// `crossover` value: not decided yet (measured at warm-up or on the first call).
 const UNDECIDED: usize = usize::MAX - 1;
@@ -149,7 +149,7 @@ impl<G: Group> MoeLayer<G> {
     }
 
     /// [`MoeLayer::new`] with a GPU engine beside the CPU one, chosen per call by `options`
-    /// (and the environment: [`crate::policy::BACKEND_ENV`], [`crate::policy::GPU_ERRORS_ENV`]).
+    /// (and the environment: [`crate::compute::policy::BACKEND_ENV`], [`crate::compute::policy::GPU_ERRORS_ENV`]).
     /// With [`BackendChoice::Auto`] the crossover is measured by [`MoeLayer::warm_up`] (or
     /// by the first forward call, if warm-up was not called). Errors also when the options
     /// or the environment do not parse, or ask for a crossover in deterministic mode.
@@ -374,7 +374,12 @@ impl<G: Group> MoeLayer<G> {
         // The small exchange: every rank sends one token, whatever happened above, so that a
         // rank's failure reaches the others as an error rather than a hang.
         let t = Instant::now();
-        let x = crate::random::input(cfg, usize::from(local.is_ok()), 0x3a7, rank);
+        let x = crate::compute::warmup::sample_rows(
+            cfg.act_dtype,
+            usize::from(local.is_ok()),
+            cfg.hidden,
+            0x3a7 + rank as u64,
+        );
         let fwd = self.forward_with_stats(&x);
         let mut report = local?;
         fwd?;

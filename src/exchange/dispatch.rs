@@ -13,18 +13,18 @@
 
 use std::time::Instant;
 
-use crate::config::Capacity;
+use crate::compute::engine::{Engine, ZERO_ROW};
+use crate::compute::workspace::Workspace;
 use crate::dtype::DType;
-use crate::engine::{Engine, ZERO_ROW};
 use crate::error::{Error, Result};
-use crate::group::Group;
-use crate::placement::Placement;
-use crate::plan::{DROPPED, RoutePlan};
-use crate::router::Routing;
+use crate::exchange::group::Group;
+use crate::exchange::plan::{DROPPED, RoutePlan};
+use crate::model::config::Capacity;
+use crate::model::placement::Placement;
+use crate::model::router::Routing;
 use crate::segments::offsets;
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
-use crate::workspace::Workspace;
 
 /// Words before the per-expert counts in each chunk of the counts round:
 /// status (0 = ok), row bytes, dtype code, local experts the sender believes the receiver has.
@@ -245,7 +245,7 @@ pub(crate) fn dispatch_or_fail<G: Group + ?Sized>(
     let t = Instant::now();
     let stage = tracing::debug_span!("scatter", rank).entered();
     let rows_per_expert: Vec<usize> = (0..nl).map(|l| (0..world).map(|s| cnt[s][l]).sum()).collect();
-    let expert_offsets = crate::engine::ffn_offsets(&rows_per_expert);
+    let expert_offsets = crate::compute::engine::ffn_offsets(&rows_per_expert);
     let b_total = expert_offsets[nl];
     if r_total + x.rows() >= ZERO_ROW as usize || b_total >= ZERO_ROW as usize {
         return Err(too_many_rows(rank, r_total + b_total));

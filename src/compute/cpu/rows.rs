@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::compute::engine::{ZERO_ROW, check_combine, check_gather};
 use crate::dtype::Element;
-use crate::engine::{ZERO_ROW, check_combine, check_gather};
 use crate::error::Result;
 use crate::tensor::Tensor;
 use crate::with_storage;

@@ -3,7 +3,7 @@
 //! transformers (`modeling_mixtral.py`, `modeling_qwen2_moe.py`, `modeling_qwen3_moe.py`,
 //! `modeling_deepseek_v2.py` / `_v3.py`).
 
-use crate::config::{GroupScore, MoeConfig, RouterConfig};
+use crate::model::config::{GroupScore, MoeConfig, RouterConfig};
 
 /// A model family, from `config.json`'s `model_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

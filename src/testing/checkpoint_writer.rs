@@ -6,12 +6,12 @@ use std::path::Path;
 
 use safetensors::tensor::TensorView;
 
-use super::Family;
-use crate::config::{GroupScore, MoeConfig, RouterConfig, Scoring};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::config::{GroupScore, MoeConfig, RouterConfig, Scoring};
+use crate::model::families::Family;
+use crate::model::weights::LayerWeights;
 use crate::tensor::Tensor;
-use crate::weights::LayerWeights;
 
 fn st_dtype(d: DType) -> safetensors::Dtype {
     match d {

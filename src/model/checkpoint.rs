@@ -13,9 +13,6 @@
 //! group-limited greedy) and DeepSeek-V3 (sigmoid, selection bias, top-two group scores); see
 //! [`Family`]. FP8 checkpoints (DeepSeek-V3's original release) are refused by dtype.
 
-mod family;
-pub mod write;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -25,14 +22,14 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 use safetensors::tensor::Metadata;
 
-pub use family::Family;
+pub use crate::model::families::Family;
 
-use crate::config::MoeConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::placement::Placement;
+use crate::model::config::MoeConfig;
+use crate::model::placement::Placement;
+use crate::model::weights::{ExpertWeights, LayerWeights, SharedExpert};
 use crate::tensor::Tensor;
-use crate::weights::{ExpertWeights, LayerWeights, SharedExpert};
 
 /// One mapped safetensors file and its parsed header.
 struct Shard {

@@ -5,10 +5,10 @@ pub(crate) mod gemm;
 pub mod gemv;
 pub mod rows;
 
-use crate::engine::Engine;
+use crate::compute::engine::Engine;
 use crate::error::Result;
+use crate::model::weights::ExpertSet;
 use crate::tensor::Tensor;
-use crate::weights::ExpertSet;
 
 /// Runs every stage on the CPU (the rayon global pool).
 #[derive(Debug, Default, Clone, Copy)]

@@ -4,11 +4,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::MoeConfig;
-use crate::engine::Engine;
+use crate::compute::engine::Engine;
 use crate::error::Result;
-use crate::random;
-use crate::weights::ExpertSet;
+use crate::model::config::MoeConfig;
+use crate::model::weights::ExpertSet;
 
 /// One size the crossover was measured at: the local compute of a call with `tokens` tokens
 /// on this rank (the expert FFN over `tokens * k` rows spread over the local experts, then
@@ -44,6 +43,25 @@ pub struct WarmUpReport {
     pub gpu_error: Option<String>,
 }
 
+/// `[rows, cols]` of values spread over (-1, 1), a fixed function of `seed` (splitmix64): the
+/// data warm-ups and crossover measurements run on (never zeros, which can run faster than
+/// real data). Not for tests: they use the `testing` feature's seeded generators.
+pub fn sample_rows(dtype: crate::dtype::DType, rows: usize, cols: usize, seed: u64) -> crate::tensor::Tensor {
+    let mut state = seed;
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            // 24 random bits to (-1, 1).
+            ((z >> 40) as f32 + 0.5) / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    crate::tensor::Tensor::from_f32(dtype, rows, cols, &v).expect("rows * cols values")
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -53,11 +71,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn time_local(engine: &dyn Engine, experts: &ExpertSet, cfg: &MoeConfig, tokens: usize, reps: usize) -> Result<f64> {
     let k = cfg.top_k;
     let rows = if experts.is_empty() { 0 } else { tokens * k };
-    let offs = crate::engine::even_offsets(rows, experts.len());
-    let batch = random::uniform(cfg.act_dtype, rows, cfg.hidden, 1.0, 0x5eed, tokens as u64);
+    let offs = crate::compute::engine::even_offsets(rows, experts.len());
+    let batch = sample_rows(cfg.act_dtype, rows, cfg.hidden, 0x5eed ^ tokens as u64);
     let mut out = crate::tensor::Tensor::zeros(cfg.act_dtype, rows, cfg.hidden);
     let idx: Vec<u32> =
-        (0..tokens * k).map(|i| if rows == 0 { crate::engine::ZERO_ROW } else { (i % rows) as u32 }).collect();
+        (0..tokens * k).map(|i| if rows == 0 { crate::compute::engine::ZERO_ROW } else { (i % rows) as u32 }).collect();
     let w = vec![1.0 / k as f32; tokens * k];
     let mut y = crate::tensor::Tensor::zeros(cfg.act_dtype, tokens, cfg.hidden);
     let mut once = || -> Result<f64> {

@@ -4,7 +4,7 @@
 use std::hash::{Hash, Hasher};
 
 use crate::error::{Error, Result};
-use crate::group::Group;
+use crate::exchange::group::Group;
 
 /// A field compared across ranks: its name, its value on this rank, and whether the value is a
 /// hash (reported as "differs") rather than a number (reported with both values).

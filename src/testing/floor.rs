@@ -50,7 +50,7 @@ pub fn gemm_gflops(m: usize, reps: usize) -> f64 {
         let t = Instant::now();
         (0..threads).into_par_iter().for_each(|_| {
             let mut c = vec![0f32; m * m];
-            crate::cpu::gemm::matmul_bt(&a, &b, &mut c, m, m, m);
+            crate::compute::cpu::gemm::matmul_bt(&a, &b, &mut c, m, m, m);
             std::hint::black_box(&c);
         });
         times.push(t.elapsed().as_secs_f64());

@@ -19,18 +19,18 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::agree::{Field, agree};
-use crate::config::{Capacity, MoeConfig};
-use crate::dispatch::with_extra_slot;
-use crate::engine::Engine;
+use crate::compute::engine::Engine;
+use crate::compute::workspace::Workspace;
 use crate::error::{Error, Result};
-use crate::group::Group;
-use crate::layer::{replicated_fields, shared_scale};
-use crate::router;
+use crate::exchange::agree::{Field, agree};
+use crate::exchange::dispatch::with_extra_slot;
+use crate::exchange::group::Group;
+use crate::layer::moe::{replicated_fields, shared_scale};
+use crate::model::config::{Capacity, MoeConfig};
+use crate::model::router;
+use crate::model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
-use crate::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
-use crate::workspace::Workspace;
 
 /// Rank `rank`'s part of `f` intermediate columns over `world` ranks: contiguous blocks of
 /// whole units, balanced (the first ranks one unit wider), where a unit is the largest of 64,
@@ -326,7 +326,7 @@ impl<G: Group> TpLayer<G> {
         for &id in &routing.ids {
             per_expert[id as usize] += 1;
         }
-        let offsets = crate::engine::ffn_offsets(&per_expert);
+        let offsets = crate::compute::engine::ffn_offsets(&per_expert);
         let mut next = offsets.clone();
         let mut rows = vec![0u32; m * k];
         let mut slot_row = vec![0u32; m * k];

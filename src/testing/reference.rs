@@ -5,9 +5,9 @@
 //! scaling, capacity drops first-choice-first per source rank); every token then goes through
 //! its experts, the weighted sum and the shared expert, all in f64.
 
-use crate::config::{GroupScore, MoeConfig, Scoring};
+use crate::model::config::{GroupScore, MoeConfig, Scoring};
+use crate::model::weights::{ExpertWeights, SharedExpert};
 use crate::tensor::Tensor;
-use crate::weights::{ExpertWeights, SharedExpert};
 
 /// Result of the reference on one rank's tokens.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub fn route_f64(x: &Tensor, gate: &Tensor, k: usize, renormalize: bool) -> (Vec
 }
 
 /// Routing in f64 of `x` (`[N, D]`) with gate `[E, D]` and selection `bias` under `cfg`'s
-/// top-k, `norm_topk_prob` and [`crate::config::RouterConfig`]: scores (softmax or sigmoid),
+/// top-k, `norm_topk_prob` and [`crate::model::config::RouterConfig`]: scores (softmax or sigmoid),
 /// selection keys (the logit where it ranks as the score does, else score plus bias),
 /// group-limited selection, top-k by a stable sort (ties to the lower id), weights = scores,
 /// renormalised, scaled.

@@ -2,12 +2,12 @@
 //!
 //! Every data-movement step of dispatch and combine is a row gather from the concatenation of
 //! a few source tensors; arithmetic is the expert FFN and the weighted combine. The CPU engine
-//! is [`crate::cpu::CpuEngine`]; GPU engines live in backend crates.
+//! is [`crate::compute::cpu::CpuEngine`]; GPU engines live in backend crates.
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::model::weights::ExpertSet;
 use crate::tensor::Tensor;
-use crate::weights::ExpertSet;
 
 /// An index in a row map that writes a row of zeros instead of reading a source row.
 pub const ZERO_ROW: u32 = u32::MAX;

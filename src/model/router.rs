@@ -3,8 +3,8 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{GroupScore, MAX_TOP_K, MoeConfig, RouterConfig, Scoring};
 use crate::error::{Error, Result};
+use crate::model::config::{GroupScore, MAX_TOP_K, MoeConfig, RouterConfig, Scoring};
 use crate::tensor::Tensor;
 
 /// The experts chosen for each token and their weights, `[N, k]` row-major.
@@ -64,7 +64,7 @@ pub fn router_logits(x: &Tensor, gate: &Tensor) -> Result<Vec<f32>> {
     }
     let xf = x.to_f32_vec();
     let wf = gate.to_f32_vec();
-    crate::cpu::gemm::matmul_bt(&xf, &wf, &mut logits, n, d, e);
+    crate::compute::cpu::gemm::matmul_bt(&xf, &wf, &mut logits, n, d, e);
     Ok(logits)
 }
 

@@ -14,8 +14,8 @@ use super::gemm::{matmul_bt, matmul_bt_strided};
 use super::gemv;
 use crate::dtype::Element;
 use crate::error::Result;
+use crate::model::weights::ExpertSet;
 use crate::tensor::{Storage, Tensor};
-use crate::weights::ExpertSet;
 use crate::with_storage;
 
 /// Weight rows widened and applied together.
@@ -57,7 +57,7 @@ pub fn ffn(
     deterministic: bool,
     out: &mut Tensor,
 ) -> Result<()> {
-    crate::engine::check_ffn(batch, offsets, experts, out)?;
+    crate::compute::engine::check_ffn(batch, offsets, experts, out)?;
     let d = batch.cols();
     let active: Vec<usize> = (0..experts.len()).filter(|&l| offsets[l + 1] > offsets[l]).collect();
     if active.is_empty() {

@@ -1,7 +1,7 @@
 //! Expert weights.
 
-use crate::config::MoeConfig;
 use crate::error::{Error, Result};
+use crate::model::config::MoeConfig;
 use crate::tensor::Tensor;
 
 /// The three matrices of one SwiGLU expert, in Hugging Face layout `[out, in]`:
@@ -39,7 +39,7 @@ impl ExpertWeights {
     }
 }
 
-/// A shared expert's weights (see [`crate::config::SharedExpertConfig`]).
+/// A shared expert's weights (see [`crate::model::config::SharedExpertConfig`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedExpert {
     /// `[Fs, D]`, `[Fs, D]`, `[D, Fs]` with `Fs` the shared expert's intermediate dimension.
@@ -139,7 +139,7 @@ impl LayerWeights {
     /// Rank `rank`'s expert-parallel share of a whole layer's weights (`self.experts` holding
     /// all `E`): the replicated parts cloned, and only the experts `placement` gives the rank.
     /// Errors when `self` does not hold `placement.num_experts()` experts or `rank` is not in it.
-    pub fn ep_share(&self, placement: &crate::placement::Placement, rank: usize) -> Result<LayerWeights> {
+    pub fn ep_share(&self, placement: &crate::model::placement::Placement, rank: usize) -> Result<LayerWeights> {
         if self.experts.len() != placement.num_experts() || rank >= placement.world() {
             return Err(Error::invalid(format!(
                 "an EP share needs all {} experts and a rank below {} (got {} experts, rank {rank})",

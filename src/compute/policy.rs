@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compute::engine::Engine;
 use crate::dtype::DType;
-use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::model::weights::ExpertSet;
 use crate::tensor::Tensor;
-use crate::weights::ExpertSet;
 
 /// Environment variable that overrides [`LayerOptions::backend`]: `auto`, `cpu`, `gpu`, or a
 /// number of tokens (the crossover).

@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Capacity;
 use crate::error::{Error, Result};
-use crate::placement::Placement;
-use crate::router::Routing;
+use crate::model::config::Capacity;
+use crate::model::placement::Placement;
+use crate::model::router::Routing;
 use crate::segments::offsets;
 
 /// Marks a dropped (token, slot) in [`RoutePlan::dest`].

@@ -1,0 +1,5 @@
+//! Layers built from the model, the exchange and the compute engines: [`moe::MoeLayer`]
+//! (expert parallelism) and [`tp::TpLayer`] (tensor parallelism, for comparison).
+
+pub mod moe;
+pub mod tp;
