@@ -49,10 +49,10 @@ pub use exchange::plan::RoutePlan;
 pub use layer::moe::MoeLayer;
 pub use layer::tp::TpLayer;
 pub use model::checkpoint::{Checkpoint, Family};
-pub use model::config::{Capacity, GroupScore, MoeConfig, RouterConfig, Scoring, SharedExpertConfig};
+pub use model::config::{Activation, Capacity, GroupScore, MoeConfig, RouterConfig, Scoring, SharedExpertConfig};
 pub use model::placement::Placement;
 pub use model::router::Routing;
-pub use model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
+pub use model::weights::{ExpertBias, ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 pub use stats::{ForwardStats, LayerMetrics, StageTimes};
 pub use tensor::Tensor;
 #[cfg(feature = "testing")]

@@ -252,8 +252,9 @@ impl<G: Group> MoeLayer<G> {
         fields.extend(replicated_fields(&gate, selection_bias.as_deref(), shared.as_ref()));
         agree(&group, "MoeLayer::new", local.is_err(), &fields)?;
         let (options, crossover) = local?;
-        let experts = ExpertSet::new(experts);
-        let shared = shared.map(|s| Shared { set: ExpertSet::new(vec![s.weights]), gate: s.gate });
+        let experts = ExpertSet::with_activation(experts, config.activation);
+        let shared = shared
+            .map(|s| Shared { set: ExpertSet::with_activation(vec![s.weights], config.activation), gate: s.gate });
         let mut set_ids = vec![experts.id()];
         set_ids.extend(shared.as_ref().map(|s| s.set.id()));
         let engines = Engines {

@@ -56,12 +56,22 @@ fn columns(t: &Tensor, cols: &Range<usize>) -> Tensor {
     out
 }
 
-/// Intermediate slice `range` of one expert: rows of `gate` and `up`, columns of `down`.
-pub fn slice_expert(w: &ExpertWeights, range: &Range<usize>) -> Result<ExpertWeights> {
-    Ok(ExpertWeights {
-        gate: w.gate.slice_rows(range.start, range.end)?,
-        up: w.up.slice_rows(range.start, range.end)?,
-        down: columns(&w.down, range),
+/// Intermediate slice `range` of one expert: rows of `gate` and `up` (and their biases),
+/// columns of `down`. The down projection's bias is added once in the sum over ranks: kept
+/// where `down_bias` (one rank), zeros elsewhere.
+pub fn slice_expert(w: &ExpertWeights, range: &Range<usize>, down_bias: bool) -> Result<ExpertWeights> {
+    let sliced = ExpertWeights::new(
+        w.gate.slice_rows(range.start, range.end)?,
+        w.up.slice_rows(range.start, range.end)?,
+        columns(&w.down, range),
+    );
+    Ok(match &w.bias {
+        None => sliced,
+        Some(b) => sliced.with_bias(crate::model::weights::ExpertBias {
+            gate: b.gate[range.clone()].to_vec(),
+            up: b.up[range.clone()].to_vec(),
+            down: if down_bias { b.down.clone() } else { vec![0.0; b.down.len()] },
+        }),
     })
 }
 
@@ -77,10 +87,10 @@ pub fn tp_weights(full: &LayerWeights, cfg: &MoeConfig, rank: usize, world: usiz
         )));
     }
     let range = tp_slice(cfg.intermediate, world, rank);
-    let experts = full.experts.iter().map(|w| slice_expert(w, &range)).collect::<Result<Vec<_>>>()?;
+    let experts = full.experts.iter().map(|w| slice_expert(w, &range, rank == 0)).collect::<Result<Vec<_>>>()?;
     let shared = match (&full.shared, cfg.shared_expert) {
         (Some(s), Some(sc)) => Some(SharedExpert {
-            weights: slice_expert(&s.weights, &tp_slice(sc.intermediate, world, rank))?,
+            weights: slice_expert(&s.weights, &tp_slice(sc.intermediate, world, rank), rank == 0)?,
             gate: s.gate.clone(),
         }),
         _ => None,
@@ -167,6 +177,13 @@ impl<G: Group> TpLayer<G> {
             let (d, dt) = (config.hidden, config.weight_dtype);
             for (e, w) in weights.experts.iter().enumerate() {
                 w.validate_shape(d, f, dt, &format!("expert {e} (slice of {f})"))?;
+                if w.bias.is_some() != config.expert_bias {
+                    return Err(Error::invalid(format!(
+                        "expert {e}: biases given: {}, but the config's expert_bias is {}",
+                        w.bias.is_some(),
+                        config.expert_bias
+                    )));
+                }
             }
             if let (Some(s), Some(sc)) = (&weights.shared, config.shared_expert) {
                 let fs = tp_slice(sc.intermediate, world, rank).len();
@@ -183,6 +200,7 @@ impl<G: Group> TpLayer<G> {
         agree(&group, "TpLayer::new", local.is_err(), &fields)?;
         local?;
         let LayerWeights { router, selection_bias, experts, shared } = weights;
+        let activation = config.activation;
         Ok(TpLayer {
             group,
             config,
@@ -190,8 +208,8 @@ impl<G: Group> TpLayer<G> {
             selection_bias,
             held: Held {
                 engine,
-                experts: ExpertSet::new(experts),
-                shared: shared.map(|s| (ExpertSet::new(vec![s.weights]), s.gate)),
+                experts: ExpertSet::with_activation(experts, activation),
+                shared: shared.map(|s| (ExpertSet::with_activation(vec![s.weights], activation), s.gate)),
             },
             ws: Workspace::new(),
         })

@@ -176,11 +176,7 @@ impl Checkpoint {
                     return Err(Error::invalid(format!("expert {e} of a layer with {} experts", cfg.num_experts)));
                 }
                 let [g, u, dn] = self.family.expert_names(layer, e);
-                Ok(ExpertWeights {
-                    gate: self.tensor(&g, f, d)?,
-                    up: self.tensor(&u, f, d)?,
-                    down: self.tensor(&dn, d, f)?,
-                })
+                Ok(ExpertWeights::new(self.tensor(&g, f, d)?, self.tensor(&u, f, d)?, self.tensor(&dn, d, f)?))
             })
             .collect()
     }
@@ -202,8 +198,7 @@ impl Checkpoint {
             return Ok(None);
         };
         let (d, f) = (cfg.hidden, sc.intermediate);
-        let weights =
-            ExpertWeights { gate: self.tensor(&g, f, d)?, up: self.tensor(&u, f, d)?, down: self.tensor(&dn, d, f)? };
+        let weights = ExpertWeights::new(self.tensor(&g, f, d)?, self.tensor(&u, f, d)?, self.tensor(&dn, d, f)?);
         let gate = match gate {
             Some(name) if sc.gated => Some(self.tensor(&name, 1, d)?),
             _ => None,

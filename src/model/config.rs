@@ -138,6 +138,74 @@ impl RouterConfig {
     }
 }
 
+/// The gated activation of every expert (routed and shared): what `a = act(g, u)` is, with
+/// `g = x·Wg^T (+ bg)` and `u = x·Wu^T (+ bu)`; the expert's output is `a·Wd^T (+ bd)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU: `silu(g) * u = g / (1 + exp(-g)) * u` (Mixtral, Qwen, DeepSeek and most
+    /// families). The default.
+    #[default]
+    Silu,
+    /// gpt-oss's clamped SwiGLU: `g' = min(g, limit)`, `u' = clamp(u, -limit, limit)`,
+    /// `a = (u' + 1) * g' * sigmoid(alpha * g')` (transformers' `GptOssExperts`: alpha 1.702,
+    /// limit `swiglu_limit` = 7).
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
+impl Activation {
+    /// `act(g, u)` in f32, as the engines compute it (the CPU engine calls exactly this; GPU
+    /// kernels mirror it).
+    #[inline]
+    pub fn apply(&self, g: f32, u: f32) -> f32 {
+        match *self {
+            Activation::Silu => g / (1.0 + (-g).exp()) * u,
+            Activation::ClampedSwiglu { alpha, limit } => {
+                let g = g.min(limit);
+                let u = u.clamp(-limit, limit);
+                (u + 1.0) * (g / (1.0 + (-alpha * g).exp()))
+            }
+        }
+    }
+
+    /// `g[i] = act(g[i], u[i])` over two equally long slices.
+    #[inline]
+    pub fn apply_slice(&self, g: &mut [f32], u: &[f32]) {
+        match *self {
+            Activation::Silu => {
+                for (a, &b) in g.iter_mut().zip(u) {
+                    *a = *a / (1.0 + (-*a).exp()) * b;
+                }
+            }
+            act => {
+                for (a, &b) in g.iter_mut().zip(u) {
+                    *a = act.apply(*a, b);
+                }
+            }
+        }
+    }
+
+    /// Check the constants: finite, `limit > 0`.
+    pub fn validate(&self) -> Result<()> {
+        if let Activation::ClampedSwiglu { alpha, limit } = *self
+            && !(alpha.is_finite() && limit.is_finite() && limit > 0.0)
+        {
+            return Err(Error::invalid(format!(
+                "clamped SwiGLU needs finite alpha and a positive finite limit (got alpha {alpha}, limit {limit})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `(kind, alpha bits, limit bits)` for the agreement round.
+    fn fingerprint(&self) -> (u64, u64, u64) {
+        match *self {
+            Activation::Silu => (0, 0, 0),
+            Activation::ClampedSwiglu { alpha, limit } => (1, alpha.to_bits() as u64, limit.to_bits() as u64),
+        }
+    }
+}
+
 /// A shared expert: one SwiGLU MLP every token goes through on its own rank, added to the
 /// routed experts' sum (Qwen2-MoE's `shared_expert`, DeepSeek's `shared_experts`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +248,13 @@ pub struct MoeConfig {
     /// A shared expert computed on every rank for its own tokens, if the model has one.
     #[serde(default)]
     pub shared_expert: Option<SharedExpertConfig>,
+    /// The experts' gated activation (routed and shared alike).
+    #[serde(default)]
+    pub activation: Activation,
+    /// Every routed expert has biases on its three projections (gpt-oss): see
+    /// [`crate::model::weights::ExpertBias`].
+    #[serde(default)]
+    pub expert_bias: bool,
 }
 
 impl MoeConfig {
@@ -197,7 +272,21 @@ impl MoeConfig {
             deterministic: false,
             router: RouterConfig::default(),
             shared_expert: None,
+            activation: Activation::Silu,
+            expert_bias: false,
         }
+    }
+
+    /// Use `activation` in every expert.
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    /// Routed experts with (`true`) or without biases on their projections.
+    pub fn with_expert_bias(mut self, on: bool) -> Self {
+        self.expert_bias = on;
+        self
     }
 
     pub fn with_router(mut self, router: RouterConfig) -> Self {
@@ -257,6 +346,7 @@ impl MoeConfig {
             return Err(Error::invalid(format!("capacity factor {f} must be finite and positive")));
         }
         self.router.validate(self.num_experts, self.top_k)?;
+        self.activation.validate()?;
         if let Some(s) = self.shared_expert
             && s.intermediate == 0
         {
@@ -272,6 +362,7 @@ impl MoeConfig {
             Capacity::PerExpert(c) => (1, c as u64),
             Capacity::Factor(f) => (2, f.to_bits() as u64),
         };
+        let act = self.activation.fingerprint();
         vec![
             ("num_experts", self.num_experts as u64),
             ("hidden", self.hidden as u64),
@@ -291,6 +382,10 @@ impl MoeConfig {
             ("routed_scaling_factor", self.router.routed_scaling_factor.to_bits() as u64),
             ("shared expert intermediate", self.shared_expert.map_or(0, |s| s.intermediate as u64)),
             ("shared expert gated", self.shared_expert.is_some_and(|s| s.gated) as u64),
+            ("activation", act.0),
+            ("activation alpha", act.1),
+            ("activation limit", act.2),
+            ("expert_bias", self.expert_bias as u64),
         ]
     }
 }

@@ -1,7 +1,7 @@
 //! Expert weights.
 
 use crate::error::{Error, Result};
-use crate::model::config::MoeConfig;
+use crate::model::config::{Activation, MoeConfig};
 use crate::tensor::Tensor;
 
 /// The three matrices of one SwiGLU expert, in Hugging Face layout `[out, in]`:
@@ -14,15 +14,69 @@ pub struct ExpertWeights {
     pub up: Tensor,
     /// `[D, F]` (Mixtral `w2`, `down_proj`).
     pub down: Tensor,
+    /// Biases of the three projections, for models whose experts have them (gpt-oss;
+    /// `MoeConfig::expert_bias`).
+    pub bias: Option<ExpertBias>,
+}
+
+/// The biases of one expert's projections, in f32 (checkpoints store them in 16 bits, which
+/// widen exactly): `g = x·Wg^T + gate`, `u = x·Wu^T + up`, `y = a·Wd^T + down`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBias {
+    /// `[F]`.
+    pub gate: Vec<f32>,
+    /// `[F]`.
+    pub up: Vec<f32>,
+    /// `[D]`.
+    pub down: Vec<f32>,
+}
+
+impl ExpertBias {
+    /// Check the lengths (`[F]`, `[F]`, `[D]`) and that every value is finite.
+    pub fn validate(&self, d: usize, f: usize, name: &str) -> Result<()> {
+        for (v, what, len) in [(&self.gate, "gate", f), (&self.up, "up", f), (&self.down, "down", d)] {
+            if v.len() != len {
+                return Err(Error::invalid(format!("{name}.{what} bias has {} values, expected {len}", v.len())));
+            }
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::invalid(format!("{name}.{what} bias {i} is {}", v[i])));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the three vectors.
+    pub fn bytes(&self) -> usize {
+        4 * (self.gate.len() + self.up.len() + self.down.len())
+    }
 }
 
 impl ExpertWeights {
-    /// Check shapes and dtype against `config`; `name` goes into the message.
-    pub fn validate(&self, config: &MoeConfig, name: &str) -> Result<()> {
-        self.validate_shape(config.hidden, config.intermediate, config.weight_dtype, name)
+    /// Dense SwiGLU weights without biases.
+    pub fn new(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+        ExpertWeights { gate, up, down, bias: None }
     }
 
-    /// Check for `gate [f, d]`, `up [f, d]`, `down [d, f]`, all in `dt`.
+    /// These weights with projection biases.
+    pub fn with_bias(mut self, bias: ExpertBias) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// Check shapes and dtype against `config`, and biases exactly when
+    /// `config.expert_bias`; `name` goes into the message.
+    pub fn validate(&self, config: &MoeConfig, name: &str) -> Result<()> {
+        self.validate_shape(config.hidden, config.intermediate, config.weight_dtype, name)?;
+        match (&self.bias, config.expert_bias) {
+            (Some(b), true) => b.validate(config.hidden, config.intermediate, name),
+            (None, false) => Ok(()),
+            (Some(_), false) => Err(Error::invalid(format!("{name} has biases but the config's experts have none"))),
+            (None, true) => Err(Error::invalid(format!("the config's experts have biases; {name} has none"))),
+        }
+    }
+
+    /// Check for `gate [f, d]`, `up [f, d]`, `down [d, f]`, all in `dt`, and bias lengths
+    /// if there are biases.
     pub fn validate_shape(&self, d: usize, f: usize, dt: crate::dtype::DType, name: &str) -> Result<()> {
         let check = |t: &Tensor, what: &str, rows: usize, cols: usize| {
             t.expect(&format!("{name}.{what}"), dt, Some(rows), cols)
@@ -30,12 +84,15 @@ impl ExpertWeights {
         check(&self.gate, "gate", f, d)?;
         check(&self.up, "up", f, d)?;
         check(&self.down, "down", d, f)?;
-        Ok(())
+        self.bias.as_ref().map_or(Ok(()), |b| b.validate(d, f, name))
     }
 
-    /// Bytes of the three matrices.
+    /// Bytes of the three matrices and the biases.
     pub fn bytes(&self) -> usize {
-        self.gate.as_bytes().len() + self.up.as_bytes().len() + self.down.as_bytes().len()
+        self.gate.as_bytes().len()
+            + self.up.as_bytes().len()
+            + self.down.as_bytes().len()
+            + self.bias.as_ref().map_or(0, ExpertBias::bytes)
     }
 }
 
@@ -176,13 +233,29 @@ pub fn validate_router(gate: &Tensor, config: &MoeConfig) -> Result<()> {
 pub struct ExpertSet {
     id: u64,
     weights: Vec<ExpertWeights>,
+    activation: Activation,
 }
 
 impl ExpertSet {
-    /// Wrap `weights` (local experts in increasing global id) under a fresh id.
+    /// Wrap `weights` (local experts in increasing global id) under a fresh id, with SwiGLU.
     pub fn new(weights: Vec<ExpertWeights>) -> Self {
+        Self::with_activation(weights, Activation::Silu)
+    }
+
+    /// Wrap `weights` under a fresh id; every expert applies `activation`.
+    pub fn with_activation(weights: Vec<ExpertWeights>, activation: Activation) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        ExpertSet { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), weights }
+        ExpertSet { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), weights, activation }
+    }
+
+    /// The gated activation every expert of the set applies.
+    pub fn activation(&self) -> Activation {
+        self.activation
+    }
+
+    /// Whether any expert has projection biases.
+    pub fn has_bias(&self) -> bool {
+        self.weights.iter().any(|w| w.bias.is_some())
     }
 
     /// The id engines key their copies by; never reused within the process.

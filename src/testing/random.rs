@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::dtype::DType;
 use crate::model::config::MoeConfig;
 use crate::model::placement::Placement;
-use crate::model::weights::{ExpertWeights, LayerWeights, SharedExpert};
+use crate::model::weights::{ExpertBias, ExpertWeights, LayerWeights, SharedExpert};
 use crate::tensor::Tensor;
 
 fn rng(seed: u64, stream: u64) -> ChaCha8Rng {
@@ -46,18 +46,26 @@ pub fn gate(cfg: &MoeConfig, seed: u64) -> Tensor {
 }
 
 /// Expert `e`'s weights, scaled so outputs stay of unit order.
+/// With `cfg.expert_bias`, biases uniform in (-0.5, 0.5) (of the order of the projections'
+/// outputs, so they matter).
 pub fn expert(cfg: &MoeConfig, seed: u64, e: usize) -> ExpertWeights {
-    swiglu(cfg.weight_dtype, cfg.hidden, cfg.intermediate, seed, 3 * e as u64 + 1)
+    let w = swiglu(cfg.weight_dtype, cfg.hidden, cfg.intermediate, seed, 3 * e as u64 + 1);
+    if !cfg.expert_bias {
+        return w;
+    }
+    let (d, f) = (cfg.hidden, cfg.intermediate);
+    let b = uniform(DType::F32, 1, 2 * f + d, 0.5, seed, 3_000_000 + e as u64).to_f32_vec();
+    w.with_bias(ExpertBias { gate: b[..f].to_vec(), up: b[f..2 * f].to_vec(), down: b[2 * f..].to_vec() })
 }
 
 /// A SwiGLU MLP `[f, d]`, `[f, d]`, `[d, f]` from streams `stream..stream + 3`, scaled so
 /// outputs stay of unit order.
 fn swiglu(dt: DType, d: usize, f: usize, seed: u64, stream: u64) -> ExpertWeights {
-    ExpertWeights {
-        gate: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, stream),
-        up: uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, stream + 1),
-        down: uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, stream + 2),
-    }
+    ExpertWeights::new(
+        uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, stream),
+        uniform(dt, f, d, 2.0 / (d as f32).sqrt(), seed, stream + 1),
+        uniform(dt, d, f, 2.0 / (f as f32).sqrt(), seed, stream + 2),
+    )
 }
 
 /// The weights of the listed experts, in the order given.

@@ -5,7 +5,7 @@
 //! scaling, capacity drops first-choice-first per source rank); every token then goes through
 //! its experts, the weighted sum and the shared expert, all in f64.
 
-use crate::model::config::{GroupScore, MoeConfig, Scoring};
+use crate::model::config::{Activation, GroupScore, MoeConfig, Scoring};
 use crate::model::weights::{ExpertWeights, SharedExpert};
 use crate::tensor::Tensor;
 
@@ -115,16 +115,33 @@ pub fn drops_f64(ids: &[u32], n: usize, cfg: &MoeConfig) -> Vec<bool> {
 
 /// One SwiGLU expert applied to one row, in f64.
 pub fn expert_f64(w: &ExpertWeights, h: &[f64]) -> Vec<f64> {
+    expert_f64_with(w, Activation::Silu, h)
+}
+
+/// One expert with activation `act` (and its biases, if it has them) applied to one row, in
+/// f64, from the formulas (transformers' `MixtralBlockSparseTop2MLP`, `GptOssExperts`).
+pub fn expert_f64_with(w: &ExpertWeights, act: Activation, h: &[f64]) -> Vec<f64> {
     let (f, d) = (w.gate.rows(), w.gate.cols());
     let (wg, wu, wd) = (w.gate.to_f64_vec(), w.up.to_f64_vec(), w.down.to_f64_vec());
+    let bias = |v: Option<&Vec<f32>>, i: usize| v.map_or(0.0, |b| b[i] as f64);
     let a: Vec<f64> = (0..f)
         .map(|i| {
-            let g: f64 = (0..d).map(|c| wg[i * d + c] * h[c]).sum();
-            let u: f64 = (0..d).map(|c| wu[i * d + c] * h[c]).sum();
-            g / (1.0 + (-g).exp()) * u
+            let g: f64 = (0..d).map(|c| wg[i * d + c] * h[c]).sum::<f64>() + bias(w.bias.as_ref().map(|b| &b.gate), i);
+            let u: f64 = (0..d).map(|c| wu[i * d + c] * h[c]).sum::<f64>() + bias(w.bias.as_ref().map(|b| &b.up), i);
+            match act {
+                Activation::Silu => g / (1.0 + (-g).exp()) * u,
+                Activation::ClampedSwiglu { alpha, limit } => {
+                    let (alpha, limit) = (alpha as f64, limit as f64);
+                    let g = if g > limit { limit } else { g };
+                    let u = u.max(-limit).min(limit);
+                    (u + 1.0) * g / (1.0 + (-alpha * g).exp())
+                }
+            }
         })
         .collect();
-    (0..d).map(|o| (0..f).map(|i| wd[o * f + i] * a[i]).sum()).collect()
+    (0..d)
+        .map(|o| (0..f).map(|i| wd[o * f + i] * a[i]).sum::<f64>() + bias(w.bias.as_ref().map(|b| &b.down), o))
+        .collect()
 }
 
 /// The dense MoE of one rank's tokens `x` with all `E` experts (`experts[e]` is expert `e`),
@@ -152,7 +169,7 @@ pub fn dense_moe_full(
         let g = s.gate.as_ref().map(|g| g.to_f64_vec());
         for t in 0..n {
             let h = &xs[t * d..(t + 1) * d];
-            let o = expert_f64(&s.weights, h);
+            let o = expert_f64_with(&s.weights, cfg.activation, h);
             let scale = g.as_ref().map_or(1.0, |g| {
                 let z: f64 = g.iter().zip(h).map(|(a, b)| a * b).sum();
                 1.0 / (1.0 + (-z).exp())
@@ -182,7 +199,7 @@ pub fn dense_moe_routed(
             if dropped[t * k + j] {
                 continue;
             }
-            let o = expert_f64(&experts[ids[t * k + j] as usize], &xs[t * d..(t + 1) * d]);
+            let o = expert_f64_with(&experts[ids[t * k + j] as usize], cfg.activation, &xs[t * d..(t + 1) * d]);
             for c in 0..d {
                 y[t * d + c] += weights[t * k + j] * o[c];
             }

@@ -86,6 +86,7 @@ impl GpuEngine {
         out: &mut Tensor,
     ) -> Result<()> {
         check_ffn(batch, offsets, experts, out)?;
+        check_semantics(experts)?;
         let rows = batch.rows();
         if rows == 0 || experts.is_empty() || batch.cols() == 0 {
             return Ok(());
@@ -148,6 +149,19 @@ impl GpuEngine {
             self.ctx.recycle(b);
         }
     }
+}
+
+/// The GPU kernels compute SwiGLU without biases; other expert semantics are a device error
+/// (so that a layer's policy runs such calls on the CPU) until they have kernels.
+fn check_semantics(experts: &ExpertSet) -> Result<()> {
+    if experts.activation() != moe_ep::model::config::Activation::Silu || experts.has_bias() {
+        return Err(crate::context::backend_error(format!(
+            "the GPU FFN kernels compute SwiGLU without biases; this expert set has {:?}{}",
+            experts.activation(),
+            if experts.has_bias() { " with biases" } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 impl Engine for GpuEngine {

@@ -14,7 +14,8 @@ use super::gemm::{matmul_bt, matmul_bt_strided};
 use super::gemv;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::model::weights::ExpertSet;
+use crate::model::config::Activation;
+use crate::model::weights::{ExpertSet, ExpertWeights};
 use crate::tensor::{Storage, Tensor};
 use crate::with_storage;
 
@@ -37,9 +38,29 @@ fn rows_f32(t: &Tensor, r0: usize, r1: usize) -> Cow<'_, [f32]> {
 /// `silu(g) * u`, element-wise, into `g`.
 #[inline]
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
-    for (a, &b) in g.iter_mut().zip(u) {
-        let s = *a / (1.0 + (-*a).exp());
-        *a = s * b;
+    Activation::Silu.apply_slice(g, u);
+}
+
+/// The up projection's epilogue for weight rows `f0..f1` of `w` over `m` rows (`g`, `u` are
+/// `[m, f1 - f0]`): the biases of those rows added, if `w` has any, then `g = act(g, u)`.
+fn up_epilogue(w: &ExpertWeights, act: Activation, f0: usize, f1: usize, g: &mut [f32], u: &mut [f32]) {
+    let n = f1 - f0;
+    if let Some(b) = &w.bias {
+        for (gr, ur) in g.chunks_mut(n).zip(u.chunks_mut(n)) {
+            gr.iter_mut().zip(&b.gate[f0..f1]).for_each(|(v, c)| *v += c);
+            ur.iter_mut().zip(&b.up[f0..f1]).for_each(|(v, c)| *v += c);
+        }
+    }
+    act.apply_slice(g, u);
+}
+
+/// The down projection's bias for output columns `d0..d1` added to `y` (`[m, d1 - d0]`), if
+/// `w` has biases.
+fn down_epilogue(w: &ExpertWeights, d0: usize, d1: usize, y: &mut [f32]) {
+    if let Some(b) = &w.bias {
+        for row in y.chunks_mut(d1 - d0) {
+            row.iter_mut().zip(&b.down[d0..d1]).for_each(|(v, c)| *v += c);
+        }
     }
 }
 
@@ -86,7 +107,7 @@ pub fn ffn(
             let mut u = vec![0f32; m * n];
             matmul_bt(&h[ai], &wg, &mut g, m, d, n);
             matmul_bt(&h[ai], &wu, &mut u, m, d, n);
-            silu_mul(&mut g, &u);
+            up_epilogue(w, experts.activation(), f0, f1, &mut g, &mut u);
             g
         })
         .collect();
@@ -109,6 +130,7 @@ pub fn ffn(
                 let a = &a_tiles[first_tile[ai] + c];
                 matmul_bt_strided(a, &wd[f0..], f, &mut y, m, f1 - f0, n, true);
             }
+            down_epilogue(w, d0, d1, &mut y);
             y
         })
         .collect();
@@ -168,7 +190,7 @@ fn ffn_decode(
             let mut u = vec![0f32; m(ai) * n];
             gemv::rows_times_weight_rows(&h[ai], m(ai), &w.gate, f0, f1, scratch, &mut g);
             gemv::rows_times_weight_rows(&h[ai], m(ai), &w.up, f0, f1, scratch, &mut u);
-            silu_mul(&mut g, &u);
+            up_epilogue(w, experts.activation(), f0, f1, &mut g, &mut u);
             g
         })
         .collect();
@@ -194,7 +216,9 @@ fn ffn_decode(
         .par_iter()
         .map_init(Vec::new, |scratch, &(ai, d0, d1)| {
             let mut y = vec![0f32; m(ai) * (d1 - d0)];
-            gemv::rows_times_weight_rows(&a[ai], m(ai), &experts[active[ai]].down, d0, d1, scratch, &mut y);
+            let w = &experts[active[ai]];
+            gemv::rows_times_weight_rows(&a[ai], m(ai), &w.down, d0, d1, scratch, &mut y);
+            down_epilogue(w, d0, d1, &mut y);
             y
         })
         .collect();
