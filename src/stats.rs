@@ -53,7 +53,7 @@ pub struct ForwardStats {
     pub tokens: usize,
     /// Engine the policy chose for the call (`cpu`, `wgpu:...`).
     pub backend: String,
-    /// Stages of this call that failed on the GPU and ran again on the CPU.
+    /// GPU failures in this call after which the CPU finished it (0 or 1).
     pub fallbacks: usize,
     /// The first such failure, if any.
     pub fallback_error: Option<String>,
@@ -76,6 +76,22 @@ pub struct ForwardStats {
     pub assignments_per_expert: Vec<usize>,
     /// Rows each local expert computed, `[local experts]`.
     pub rows_per_local_expert: Vec<usize>,
+    /// Bytes of rows the engine uploaded from the host (the input, received exchange blocks);
+    /// 0 on the CPU engine, whose rows never leave host memory.
+    #[serde(default)]
+    pub host_upload_bytes: u64,
+    /// Bytes of plan indices, host weights and kernel parameters uploaded.
+    #[serde(default)]
+    pub host_index_bytes: u64,
+    /// Bytes the engine read back to the host (routing ids and weights, exchange send blocks,
+    /// the output).
+    #[serde(default)]
+    pub host_readback_bytes: u64,
+    /// GPU command submissions and host waits for the GPU in the call.
+    #[serde(default)]
+    pub gpu_submits: u64,
+    #[serde(default)]
+    pub gpu_waits: u64,
     pub times: StageTimes,
 }
 
@@ -87,7 +103,7 @@ pub struct LayerMetrics {
     /// Calls the policy gave to the CPU and to the GPU engine.
     pub cpu_calls: u64,
     pub gpu_calls: u64,
-    /// GPU stages that failed and ran again on the CPU.
+    /// Calls that failed on the GPU and were finished on the CPU.
     pub fallbacks: u64,
     /// The most recent fallback's error.
     pub last_fallback_error: Option<String>,
@@ -98,6 +114,14 @@ pub struct LayerMetrics {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub dropped: u64,
+    #[serde(default)]
+    pub host_upload_bytes: u64,
+    #[serde(default)]
+    pub host_readback_bytes: u64,
+    #[serde(default)]
+    pub gpu_submits: u64,
+    #[serde(default)]
+    pub gpu_waits: u64,
     /// Sum of each stage's wall time over all calls, in seconds.
     pub times: StageTimes,
 }
@@ -123,6 +147,10 @@ impl LayerMetrics {
         self.bytes_sent += s.bytes_sent as u64;
         self.bytes_received += s.bytes_received as u64;
         self.dropped += s.dropped as u64;
+        self.host_upload_bytes += s.host_upload_bytes;
+        self.host_readback_bytes += s.host_readback_bytes;
+        self.gpu_submits += s.gpu_submits;
+        self.gpu_waits += s.gpu_waits;
         let t = &mut self.times;
         let u = &s.times;
         t.route += u.route;

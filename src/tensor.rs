@@ -67,6 +67,21 @@ impl Tensor {
         Ok(Tensor { rows, cols, storage })
     }
 
+    /// A `[rows, cols]` tensor of `dtype` from its raw bytes (row-major, native endianness).
+    /// Errors when `bytes` is not exactly `rows * cols` values long.
+    pub fn from_bytes(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let want = rows.checked_mul(cols).and_then(|n| n.checked_mul(dtype.size()));
+        if want != Some(bytes.len()) {
+            return Err(Error::invalid(format!(
+                "{} bytes do not hold a [{rows}, {cols}] tensor of {dtype}",
+                bytes.len()
+            )));
+        }
+        let mut t = Tensor::zeros(dtype, rows, cols);
+        t.as_bytes_mut().copy_from_slice(bytes);
+        Ok(t)
+    }
+
     /// Round f32 values to `dtype` (nearest even). Errors when `data.len() != rows * cols`.
     pub fn from_f32(dtype: DType, rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
         if data.len() != rows * cols {

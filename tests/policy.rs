@@ -10,9 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use common::{TIMEOUT, check_batch_invariance, small_cfg};
+use moe_ep::compute::session::{
+    Buf, DeviceTensor, ExchangeFn, HostTraffic, Matrix, Routed, RouterSet, Session, Weights,
+};
 use moe_ep::{
     BackendChoice, CpuEngine, DType, Engine, Error, ExpertSet, Group, LayerMetrics, LayerOptions, LocalGroup,
-    MoeConfig, MoeLayer, OnGpuError, Placement, Result, Tensor, random,
+    MoeConfig, MoeLayer, OnGpuError, Placement, Result, Routing, Tensor, random,
 };
 
 /// The CPU engine posing as an accelerator; its FFN fails with a device error while `fail`.
@@ -26,23 +29,87 @@ impl Engine for FakeGpu {
     fn name(&self) -> String {
         "fake-gpu".into()
     }
-    fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
-        CpuEngine.gather_rows(srcs, idx, dst)
+    fn id(&self) -> u64 {
+        0xfa4e
     }
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, det: bool, out: &mut Tensor) -> Result<()> {
-        self.ffn_calls.fetch_add(1, Ordering::Relaxed);
-        if self.fail.load(Ordering::Relaxed) {
-            // Scribble on the output first, as a half-finished GPU stage might.
-            out.as_bytes_mut().fill(0xff);
-            return Err(Error::Backend { rank: None, backend: "fake", what: "device lost".into() });
-        }
-        CpuEngine.ffn(batch, offsets, experts, det, out)
-    }
-    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-        CpuEngine.combine(srcs, idx, weights, k, y)
+    fn session(&self) -> Result<Box<dyn Session<'_> + '_>> {
+        Ok(Box::new(FakeSession { inner: CpuEngine.session()?, gpu: self }))
     }
     fn is_accelerator(&self) -> bool {
         true
+    }
+}
+
+/// A CPU session whose FFN fails while the engine says so (after scribbling on its output, as
+/// a half-finished GPU stage might).
+struct FakeSession<'a> {
+    inner: Box<dyn Session<'a> + 'a>,
+    gpu: &'a FakeGpu,
+}
+
+impl<'a> Session<'a> for FakeSession<'a> {
+    fn upload(&mut self, t: &'a Tensor) -> Result<Buf> {
+        self.inner.upload(t)
+    }
+    fn upload_owned(&mut self, t: Tensor) -> Result<Buf> {
+        self.inner.upload_owned(t)
+    }
+    fn adopt(&mut self, t: &DeviceTensor) -> Result<Buf> {
+        self.inner.adopt(t)
+    }
+    fn adopt_routing(&mut self, r: Routing) -> Result<Routed> {
+        self.inner.adopt_routing(r)
+    }
+    fn alloc(&mut self, dtype: DType, rows: usize, cols: usize) -> Result<Buf> {
+        self.inner.alloc(dtype, rows, cols)
+    }
+    fn alloc_send(&mut self, dtype: DType, rows: usize, cols: usize) -> Result<Buf> {
+        self.inner.alloc_send(dtype, rows, cols)
+    }
+    fn alloc_recv(&mut self, dtype: DType, rows: usize, cols: usize) -> Result<Buf> {
+        self.inner.alloc_recv(dtype, rows, cols)
+    }
+    fn route(&mut self, x: Buf, router: &RouterSet, cfg: &MoeConfig) -> Result<Routed> {
+        self.inner.route(x, router, cfg)
+    }
+    fn gate_scale(&mut self, x: Buf, gate: &Matrix) -> Result<Buf> {
+        self.inner.gate_scale(x, gate)
+    }
+    fn gather_rows(&mut self, srcs: &[Buf], idx: &[u32], dst: Buf) -> Result<()> {
+        self.inner.gather_rows(srcs, idx, dst)
+    }
+    fn ffn(&mut self, batch: Buf, offsets: &[usize], experts: &ExpertSet, det: bool, out: Buf) -> Result<()> {
+        self.gpu.ffn_calls.fetch_add(1, Ordering::Relaxed);
+        if self.gpu.fail.load(Ordering::Relaxed) {
+            let junk = vec![0xff; out.bytes()];
+            self.inner.write_rows(out, 0, &junk)?;
+            return Err(Error::Backend { rank: None, backend: "fake", what: "device lost".into() });
+        }
+        self.inner.ffn(batch, offsets, experts, det, out)
+    }
+    fn combine(&mut self, srcs: &[Buf], idx: &[u32], w: Weights<'_>, k: usize, y: Buf) -> Result<()> {
+        self.inner.combine(srcs, idx, w, k, y)
+    }
+    fn write_rows(&mut self, dst: Buf, first: usize, bytes: &[u8]) -> Result<()> {
+        self.inner.write_rows(dst, first, bytes)
+    }
+    fn sync(&mut self) -> Result<()> {
+        self.inner.sync()
+    }
+    fn routing(&mut self, r: Routed) -> Result<Routing> {
+        self.inner.routing(r)
+    }
+    fn exchange(&mut self, send: Buf, recv: Buf, f: &mut ExchangeFn<'_>) -> Result<()> {
+        self.inner.exchange(send, recv, f)
+    }
+    fn download(&mut self, b: Buf) -> Result<Tensor> {
+        self.inner.download(b)
+    }
+    fn export(&mut self, b: Buf) -> Result<DeviceTensor> {
+        self.inner.export(b)
+    }
+    fn traffic(&self) -> HostTraffic {
+        self.inner.traffic()
     }
 }
 
@@ -113,8 +180,8 @@ fn a_failing_gpu_stage_falls_back_to_the_cpu_or_fails_when_fatal() {
         let (y, backend, fallbacks, m, _) = res.unwrap();
         assert_eq!(backend, "fake-gpu");
         assert_eq!(y.as_bytes(), want[r].as_ref().unwrap().0.as_bytes(), "rank {r}: fallback output");
-        // A rank whose experts received rows ran (and lost) the GPU FFN once.
-        assert!(fallbacks <= 1 && m.fallbacks == fallbacks as u64, "rank {r}");
+        // Every rank ran (and lost) the GPU FFN: its own experts' or its tokens' call.
+        assert!(fallbacks == 1 && m.fallbacks == 1, "rank {r}: {fallbacks} fallbacks");
         assert_eq!(m.last_fallback_error.is_some(), fallbacks == 1, "rank {r}");
     }
     assert!(gpu.ffn_calls.load(Ordering::Relaxed) > 0);
@@ -123,6 +190,29 @@ fn a_failing_gpu_stage_falls_back_to_the_cpu_or_fails_when_fatal() {
     let errors: Vec<String> = res.iter().map(|r| r.as_ref().expect_err("every rank fails").to_string()).collect();
     assert!(errors.iter().any(|e| e.contains("device lost")), "{errors:?}");
     assert!(errors.iter().all(|e| e.contains("rank")), "{errors:?}");
+}
+
+/// Deterministic mode: a GPU failure is an error (on every rank), never a CPU rerun with other bits.
+#[test]
+fn deterministic_mode_turns_a_gpu_failure_into_an_error() {
+    let cfg = small_cfg(2).with_deterministic(true);
+    let gpu = FakeGpu::default();
+    gpu.fail.store(true, Ordering::Relaxed);
+    let tokens = [3, 0, 5];
+    let out = LocalGroup::run(tokens.len(), TIMEOUT, |g| {
+        let rank = g.rank();
+        let layer = fake_gpu_layer(g, &cfg, &gpu, &opts(BackendChoice::Gpu))?;
+        layer.forward_with_stats(&random::input(&cfg, tokens[rank], 5, rank))
+    })
+    .unwrap();
+    for (r, o) in out.into_iter().enumerate() {
+        let e = o.unwrap().expect_err("a GPU failure in deterministic mode fails the call");
+        let msg = e.to_string();
+        assert!(msg.contains("rank"), "rank {r}: {msg}");
+        if let Error::Backend { .. } = e {
+            assert!(msg.contains("deterministic"), "rank {r}: {msg}");
+        }
+    }
 }
 
 #[test]

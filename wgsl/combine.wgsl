@@ -1,7 +1,10 @@
-// Weighted combine: y[t] = sum_j weights[t*k + j] * cat(src_a, src_b)[idx[t*k + j]].
+// Weighted combine: y[t] = sum_j w(t, j) * cat(src_a, src_b, src_c)[idx[t*k + j]].
 //
-// Zero-copy: src_a holds this rank's expert outputs and src_b the rows received back from
-// peers; each is read where it lies. Slots are summed in order j = 0..k in f32 and cast once:
+// Zero-copy: src_a holds this rank's expert outputs, src_b the rows received back from peers
+// and src_c the shared expert's outputs; each is read where it lies. The weights w(t, j):
+// wmode 0: weights[t*K + j]; 1 and 2: the routing's weights[t*w_stride + j] for j < w_stride
+// and, for the extra slot j = K - 1, 1 (wmode 1) or extra[t] (wmode 2, a gate's sigmoid);
+// 3: every slot 1. Slots are summed in order j = 0..k in f32 and cast once:
 // acc = acc + w * v, the product rounded, then the sum, as the CPU combine does (`axpy` in
 // src/cpu/rows.rs), so the two agree bit for bit. Shader compilers may fuse a multiply into a
 // following add, or factor a*b + a*c, unless told not to, and WGSL cannot tell them: so each
@@ -24,6 +27,10 @@ struct Params {
     groups_x: u32,   // workgroups along x
     k: u32,          // slots per token (the kernel is compiled for it: K)
     zero: u32,       // always 0, unknown to the compiler (see `opaque`)
+    ab_rows: u32,    // rows of src_a and src_b; larger indices read src_c
+    wmode: u32,      // how the weights are given (see above)
+    w_stride: u32,   // weights per row of `weights` in wmodes 1 and 2
+    _pad0: u32,
     _pad1: u32,
 }
 
@@ -38,6 +45,29 @@ const PER: u32 = select(2u, 1u, DT == 0u);
 @group(0) @binding(3) var<storage, read> idx: array<u32>;
 @group(0) @binding(4) var<storage, read> weights: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dst: array<Word>;
+@group(0) @binding(6) var<storage, read> src_c: array<Word>;
+@group(0) @binding(7) var<storage, read> extra: array<f32>;
+
+// The weight of slot j of row `row`.
+fn weight(row: u32, j: u32) -> f32 {
+    switch p.wmode {
+        case 0u: {
+            return weights[row * K + j];
+        }
+        case 3u: {
+            return 1.0;
+        }
+        default: {
+            if j < p.w_stride {
+                return weights[row * p.w_stride + j];
+            }
+            if p.wmode == 2u {
+                return extra[row];
+            }
+            return 1.0;
+        }
+    }
+}
 
 // x, through an integer operation the compiler cannot fold: a product passed through it is
 // rounded on its own and never fused into the add that follows.
@@ -72,7 +102,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var j = 0u; j < K; j++) {
         ids[j] = idx[row * K + j];
         // A dropped slot adds +0 * +0: nothing, whatever the compiler assumes about zeros.
-        wts[j] = select(weights[row * K + j], 0.0, ids[j] == ZERO_ROW);
+        wts[j] = select(weight(row, j), 0.0, ids[j] == ZERO_ROW);
     }
     for (var w = lane; w < n; w += tpr) {
         // All K loads first, so that they are in flight together.
@@ -83,8 +113,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 words[j] = word_zero();
             } else if i < p.a_rows {
                 words[j] = src_a[i * n + w];
-            } else {
+            } else if i < p.ab_rows {
                 words[j] = src_b[(i - p.a_rows) * n + w];
+            } else {
+                words[j] = src_c[(i - p.ab_rows) * n + w];
             }
         }
         // Start from a zero the compiler cannot see, so that it cannot fold 0 + x into x

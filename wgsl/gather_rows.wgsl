@@ -1,4 +1,5 @@
-// Row gather: dst[r] = cat(src_a, src_b)[idx[r]], or zeros where idx[r] == ZERO_ROW.
+// Row gather: dst[r] = cat(src_a, src_b)[idx[r]], zeros where idx[r] == ZERO_ROW, and the
+// row left as it is where idx[r] == KEEP_ROW (rows the host writes: exchange status blocks).
 //
 // The one data-movement kernel of the GPU path. It moves 32-bit words and never looks at
 // their meaning, so it serves every dtype and is bitwise exact. Its roles:
@@ -26,6 +27,7 @@ struct Params {
 
 const WG: u32 = 256u;
 const ZERO_ROW: u32 = 0xffffffffu;
+const KEEP_ROW: u32 = 0xfffffffeu;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src_a: array<Word>;
@@ -44,6 +46,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let n = p.row_words;
     let out = row * n;
     let i = idx[row];
+    if i == KEEP_ROW {
+        return;
+    }
     if i == ZERO_ROW {
         for (var w = lane; w < n; w += tpr) {
             dst[out + w] = word_zero();

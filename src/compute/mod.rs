@@ -5,5 +5,6 @@
 pub mod cpu;
 pub mod engine;
 pub mod policy;
+pub mod session;
 pub mod warmup;
 pub mod workspace;

@@ -6,16 +6,10 @@
 //! [`LayerOptions`] and the environment ([`BACKEND_ENV`], [`GPU_ERRORS_ENV`]) override it.
 
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::compute::engine::Engine;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::weights::ExpertSet;
-use crate::tensor::Tensor;
 
 /// Environment variable that overrides [`LayerOptions::backend`]: `auto`, `cpu`, `gpu`, or a
 /// number of tokens (the crossover).
@@ -57,7 +51,9 @@ impl FromStr for BackendChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnGpuError {
-    /// Log a warning, count it in the stats, and run the stage on the CPU. The default.
+    /// Log a warning, count it in the stats, and let the CPU finish the call from the failed
+    /// stage on (outside deterministic mode, where that would change bits: an error there).
+    /// The default.
     #[default]
     Fallback,
     /// Return the error.
@@ -116,75 +112,4 @@ impl LayerOptions {
 /// bad input, which the CPU would reject as well.
 pub fn is_device_error(e: &Error) -> bool {
     matches!(e, Error::Backend { .. })
-}
-
-/// A GPU engine whose failed stages run again on the CPU (or fail, with [`OnGpuError::Fatal`]).
-/// Every stage writes only its output, so a rerun on the CPU is complete and local: no peer
-/// sees a difference.
-pub(crate) struct WithFallback<'a> {
-    pub gpu: &'a dyn Engine,
-    pub cpu: &'a dyn Engine,
-    pub policy: OnGpuError,
-    pub rank: usize,
-    pub fallbacks: AtomicUsize,
-    pub first_error: Mutex<Option<String>>,
-}
-
-impl<'a> WithFallback<'a> {
-    pub fn new(gpu: &'a dyn Engine, cpu: &'a dyn Engine, policy: OnGpuError, rank: usize) -> Self {
-        WithFallback { gpu, cpu, policy, rank, fallbacks: AtomicUsize::new(0), first_error: Mutex::new(None) }
-    }
-
-    /// Run a stage writing `out` on the GPU; on a device error, again on the CPU.
-    fn run<T: ?Sized>(
-        &self,
-        stage: &str,
-        out: &mut T,
-        gpu: impl FnOnce(&mut T) -> Result<()>,
-        cpu: impl FnOnce(&mut T) -> Result<()>,
-    ) -> Result<()> {
-        match gpu(out) {
-            Err(e) if self.policy == OnGpuError::Fallback && is_device_error(&e) => {
-                tracing::warn!(rank = self.rank, stage, error = %e, "GPU stage failed; running it on the CPU");
-                self.fallbacks.fetch_add(1, Ordering::Relaxed);
-                self.first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(|| format!("{stage}: {e}"));
-                cpu(out)
-            }
-            r => r,
-        }
-    }
-}
-
-impl Engine for WithFallback<'_> {
-    fn name(&self) -> String {
-        self.gpu.name()
-    }
-    fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
-        self.run("gather_rows", dst, |d| self.gpu.gather_rows(srcs, idx, d), |d| self.cpu.gather_rows(srcs, idx, d))
-    }
-    fn ffn(&self, batch: &Tensor, offsets: &[usize], experts: &ExpertSet, det: bool, out: &mut Tensor) -> Result<()> {
-        self.run(
-            "experts",
-            out,
-            |o| self.gpu.ffn(batch, offsets, experts, det, o),
-            |o| self.cpu.ffn(batch, offsets, experts, det, o),
-        )
-    }
-    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-        self.run(
-            "combine",
-            y,
-            |y| self.gpu.combine(srcs, idx, weights, k, y),
-            |y| self.cpu.combine(srcs, idx, weights, k, y),
-        )
-    }
-    fn is_accelerator(&self) -> bool {
-        self.gpu.is_accelerator()
-    }
-    fn warm_up(&self, experts: &ExpertSet, act: DType, max_rows: usize) -> Result<()> {
-        self.run("warm_up", &mut (), |_| self.gpu.warm_up(experts, act, max_rows), |_| Ok(()))
-    }
 }

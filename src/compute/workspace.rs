@@ -6,18 +6,30 @@ use std::sync::Mutex;
 use crate::dtype::DType;
 use crate::tensor::Tensor;
 
-/// Most buffers a workspace keeps; more are dropped when returned.
+/// Most buffers a workspace keeps by default; more are dropped when returned.
 const KEEP: usize = 16;
 
 /// A pool of host tensors. Cheap to create; share one per layer (it is `Sync`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Workspace {
     free: Mutex<Vec<Tensor>>,
+    keep: usize,
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self::with_capacity(KEEP)
+    }
 }
 
 impl Workspace {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A workspace that keeps at most `keep` buffers (the largest ones).
+    pub fn with_capacity(keep: usize) -> Self {
+        Workspace { free: Mutex::new(Vec::new()), keep }
     }
 
     /// A `[rows, cols]` tensor of `dtype` whose contents are unspecified (stale data from an
@@ -55,7 +67,7 @@ impl Workspace {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < KEEP {
+        if free.len() < self.keep {
             free.push(t);
         } else if let Some(i) = (0..free.len()).min_by_key(|&i| free[i].capacity()) {
             // Keep the larger buffers.

@@ -5,4 +5,5 @@
 pub(crate) mod agree;
 pub mod dispatch;
 pub mod group;
+pub mod layout;
 pub mod plan;

@@ -6,16 +6,15 @@ use std::time::Instant;
 
 use crate::compute::cpu::CpuEngine;
 use crate::compute::engine::Engine;
-use crate::compute::policy::{BackendChoice, LayerOptions, OnGpuError, WithFallback, is_device_error};
+use crate::compute::policy::{BackendChoice, LayerOptions, OnGpuError, is_device_error};
+use crate::compute::session::{DeviceTensor, Matrix, RouterSet};
 use crate::compute::warmup::{WarmUpReport, measure_crossover};
-use crate::compute::workspace::Workspace;
 use crate::error::{Error, Result};
 use crate::exchange::agree::{Field, agree};
-use crate::exchange::dispatch::{combine_or_fail, dispatch_or_fail};
 use crate::exchange::group::Group;
+use crate::layer::forward::{self, Input, Output, Parts, Shared};
 use crate::model::config::MoeConfig;
 use crate::model::placement::Placement;
-use crate::model::router;
 use crate::model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 use crate::stats::{ForwardStats, LayerMetrics};
 use crate::tensor::Tensor;
@@ -52,13 +51,6 @@ impl Drop for Engines {
     }
 }
 
-/// The shared expert as the layer runs it: a one-expert set (so that engines keep it resident
-/// like the routed experts) and the optional `[1, D]` gate.
-struct Shared {
-    set: ExpertSet,
-    gate: Option<Tensor>,
-}
-
 /// One rank's part of an expert-parallel MoE layer: the router and its selection bias
 /// (replicated), this rank's experts, the shared expert (replicated) if the model has one,
 /// and the group it shares with the other ranks.
@@ -66,13 +58,13 @@ pub struct MoeLayer<G: Group> {
     group: G,
     config: MoeConfig,
     placement: Placement,
-    gate: Tensor,
-    selection_bias: Option<Vec<f32>>,
+    router: RouterSet,
     experts: ExpertSet,
     shared: Option<Shared>,
     engines: Engines,
+    /// Every rank's id of this layer (agreed at construction): what its calls carry.
+    id: u64,
     metrics: Mutex<LayerMetrics>,
-    ws: Workspace,
 }
 
 impl<G: Group> std::fmt::Debug for MoeLayer<G> {
@@ -250,13 +242,13 @@ impl<G: Group> MoeLayer<G> {
         let owners: Vec<u64> = placement.owners().iter().map(|&r| r as u64).collect();
         fields.push(Field::hash("placement", &[bytemuck::cast_slice(&owners)]));
         fields.extend(replicated_fields(&gate, selection_bias.as_deref(), shared.as_ref()));
-        agree(&group, "MoeLayer::new", local.is_err(), &fields)?;
+        let id = agree(&group, "MoeLayer::new", local.is_err(), &fields)?;
         let (options, crossover) = local?;
         let experts = ExpertSet::with_activation(experts, config.activation);
-        let shared = shared
-            .map(|s| Shared { set: ExpertSet::with_activation(vec![s.weights], config.activation), gate: s.gate });
-        let mut set_ids = vec![experts.id()];
-        set_ids.extend(shared.as_ref().map(|s| s.set.id()));
+        let shared = shared.map(|s| Shared::new(s, config.activation));
+        let router = RouterSet { gate: Matrix::new(gate), selection_bias };
+        let mut set_ids = vec![experts.id(), router.gate.id()];
+        set_ids.extend(shared.iter().flat_map(Shared::ids));
         let engines = Engines {
             base: cpu,
             gpu,
@@ -269,13 +261,12 @@ impl<G: Group> MoeLayer<G> {
             group,
             config,
             placement,
-            gate,
-            selection_bias,
+            router,
             experts,
             shared,
             engines,
+            id,
             metrics: Mutex::new(LayerMetrics { rank, ..Default::default() }),
-            ws: Workspace::new(),
         })
     }
 
@@ -435,15 +426,6 @@ impl<G: Group> MoeLayer<G> {
         n >= self.engines.crossover.load(Ordering::Relaxed)
     }
 
-    /// The shared expert's output for `x` (`[N, D]` in the activation dtype) and its weight
-    /// per token in the combine.
-    fn shared_ffn(&self, engine: &dyn Engine, s: &Shared, x: &Tensor) -> Result<(Tensor, Vec<f32>)> {
-        let _s = tracing::debug_span!("shared_expert", rank = self.group.rank(), rows = x.rows()).entered();
-        let mut out = self.ws.take(self.config.act_dtype, x.rows(), self.config.hidden);
-        engine.ffn(x, &[0, x.rows()], &s.set, self.config.deterministic, &mut out)?;
-        Ok((out, shared_scale(x, s.gate.as_ref())?))
-    }
-
     /// `y = MoE(x)` for this rank's tokens `x` (`[N, D]` in the activation dtype; N may be 0
     /// and may differ per rank). Collective.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -452,86 +434,52 @@ impl<G: Group> MoeLayer<G> {
 
     /// [`MoeLayer::forward`] with the call's statistics.
     pub fn forward_with_stats(&self, x: &Tensor) -> Result<(Tensor, ForwardStats)> {
-        let rank = self.group.rank();
-        let cfg = &self.config;
-        let _span = tracing::debug_span!("moe_forward", rank, tokens = x.rows()).entered();
+        let (y, stats) = self.run(Input::Host(x), false)?;
+        match y {
+            Output::Host(t) => Ok((t, stats)),
+            Output::Device(_) => Err(Error::invalid_on(self.group.rank(), "internal: a device output for a host call")),
+        }
+    }
 
+    /// [`MoeLayer::forward_with_stats`] for activations that stay on the GPU: `x` is a tensor
+    /// of the layer's GPU engine ([`Engine::to_device`]), and so is `y`. On that engine the
+    /// host sees only the routing result and the exchange blocks; a call the policy gives to
+    /// the CPU (below the crossover) brings `x` over and sends `y` back. Collective.
+    pub fn forward_device(&self, x: &DeviceTensor) -> Result<(DeviceTensor, ForwardStats)> {
+        let (y, stats) = self.run(Input::Device(x), true)?;
+        match y {
+            Output::Device(t) => Ok((t, stats)),
+            Output::Host(_) => Err(Error::invalid_on(self.group.rank(), "internal: a host output for a device call")),
+        }
+    }
+
+    /// One forward call: the engine by the policy, then [`crate::layer::forward`].
+    fn run(&self, x: Input<'_>, device_out: bool) -> Result<(Output, ForwardStats)> {
+        let rank = self.group.rank();
+        let _span = tracing::debug_span!("moe_forward", rank, tokens = x.rows()).entered();
         let gpu_call = self.use_gpu(x.rows());
+        let engine: &dyn Engine = match (&self.engines.gpu, gpu_call) {
+            (Some(g), true) => g.as_ref(),
+            _ => self.engines.base.as_ref(),
+        };
         let fallback = match (&self.engines.gpu, gpu_call) {
-            (Some(g), true) => {
-                let cpu = self.engines.base.as_ref();
-                let policy = self.engines.options.on_gpu_error;
-                Some(WithFallback::new(g.as_ref(), cpu, policy, rank))
+            (Some(_), true) if self.engines.options.on_gpu_error == OnGpuError::Fallback => {
+                Some(self.engines.base.as_ref())
             }
             _ => None,
         };
-        let engine: &dyn Engine = match &fallback {
-            Some(f) => f,
-            None => self.engines.base.as_ref(),
+        let parts = Parts {
+            group: &self.group,
+            config: &self.config,
+            placement: &self.placement,
+            router: &self.router,
+            experts: &self.experts,
+            shared: self.shared.as_ref(),
+            layer_id: self.id,
         };
-
-        let t = Instant::now();
-        let routing = {
-            let _s = tracing::debug_span!("route", rank).entered();
-            x.expect("input x", cfg.act_dtype, None, cfg.hidden)
-                .and_then(|_| router::route_config(x, &self.gate, self.selection_bias.as_deref(), cfg))
-                .map_err(|e| e.on_rank(rank))
-        };
-        let route_time = t.elapsed().as_secs_f64();
-
-        let d = dispatch_or_fail(
-            &self.group,
-            engine,
-            &self.ws,
-            &self.placement,
-            cfg.capacity,
-            x,
-            routing.as_ref().map_err(Clone::clone),
-        )?;
-
-        let t = Instant::now();
-        let mut out = self.ws.take(cfg.act_dtype, d.batch.rows(), cfg.hidden);
-        let ffn = {
-            let _s = tracing::debug_span!("experts", rank, rows = d.batch.rows()).entered();
-            engine.ffn(&d.batch, &d.expert_offsets, &self.experts, cfg.deterministic, &mut out)
-        };
-        let experts_time = t.elapsed().as_secs_f64();
-
-        // The shared expert on this rank's own tokens, before the combine exchange so that a
-        // failure reaches the peers through it.
-        let t = Instant::now();
-        let (ffn, shared_out) = match (&self.shared, ffn) {
-            (Some(s), Ok(())) if x.rows() > 0 => match self.shared_ffn(engine, s, x) {
-                Ok(o) => (Ok(()), Some(o)),
-                Err(e) => (Err(e), None),
-            },
-            (_, r) => (r, None),
-        };
-        let shared_time = t.elapsed().as_secs_f64();
-
-        self.ws.recycle(d.batch);
-        let extra = shared_out.as_ref().map(|(o, scale)| (o, scale.as_slice()));
-        let (y, mut stats) = combine_or_fail(&self.group, engine, &self.ws, d.handle, ffn.map(|_| &out), extra)?;
-        self.ws.recycle(out);
-        if let Some((o, _)) = shared_out {
-            self.ws.recycle(o);
-        }
-        stats.times.shared = shared_time;
-        stats.times.route = route_time;
-        stats.times.experts = experts_time;
-        if let Some(f) = &fallback {
-            stats.fallbacks = f.fallbacks.load(Ordering::Relaxed);
-            stats.fallback_error = f.first_error.lock().unwrap_or_else(|p| p.into_inner()).take();
-        }
+        let device = self.engines.gpu.as_deref();
+        let (y, stats) = forward::run(&parts, engine, fallback, device, x, device_out)?;
         self.metrics.lock().unwrap_or_else(|p| p.into_inner()).record(&stats, gpu_call);
         Ok((y, stats))
     }
-}
-
-/// The shared expert's weight per token of `x`: `sigmoid(x · gate)` with a `[1, D]` gate, else 1.
-pub(crate) fn shared_scale(x: &Tensor, gate: Option<&Tensor>) -> Result<Vec<f32>> {
-    Ok(match gate {
-        Some(g) => router::router_logits(x, g)?.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
-        None => vec![1.0; x.rows()],
-    })
 }

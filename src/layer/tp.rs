@@ -20,14 +20,14 @@ use std::ops::Range;
 use std::time::Instant;
 
 use crate::compute::engine::Engine;
-use crate::compute::workspace::Workspace;
+use crate::compute::session::{DeviceTensor, Extra, Matrix, RouterSet, Session, Weights};
 use crate::error::{Error, Result};
 use crate::exchange::agree::{Field, agree};
 use crate::exchange::dispatch::with_extra_slot;
 use crate::exchange::group::Group;
-use crate::layer::moe::{replicated_fields, shared_scale};
+use crate::layer::forward::Shared;
+use crate::layer::moe::replicated_fields;
 use crate::model::config::{Capacity, MoeConfig};
-use crate::model::router;
 use crate::model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
@@ -102,25 +102,24 @@ pub fn tp_weights(full: &LayerWeights, cfg: &MoeConfig, rank: usize, world: usiz
 pub struct TpLayer<G: Group> {
     group: G,
     config: MoeConfig,
-    gate: Tensor,
-    selection_bias: Option<Vec<f32>>,
     held: Held,
-    ws: Workspace,
 }
 
 /// The engine and the weight sets it may keep copies of, released on drop.
 struct Held {
     engine: Box<dyn Engine>,
+    router: RouterSet,
     experts: ExpertSet,
     /// The shared expert's slice and its (whole) gate.
-    shared: Option<(ExpertSet, Option<Tensor>)>,
+    shared: Option<Shared>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.engine.release(self.experts.id());
-        if let Some((s, _)) = &self.shared {
-            self.engine.release(s.id());
+        self.engine.release(self.router.gate.id());
+        for id in self.shared.iter().flat_map(Shared::ids) {
+            self.engine.release(id);
         }
     }
 }
@@ -204,14 +203,12 @@ impl<G: Group> TpLayer<G> {
         Ok(TpLayer {
             group,
             config,
-            gate: router,
-            selection_bias,
             held: Held {
                 engine,
+                router: RouterSet { gate: Matrix::new(router), selection_bias },
                 experts: ExpertSet::with_activation(experts, activation),
-                shared: shared.map(|s| (ExpertSet::with_activation(vec![s.weights], activation), s.gate)),
+                shared: shared.map(|s| Shared::new(s, activation)),
             },
-            ws: Workspace::new(),
         })
     }
 
@@ -237,8 +234,8 @@ impl<G: Group> TpLayer<G> {
     pub fn warm_up(&self, max_tokens: usize) -> Result<()> {
         let act = self.config.act_dtype;
         self.held.engine.warm_up(&self.held.experts, act, max_tokens * self.config.top_k)?;
-        if let Some((s, _)) = &self.held.shared {
-            self.held.engine.warm_up(s, act, max_tokens)?;
+        if let Some(s) = &self.held.shared {
+            self.held.engine.warm_up(&s.set, act, max_tokens)?;
         }
         Ok(())
     }
@@ -250,160 +247,212 @@ impl<G: Group> TpLayer<G> {
     }
 
     /// [`TpLayer::forward`] with the call's statistics, mapped onto the EP stages: `exchange`
-    /// is the all-gather of the tokens, `scatter` the expert-major gather of their rows,
-    /// `experts` the sliced FFN, `combine` the weighted sum of the partials, `exchange_back`
-    /// the reduce-scatter, `gather` the final sum over ranks; `plan` and `pack` stay 0.
-    /// `bytes_sent` / `bytes_received` count both exchanges.
+    /// is the all-gather of the tokens, `route` the routing of all of them, `scatter` the
+    /// expert-major gather of their rows, `experts` the sliced FFN (and shared expert) and the
+    /// weighted sum of the partials, `exchange_back` the reduce-scatter, `combine` the final
+    /// sum over ranks; `plan`, `pack` and `gather` stay 0. `bytes_sent` / `bytes_received`
+    /// count both exchanges.
     pub fn forward_with_stats(&self, x: &Tensor) -> Result<(Tensor, ForwardStats)> {
+        match self.run(TpInput::Host(x), false)? {
+            (TpOutput::Host(y), s) => Ok((y, s)),
+            _ => Err(Error::invalid_on(self.group.rank(), "internal: a device output for a host call")),
+        }
+    }
+
+    /// [`TpLayer::forward_with_stats`] with activations held by the layer's engine
+    /// ([`Engine::to_device`]): the same path as [`crate::MoeLayer::forward_device`], so that
+    /// the two layers compare like with like. Collective.
+    pub fn forward_device(&self, x: &DeviceTensor) -> Result<(DeviceTensor, ForwardStats)> {
+        match self.run(TpInput::Device(x), true)? {
+            (TpOutput::Device(y), s) => Ok((y, s)),
+            _ => Err(Error::invalid_on(self.group.rank(), "internal: a host output for a device call")),
+        }
+    }
+
+    fn run(&self, x: TpInput<'_>, device_out: bool) -> Result<(TpOutput, ForwardStats)> {
         let (rank, world) = (self.group.rank(), self.group.size());
         let cfg = &self.config;
-        let _span = tracing::debug_span!("tp_forward", rank, tokens = x.rows()).entered();
-        let mut stats =
-            ForwardStats { rank, world, tokens: x.rows(), backend: self.held.engine.name(), ..Default::default() };
+        let engine = self.held.engine.as_ref();
+        let _span = tracing::debug_span!("tp_forward", rank).entered();
+        let mut stats = ForwardStats { rank, world, backend: engine.name(), ..Default::default() };
         let rb = cfg.hidden * cfg.act_dtype.size();
 
         // 1. All-gather the tokens: sizes and status first, then rows padded to the largest.
         let t = Instant::now();
-        let local = x.expect("input x", cfg.act_dtype, None, cfg.hidden).map_err(|e| e.on_rank(rank));
-        let sizes = self.group.all_gather_u64(&[local.is_err() as u64, x.rows() as u64])?;
-        local?;
+        let local = self.host_input(x, &mut stats).map_err(|e| e.on_rank(rank));
+        let n = local.as_ref().map_or(0, |x| x.rows());
+        let sizes = self.group.all_gather_u64(&[local.is_err() as u64, n as u64])?;
+        let x = local?;
         if let Some(peer) = (0..world).find(|&p| sizes[2 * p] != 0) {
             return Err(Error::PeerFailed { rank, op: "TpLayer::forward", peer });
         }
         let counts: Vec<usize> = (0..world).map(|p| sizes[2 * p + 1] as usize).collect();
-        let max_n = counts.iter().copied().max().unwrap_or(0);
-        let total: usize = counts.iter().sum();
-        let mut padded = self.ws.take(cfg.act_dtype, max_n, cfg.hidden);
-        padded.as_bytes_mut()[..x.as_bytes().len()].copy_from_slice(x.as_bytes());
-        let mut all = self.ws.take(cfg.act_dtype, max_n * world, cfg.hidden);
-        self.group.all_gather_into(padded.as_bytes(), all.as_bytes_mut())?;
-        self.ws.recycle(padded);
-        let x_all = if max_n * world == total {
-            all
-        } else {
-            let mut packed = self.ws.take(cfg.act_dtype, total, cfg.hidden);
-            let mut at = 0;
-            for (p, &n) in counts.iter().enumerate() {
-                let src = &all.as_bytes()[p * max_n * rb..(p * max_n + n) * rb];
-                packed.as_bytes_mut()[at * rb..(at + n) * rb].copy_from_slice(src);
-                at += n;
-            }
-            self.ws.recycle(all);
-            packed
-        };
+        let x_all = self.all_gather_rows(&x, &counts)?;
         stats.times.exchange = t.elapsed().as_secs_f64();
-        // Both exchanges: the tokens out to every peer and in from them, then the partials
-        // of the peers' tokens out and of this rank's tokens in.
-        stats.bytes_sent = x.rows() * rb * (world - 1) + (total - x.rows()) * rb;
+        stats.tokens = n;
+        let total: usize = counts.iter().sum();
+        stats.bytes_sent = n * rb * (world - 1) + (total - n) * rb;
         stats.bytes_received = stats.bytes_sent;
 
         // 2.-3. Route, compute the partials, then the reduce-scatter (a failure here travels
         // through the status round before it, so no rank waits on a failed one).
-        let partial = self.partial(&x_all, &mut stats).map_err(|e| e.on_rank(rank));
-        self.ws.recycle(x_all);
+        let mut s = engine.session().map_err(|e| e.on_rank(rank))?;
+        let partial = self.partial(s.as_mut(), x_all, &mut stats).map_err(|e| e.on_rank(rank));
         let status = self.group.all_gather_u64(&[partial.is_err() as u64])?;
         let partial = partial?;
         if let Some(peer) = (0..world).find(|&p| status[p] != 0) {
             return Err(Error::PeerFailed { rank, op: "TpLayer::forward", peer });
         }
 
-        // 4. Reduce-scatter: rank p's tokens' rows of every partial go to p.
+        // 4. Reduce-scatter: rank p's tokens' rows of every partial go to p, summed in rank order.
         let t = Instant::now();
-        let send_counts: Vec<usize> = counts.iter().map(|&n| n * rb).collect();
-        let mut recv = self.ws.take(cfg.act_dtype, world * x.rows(), cfg.hidden);
+        let send_counts: Vec<usize> = counts.iter().map(|&c| c * rb).collect();
+        let mut recv = Tensor::zeros(cfg.act_dtype, world * n, cfg.hidden);
         self.group.exchange_v_known_into(
             partial.as_bytes(),
             &send_counts,
             recv.as_bytes_mut(),
-            &vec![x.rows() * rb; world],
+            &vec![n * rb; world],
         )?;
-        self.ws.recycle(partial);
         stats.times.exchange_back = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let n = x.rows();
-        let idx: Vec<u32> = (0..n).flat_map(|t| (0..world).map(move |p| (p * n + t) as u32)).collect();
-        let mut y = self.ws.take(cfg.act_dtype, n, cfg.hidden);
-        self.held.engine.combine(&[&recv], &idx, &vec![1.0; n * world], world, &mut y).map_err(|e| e.on_rank(rank))?;
-        self.ws.recycle(recv);
-        stats.times.gather = t.elapsed().as_secs_f64();
-        stats.tokens = n;
+        let y = self.sum_over_ranks(s.as_mut(), recv, n, device_out).map_err(|e| e.on_rank(rank))?;
+        stats.times.combine = t.elapsed().as_secs_f64();
+        crate::exchange::dispatch::add_traffic(&mut stats, s.traffic());
         Ok((y, stats))
     }
 
-    /// This rank's partial output of every token of `x_all` (`[M, D]`).
-    fn partial(&self, x_all: &Tensor, stats: &mut ForwardStats) -> Result<Tensor> {
+    /// This rank's tokens on the host (a device input is read back, and counted).
+    fn host_input<'x>(&self, x: TpInput<'x>, stats: &mut ForwardStats) -> Result<std::borrow::Cow<'x, Tensor>> {
         let cfg = &self.config;
-        let (m, k, e) = (x_all.rows(), cfg.top_k, cfg.num_experts);
+        match x {
+            TpInput::Host(t) => {
+                t.expect("input x", cfg.act_dtype, None, cfg.hidden)?;
+                Ok(std::borrow::Cow::Borrowed(t))
+            }
+            TpInput::Device(d) => {
+                d.expect("input x", cfg.act_dtype, cfg.hidden)?;
+                let t = self.held.engine.to_host(d)?;
+                if self.held.engine.is_accelerator() {
+                    stats.host_readback_bytes += t.as_bytes().len() as u64;
+                }
+                Ok(std::borrow::Cow::Owned(t))
+            }
+        }
+    }
+
+    /// Every rank's tokens (`counts[p]` rows from rank `p`), concatenated in rank order.
+    fn all_gather_rows(&self, x: &Tensor, counts: &[usize]) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (world, rb) = (counts.len(), x.row_bytes());
+        let max_n = counts.iter().copied().max().unwrap_or(0);
+        let total: usize = counts.iter().sum();
+        let mut padded = vec![0u8; max_n * rb];
+        padded[..x.as_bytes().len()].copy_from_slice(x.as_bytes());
+        let mut all = Tensor::zeros(cfg.act_dtype, max_n * world, cfg.hidden);
+        self.group.all_gather_into(&padded, all.as_bytes_mut())?;
+        if max_n * world == total {
+            return Ok(all);
+        }
+        let mut packed = Tensor::zeros(cfg.act_dtype, total, cfg.hidden);
+        let mut at = 0;
+        for (p, &n) in counts.iter().enumerate() {
+            let src = &all.as_bytes()[p * max_n * rb..(p * max_n + n) * rb];
+            packed.as_bytes_mut()[at * rb..(at + n) * rb].copy_from_slice(src);
+            at += n;
+        }
+        Ok(packed)
+    }
+
+    /// This rank's partial output of every token of `x_all` (`[M, D]`), on the host.
+    fn partial(&self, s: &mut dyn Session<'_>, x_all: Tensor, stats: &mut ForwardStats) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (m, k) = (x_all.rows(), cfg.top_k);
         let t = Instant::now();
-        let routing = router::route_config(x_all, &self.gate, self.selection_bias.as_deref(), cfg)?;
+        let xa = s.upload_owned(x_all)?;
+        let routed = s.route(xa, &self.held.router, cfg)?;
+        s.sync()?;
+        let routing = s.routing(routed)?;
         stats.times.route = t.elapsed().as_secs_f64();
 
-        // Expert-major order of the (token, slot) pairs, tokens ascending within an expert.
         let t = Instant::now();
-        let mut per_expert = vec![0usize; e];
+        let order = ExpertMajor::new(&routing, cfg.num_experts);
+        let batch = s.alloc(cfg.act_dtype, m * k, cfg.hidden)?;
+        s.gather_rows(&[xa], &order.rows, batch)?;
+        stats.times.scatter = t.elapsed().as_secs_f64();
+        stats.local_rows = m * k;
+
+        let t = Instant::now();
+        let out = s.alloc(cfg.act_dtype, m * k, cfg.hidden)?;
+        s.ffn(batch, &order.offsets, &self.held.experts, cfg.deterministic, out)?;
+        stats.assignments_per_expert = order.per_expert;
+        let y = s.alloc(cfg.act_dtype, m, cfg.hidden)?;
+        match &self.held.shared {
+            Some(sh) if m > 0 => {
+                let so = s.alloc(cfg.act_dtype, m, cfg.hidden)?;
+                s.ffn(xa, &[0, m], &sh.set, cfg.deterministic, so)?;
+                let extra = match &sh.gate {
+                    Some(g) => Extra::Scale(s.gate_scale(xa, g)?),
+                    None => Extra::One,
+                };
+                let idx = with_extra_slot(&order.slot_row, k, (m * k) as u32, m);
+                s.combine(&[out, so], &idx, Weights::Routed { routed, extra }, k + 1, y)?;
+            }
+            _ => s.combine(&[out], &order.slot_row, Weights::Routed { routed, extra: Extra::None }, k, y)?,
+        }
+        let partial = s.download(y)?;
+        stats.times.experts = t.elapsed().as_secs_f64();
+        Ok(partial)
+    }
+
+    /// `y[t] = sum_p recv[p * n + t]` in rank order (f32, one rounding), where the caller wants it.
+    fn sum_over_ranks(&self, s: &mut dyn Session<'_>, recv: Tensor, n: usize, device_out: bool) -> Result<TpOutput> {
+        let (cfg, world) = (&self.config, self.group.size());
+        let idx: Vec<u32> = (0..n).flat_map(|t| (0..world).map(move |p| (p * n + t) as u32)).collect();
+        let r = s.upload_owned(recv)?;
+        let y = s.alloc(cfg.act_dtype, n, cfg.hidden)?;
+        s.combine(&[r], &idx, Weights::Ones, world, y)?;
+        Ok(if device_out { TpOutput::Device(s.export(y)?) } else { TpOutput::Host(s.download(y)?) })
+    }
+}
+
+enum TpInput<'a> {
+    Host(&'a Tensor),
+    Device(&'a DeviceTensor),
+}
+
+enum TpOutput {
+    Host(Tensor),
+    Device(DeviceTensor),
+}
+
+/// The (token, slot) pairs of a routing in expert-major order, tokens ascending within an
+/// expert: `rows[i]` is the token of batch row `i`, `slot_row[t * k + j]` the batch row of
+/// (token t, slot j).
+struct ExpertMajor {
+    rows: Vec<u32>,
+    slot_row: Vec<u32>,
+    offsets: Vec<usize>,
+    per_expert: Vec<usize>,
+}
+
+impl ExpertMajor {
+    fn new(routing: &crate::model::router::Routing, num_experts: usize) -> Self {
+        let k = routing.k;
+        let mut per_expert = vec![0usize; num_experts];
         for &id in &routing.ids {
             per_expert[id as usize] += 1;
         }
         let offsets = crate::compute::engine::ffn_offsets(&per_expert);
         let mut next = offsets.clone();
-        let mut rows = vec![0u32; m * k];
-        let mut slot_row = vec![0u32; m * k];
+        let mut rows = vec![0u32; routing.ids.len()];
+        let mut slot_row = vec![0u32; routing.ids.len()];
         for (i, &id) in routing.ids.iter().enumerate() {
             let at = next[id as usize];
             next[id as usize] += 1;
             rows[at] = (i / k) as u32;
             slot_row[i] = at as u32;
         }
-        let mut batch = self.ws.take(cfg.act_dtype, m * k, cfg.hidden);
-        self.held.engine.gather_rows(&[x_all], &rows, &mut batch)?;
-        stats.times.scatter = t.elapsed().as_secs_f64();
-        stats.assignments_per_expert = per_expert;
-        stats.local_rows = m * k;
-
-        let t = Instant::now();
-        let mut out = self.ws.take(cfg.act_dtype, m * k, cfg.hidden);
-        let ffn = self.held.engine.ffn(&batch, &offsets, &self.held.experts, cfg.deterministic, &mut out);
-        self.ws.recycle(batch);
-        ffn?;
-        stats.times.experts = t.elapsed().as_secs_f64();
-
-        // This rank's slice of the shared expert, summed with the routed slots below.
-        let shared = match &self.held.shared {
-            Some((set, gate)) => {
-                let t = Instant::now();
-                let mut s = self.ws.take(cfg.act_dtype, m, cfg.hidden);
-                let scale = self
-                    .held
-                    .engine
-                    .ffn(x_all, &[0, m], set, cfg.deterministic, &mut s)
-                    .and_then(|_| shared_scale(x_all, gate.as_ref()));
-                stats.times.shared = t.elapsed().as_secs_f64();
-                match scale {
-                    Ok(scale) => Some((s, scale)),
-                    Err(e) => {
-                        self.ws.recycle(out);
-                        return Err(e);
-                    }
-                }
-            }
-            None => None,
-        };
-
-        let t = Instant::now();
-        let mut y = self.ws.take(cfg.act_dtype, m, cfg.hidden);
-        let combined = match &shared {
-            None => self.held.engine.combine(&[&out], &slot_row, &routing.weights, k, &mut y),
-            Some((s, scale)) => {
-                let (idx, w) = with_extra_slot(&slot_row, &routing.weights, k, out.rows() as u32, scale);
-                self.held.engine.combine(&[&out, s], &idx, &w, k + 1, &mut y)
-            }
-        };
-        self.ws.recycle(out);
-        if let Some((s, _)) = shared {
-            self.ws.recycle(s);
-        }
-        combined?;
-        stats.times.combine = t.elapsed().as_secs_f64();
-        Ok(y)
+        ExpertMajor { rows, slot_row, offsets, per_expert }
     }
 }

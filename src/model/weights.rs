@@ -227,6 +227,12 @@ pub fn validate_router(gate: &Tensor, config: &MoeConfig) -> Result<()> {
     gate.expect("router weight", config.weight_dtype, Some(config.num_experts), config.hidden)
 }
 
+/// A fresh id for a set of weights engines may keep a copy of, never reused in the process.
+pub fn fresh_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One rank's expert weights as a unit that engines may keep copies of (a GPU engine uploads
 /// them once), identified by an id unique in the process.
 #[derive(Debug)]
@@ -244,8 +250,7 @@ impl ExpertSet {
 
     /// Wrap `weights` under a fresh id; every expert applies `activation`.
     pub fn with_activation(weights: Vec<ExpertWeights>, activation: Activation) -> Self {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        ExpertSet { id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed), weights, activation }
+        ExpertSet { id: fresh_id(), weights, activation }
     }
 
     /// The gated activation every expert of the set applies.

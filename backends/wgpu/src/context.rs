@@ -38,6 +38,11 @@ pub struct ContextOptions {
     /// Use faster kernel variants where the adapter's capabilities allow (default); off, every
     /// kernel is the portable one (tests compare the two).
     pub fast_variants: bool,
+    /// Exchange blocks read and written in place in device buffers the host maps
+    /// (`MAPPABLE_PRIMARY_BUFFERS`): `None` where memory is unified (integrated GPUs, CPU
+    /// drivers) and the adapter offers it; `Some(false)` always through staging; `Some(true)`
+    /// wherever offered (an error where not).
+    pub mapped_exchange: Option<bool>,
 }
 
 impl Default for ContextOptions {
@@ -48,6 +53,7 @@ impl Default for ContextOptions {
             max_binding_bytes: None,
             timeout: Duration::from_secs(60),
             fast_variants: true,
+            mapped_exchange: None,
         }
     }
 }
@@ -75,6 +81,7 @@ pub struct GpuContext {
     timeout: Duration,
     unpack_f16: bool,
     coop_f16: bool,
+    mapped_exchange: bool,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
@@ -153,6 +160,22 @@ impl GpuContext {
         if coop_f16 {
             features |= coop;
         }
+        let mappable = adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        let unified = matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu);
+        let mapped_exchange = match opts.mapped_exchange {
+            None => mappable && unified,
+            Some(false) => false,
+            Some(true) if mappable => true,
+            Some(true) => {
+                return Err(backend_error(format!(
+                    "in-place exchange buffers asked for, but {} does not offer MAPPABLE_PRIMARY_BUFFERS",
+                    info.name
+                )));
+            }
+        };
+        if mapped_exchange {
+            features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        }
         let limits = adapter.limits();
         let unpack_f16 = opts.fast_variants
             && adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
@@ -194,6 +217,7 @@ impl GpuContext {
             timeout: opts.timeout,
             unpack_f16,
             coop_f16,
+            mapped_exchange,
             pipelines: PipelineCache::default(),
             pool: BufferPool::default(),
             errors,
@@ -224,6 +248,12 @@ impl GpuContext {
     /// accumulators offered, SHADER_F16, fast variants on).
     pub fn coop_f16(&self) -> bool {
         self.coop_f16
+    }
+
+    /// Whether exchange blocks are device buffers the host maps in place (see
+    /// [`ContextOptions::mapped_exchange`]).
+    pub fn mapped_exchange(&self) -> bool {
+        self.mapped_exchange
     }
 
     /// Largest storage binding, in bytes, any kernel may use on this device.

@@ -3,27 +3,49 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use moe_ep::compute::engine::{ZERO_ROW, check_combine, check_ffn, check_gather, even_offsets};
+use moe_ep::compute::engine::{ZERO_ROW, check_ffn, even_offsets};
+use moe_ep::compute::session::{Buf, Matrix, RouterSet, Session};
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
 use crate::ffn::{DeviceExperts, check_shape, choose_tile};
 use crate::kernels::Tile;
-use crate::ops::{Combine, Gather, word_for};
+use crate::session::GpuSession;
 
-/// Runs every compute stage on the GPU: each stage uploads its host rows, runs its kernels
-/// and reads the result back, in one submit. Expert weights are uploaded once per expert set
-/// (at warm-up or on first use) and stay on the device until the set is released.
+/// Runs every compute stage on the GPU, rows kept on the device between stages: its
+/// [`Session`] records each stage into one command encoder and submits it at the host points
+/// only (see `session.rs`). Expert weights, router weights and gates are uploaded once per
+/// set (at warm-up or on first use) and stay on the device until the set is released.
 ///
 /// Data movement is bitwise that of [`moe_ep::CpuEngine`], and so is the combine; the FFN
 /// sums in f32 in a fixed order (`wgsl/ffn.wgsl`) and differs from the CPU's by rounding only.
 #[derive(Debug, Clone)]
 pub struct GpuEngine {
     ctx: Arc<GpuContext>,
+    id: u64,
     experts: Arc<RwLock<HashMap<u64, Arc<DeviceExperts>>>>,
+    /// Replicated matrices (router, shared expert gate) and selection biases on the device.
+    matrices: Arc<RwLock<HashMap<u64, wgpu::Buffer>>>,
 }
 
 impl GpuEngine {
+    /// One FFN call through a session (upload, record, read back).
+    fn ffn_session(
+        &self,
+        batch: &Tensor,
+        offsets: &[usize],
+        experts: &ExpertSet,
+        deterministic: bool,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let mut s = self.session()?;
+        let b = s.upload(batch)?;
+        let o = s.alloc(out.dtype(), out.rows(), out.cols())?;
+        s.ffn(b, offsets, experts, deterministic, o)?;
+        *out = s.download(o)?;
+        Ok(())
+    }
+
     /// An engine on a new device chosen by `opts`.
     pub fn new(opts: &ContextOptions) -> Result<Self> {
         Ok(Self::with_context(Arc::new(GpuContext::new(opts)?)))
@@ -31,7 +53,95 @@ impl GpuEngine {
 
     /// An engine on an existing context.
     pub fn with_context(ctx: Arc<GpuContext>) -> Self {
-        GpuEngine { ctx, experts: Arc::default() }
+        GpuEngine { ctx, id: moe_ep::model::weights::fresh_id(), experts: Arc::default(), matrices: Arc::default() }
+    }
+
+    /// This engine's [`Engine::id`]: the owner of the [`moe_ep::compute::session::DeviceTensor`]s
+    /// it makes.
+    pub fn engine_id(&self) -> u64 {
+        self.id
+    }
+
+    /// The device copy of a replicated matrix (uploaded on first use).
+    pub(crate) fn resident_matrix(&self, m: &Matrix) -> Result<wgpu::Buffer> {
+        self.resident_bytes_of(m.id(), "router weight", m.weight().as_bytes())
+    }
+
+    /// The device copies of a router's weight and selection bias.
+    pub(crate) fn resident_router(&self, r: &RouterSet) -> Result<(wgpu::Buffer, Option<wgpu::Buffer>)> {
+        let w = self.resident_matrix(&r.gate)?;
+        // The bias lives under the gate's id, with the top bit set.
+        let bias = r
+            .selection_bias
+            .as_ref()
+            .map(|b| self.resident_bytes_of(r.gate.id() | 1 << 63, "selection bias", bytemuck::cast_slice(b)))
+            .transpose()?;
+        Ok((w, bias))
+    }
+
+    fn resident_bytes_of(&self, id: u64, what: &str, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        if let Some(b) = self.matrices.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Ok(b.clone());
+        }
+        self.ctx.check_binding(what, bytes.len() as u64)?;
+        let b = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(what),
+            size: (bytes.len() as u64).max(16).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if !bytes.is_empty() {
+            self.ctx.queue.write_buffer(&b, 0, bytes);
+        }
+        self.matrices.write().unwrap_or_else(|p| p.into_inner()).insert(id, b.clone());
+        Ok(b)
+    }
+
+    /// Record the grouped FFN of `batch`'s rows (device buffer `src`) into `dst` (same shape),
+    /// by expert offsets, into `enc`. Returns the bytes of indices and parameters uploaded.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_ffn_rows(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        batch: Buf,
+        offsets: &[usize],
+        experts: &ExpertSet,
+        deterministic: bool,
+        scratch: &mut Vec<wgpu::Buffer>,
+    ) -> Result<u64> {
+        let (rows, d, act) = (batch.rows(), batch.cols(), batch.dtype());
+        let (f, wdt) = (experts[0].gate.rows(), experts[0].gate.dtype());
+        check_shape(act, wdt, d, f)?;
+        let dev = self.resident(experts)?;
+        let ctx = &self.ctx;
+        let tile = self.tile_for(offsets, d, f, act, wdt, deterministic);
+        let bufs = ctx.ffn_scratch(&[], act, rows, d, f, tile)?;
+        let bytes = (rows * d * act.size()) as u64;
+        let mut tables = Vec::new();
+        let launches = ctx.ffn_launches(&dev, act, offsets, tile, &bufs.view(), &mut tables);
+        let launches = match launches {
+            Ok(l) => l,
+            Err(e) => {
+                scratch.extend(tables);
+                bufs.recycle(ctx);
+                return Err(e);
+            }
+        };
+        let index_bytes = tables.iter().map(|t| t.size()).sum::<u64>() + 32 * launches.len() as u64;
+        enc.copy_buffer_to_buffer(src, 0, &bufs.batch, 0, bytes);
+        {
+            let mut pass =
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ffn"), timestamp_writes: None });
+            for l in &launches {
+                l.encode(&mut pass);
+            }
+        }
+        enc.copy_buffer_to_buffer(bufs.output(), 0, dst, 0, bytes);
+        scratch.extend(tables);
+        scratch.extend([bufs.batch, bufs.inter, bufs.out32].into_iter().chain(bufs.out16).chain(bufs.partial));
+        Ok(index_bytes)
     }
 
     /// The device copy of `experts`, uploaded on first use.
@@ -120,30 +230,6 @@ impl GpuEngine {
         &self.ctx
     }
 
-    /// Upload `srcs` as at most two buffers (more are concatenated into the second).
-    fn upload_sources(&self, what: &str, srcs: &[&Tensor]) -> Result<Vec<(wgpu::Buffer, usize)>> {
-        let ctx = &self.ctx;
-        let mut out = Vec::with_capacity(2);
-        if let Some(a) = srcs.first() {
-            out.push((ctx.upload(what, a.as_bytes())?, a.rows()));
-        }
-        if srcs.len() == 2 {
-            out.push((ctx.upload(what, srcs[1].as_bytes())?, srcs[1].rows()));
-        } else if srcs.len() > 2 {
-            let bytes: u64 = srcs[1..].iter().map(|s| s.as_bytes().len() as u64).sum();
-            let b = ctx.storage(what, bytes)?;
-            let mut off = 0u64;
-            for s in &srcs[1..] {
-                if !s.as_bytes().is_empty() {
-                    ctx.queue.write_buffer(&b, off, s.as_bytes());
-                }
-                off += s.as_bytes().len() as u64;
-            }
-            out.push((b, srcs[1..].iter().map(|s| s.rows()).sum()));
-        }
-        Ok(out)
-    }
-
     fn release_buffers(&self, bufs: impl IntoIterator<Item = wgpu::Buffer>) {
         for b in bufs {
             self.ctx.recycle(b);
@@ -153,7 +239,7 @@ impl GpuEngine {
 
 /// The GPU kernels compute SwiGLU without biases; other expert semantics are a device error
 /// (so that a layer's policy runs such calls on the CPU) until they have kernels.
-fn check_semantics(experts: &ExpertSet) -> Result<()> {
+pub(crate) fn check_semantics(experts: &ExpertSet) -> Result<()> {
     if experts.activation() != moe_ep::model::config::Activation::Silu || experts.has_bias() {
         return Err(crate::context::backend_error(format!(
             "the GPU FFN kernels compute SwiGLU without biases; this expert set has {:?}{}",
@@ -169,47 +255,17 @@ impl Engine for GpuEngine {
         format!("wgpu:{}", self.ctx.adapter_info().name)
     }
 
-    fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
-        check_gather(srcs, idx, dst)?;
-        let rb = dst.row_bytes();
-        if idx.is_empty() || rb == 0 {
-            return Ok(());
-        }
-        word_for("gather_rows", rb)?;
-        let _span = tracing::trace_span!("gpu_gather_rows", rows = idx.len(), row_bytes = rb).entered();
-        let ctx = &self.ctx;
-        let sources = self.upload_sources("gather_rows source", srcs)?;
-        let idx_buf = ctx.upload("gather_rows indices", bytemuck::cast_slice(idx))?;
-        let out = ctx.storage("gather_rows destination", dst.as_bytes().len() as u64)?;
-        let empty;
-        let (a, a_rows) = match sources.first() {
-            Some((b, r)) => (b, *r),
-            None => {
-                // Only ZERO_ROW indices (checked above): any buffer will do as the source.
-                empty = ctx.storage("gather_rows source", 16)?;
-                (&empty, 0)
-            }
-        };
-        // SAFETY: check_gather verified every index against the sources' rows.
-        let launch = unsafe {
-            ctx.gather_unchecked(&Gather {
-                a,
-                a_rows,
-                b: sources.get(1).map(|(b, _)| b),
-                b_rows: sources.get(1).map_or(0, |(_, r)| *r),
-                idx: &idx_buf,
-                dst: &out,
-                rows: idx.len(),
-                row_bytes: rb,
-            })
-        }?;
-        let mut enc = ctx.encoder("gather_rows");
-        launch.encode_pass(&mut enc);
-        let res = ctx.submit_and_read(enc, &out, dst.as_bytes_mut());
-        self.release_buffers(sources.into_iter().map(|(b, _)| b).chain([idx_buf, out]));
-        res
+    fn id(&self) -> u64 {
+        self.id
     }
 
+    fn session(&self) -> Result<Box<dyn Session<'_> + '_>> {
+        Ok(Box::new(GpuSession::new(self)))
+    }
+
+    /// [`Engine::ffn`] on host tensors; calls whose f32 intermediates or outputs would not
+    /// fit one buffer binding run in row chunks that do (each row's result does not depend on
+    /// the others in its call).
     fn ffn(
         &self,
         batch: &Tensor,
@@ -218,73 +274,24 @@ impl Engine for GpuEngine {
         deterministic: bool,
         out: &mut Tensor,
     ) -> Result<()> {
+        check_ffn(batch, offsets, experts, out)?;
         let f = experts.first().map_or(0, |w| w.gate.rows());
-        let wdt = experts.first().map_or(DType::F32, |w| w.gate.dtype());
-        // A call whose f32 intermediates or outputs would not fit one buffer binding runs in
-        // row chunks that do (each row's result does not depend on the others in its call).
         let rows = batch.rows();
         let widest = 4 * batch.cols().max(f).max(1) as u64;
         let per_call = ((self.ctx.max_binding_bytes() / widest) as usize).saturating_sub(crate::ffn::COOP_PAD_ROWS);
-        if rows > per_call && per_call > 0 {
-            check_ffn(batch, offsets, experts, out)?;
-            let rb = out.row_bytes();
-            for r0 in (0..rows).step_by(per_call) {
-                let r1 = (r0 + per_call).min(rows);
-                let part: Vec<usize> = offsets.iter().map(|&o| o.clamp(r0, r1) - r0).collect();
-                let chunk = batch.slice_rows(r0, r1)?;
-                let mut y = Tensor::zeros(out.dtype(), r1 - r0, out.cols());
-                let tile = self.tile_for(&part, batch.cols(), f, batch.dtype(), wdt, deterministic);
-                self.ffn_with_tile(&chunk, &part, experts, tile, &mut y)?;
-                out.as_bytes_mut()[r0 * rb..r1 * rb].copy_from_slice(y.as_bytes());
-            }
-            return Ok(());
+        if rows <= per_call || per_call == 0 {
+            return self.ffn_session(batch, offsets, experts, deterministic, out);
         }
-        let tile = self.tile_for(offsets, batch.cols(), f, batch.dtype(), wdt, deterministic);
-        self.ffn_with_tile(batch, offsets, experts, tile, out)
-    }
-
-    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-        check_combine(srcs, idx, weights, k, y)?;
-        let rb = y.row_bytes();
-        if y.rows() == 0 || rb == 0 {
-            return Ok(());
+        let rb = out.row_bytes();
+        for r0 in (0..rows).step_by(per_call) {
+            let r1 = (r0 + per_call).min(rows);
+            let part: Vec<usize> = offsets.iter().map(|&o| o.clamp(r0, r1) - r0).collect();
+            let chunk = batch.slice_rows(r0, r1)?;
+            let mut y = Tensor::zeros(out.dtype(), r1 - r0, out.cols());
+            self.ffn_session(&chunk, &part, experts, deterministic, &mut y)?;
+            out.as_bytes_mut()[r0 * rb..r1 * rb].copy_from_slice(y.as_bytes());
         }
-        word_for("combine", rb)?;
-        let _span = tracing::trace_span!("gpu_combine", rows = y.rows(), k, row_bytes = rb).entered();
-        let ctx = &self.ctx;
-        let sources = self.upload_sources("combine source", srcs)?;
-        let idx_buf = ctx.upload("combine indices", bytemuck::cast_slice(idx))?;
-        let w_buf = ctx.upload("combine weights", bytemuck::cast_slice(weights))?;
-        let out = ctx.storage("combine output", y.as_bytes().len() as u64)?;
-        let empty;
-        let (a, a_rows) = match sources.first() {
-            Some((b, r)) => (b, *r),
-            None => {
-                empty = ctx.storage("combine source", 16)?;
-                (&empty, 0)
-            }
-        };
-        // SAFETY: check_combine verified every index against the sources' rows.
-        let launch = unsafe {
-            ctx.combine_unchecked(&Combine {
-                a,
-                a_rows,
-                b: sources.get(1).map(|(b, _)| b),
-                b_rows: sources.get(1).map_or(0, |(_, r)| *r),
-                idx: &idx_buf,
-                weights: &w_buf,
-                dst: &out,
-                rows: y.rows(),
-                k,
-                dtype: y.dtype(),
-                row_bytes: rb,
-            })
-        }?;
-        let mut enc = ctx.encoder("combine");
-        launch.encode_pass(&mut enc);
-        let res = ctx.submit_and_read(enc, &out, y.as_bytes_mut());
-        self.release_buffers(sources.into_iter().map(|(b, _)| b).chain([idx_buf, w_buf, out]));
-        res
+        Ok(())
     }
 
     fn is_accelerator(&self) -> bool {
@@ -322,5 +329,8 @@ impl Engine for GpuEngine {
 
     fn release(&self, id: u64) {
         self.experts.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let mut m = self.matrices.write().unwrap_or_else(|p| p.into_inner());
+        m.remove(&id);
+        m.remove(&(id | 1 << 63));
     }
 }

@@ -26,6 +26,10 @@ pub const SILU: &str = include_str!("../../../wgsl/silu.wgsl");
 pub const CHUNK: u32 = 1024;
 /// Elements per piece of a chunk in that order: what the decode kernel stages at a time.
 pub const PIECE: u32 = 64;
+/// Router logits `x · W^T` (and a gate's sigmoid) (`wgsl/router_logits.wgsl`).
+pub const ROUTER_LOGITS: &str = include_str!("../../../wgsl/router_logits.wgsl");
+/// Router scores, group-limited top-k and weights, one thread per token (`wgsl/router_topk.wgsl`).
+pub const ROUTER_TOPK: &str = include_str!("../../../wgsl/router_topk.wgsl");
 /// f32 to f16/bf16, two values a word (`wgsl/narrow.wgsl`).
 pub const NARROW: &str = include_str!("../../../wgsl/narrow.wgsl");
 /// f32 <-> f16/bf16 conversions shared by the arithmetic kernels (`wgsl/convert.wgsl`).
@@ -51,6 +55,11 @@ pub enum Kernel {
     FfnReduce { up: bool },
     /// f32 to the 16-bit `dtype`, two values a word.
     Narrow,
+    /// `logits[t, e] = x[t] · w[e]` in f32 (`dtype`: x's, `weights`: w's; `k` = 1 writes the
+    /// sigmoid instead).
+    RouterLogits,
+    /// Scores, top-k and weights from the logits.
+    RouterTopK,
 }
 
 /// Tile shape of the FFN kernels: a workgroup computes `bm x bn` outputs, `tm x tn` per
@@ -222,6 +231,33 @@ impl Variant {
         }
     }
 
+    /// Router logits of `x` (`act`) against a `w` (`weights`) matrix; `sigmoid` writes
+    /// `sigmoid(logit)` (a shared expert's gate).
+    pub fn router_logits(act: DType, weights: DType, sigmoid: bool, unpack_f16: bool) -> Self {
+        Variant {
+            kernel: Kernel::RouterLogits,
+            word: Word::Scalar,
+            dtype: act,
+            k: u32::from(sigmoid),
+            unpack_f16: unpack_f16 && (act == DType::F16 || weights == DType::F16),
+            weights,
+            tile: Tile::NONE,
+        }
+    }
+
+    /// The router's top-k.
+    pub fn router_topk() -> Self {
+        Variant {
+            kernel: Kernel::RouterTopK,
+            word: Word::Scalar,
+            dtype: DType::F32,
+            k: 0,
+            unpack_f16: false,
+            weights: DType::F32,
+            tile: Tile::NONE,
+        }
+    }
+
     /// The narrow to the 16-bit `dtype`.
     pub fn narrow(dtype: DType) -> Self {
         Variant {
@@ -239,6 +275,7 @@ impl Variant {
     pub fn threads(&self) -> u32 {
         match self.kernel {
             Kernel::FfnUp | Kernel::FfnDown => self.tile.threads(),
+            Kernel::RouterTopK => 64,
             _ => WORKGROUP,
         }
     }
@@ -287,6 +324,16 @@ impl Variant {
         }
         v.push(Variant::narrow(DType::F16));
         v.push(Variant::narrow(DType::BF16));
+        for act in [DType::F32, DType::F16, DType::BF16] {
+            for weights in [DType::F32, DType::F16, DType::BF16] {
+                for sigmoid in [false, true] {
+                    for unpack in [false, true] {
+                        v.push(Variant::router_logits(act, weights, sigmoid, unpack));
+                    }
+                }
+            }
+        }
+        v.push(Variant::router_topk());
         v.sort_by_key(|v| v.label());
         v.dedup();
         v
@@ -327,6 +374,14 @@ impl Variant {
             }
             Kernel::FfnReduce { up } => format!("ffn_reduce.{}.{}", if up { "up" } else { "down" }, self.dtype),
             Kernel::Narrow => format!("narrow.{}", self.dtype),
+            Kernel::RouterLogits => format!(
+                "router_logits.{}.w{}{}{}",
+                self.dtype,
+                self.weights,
+                if self.k == 1 { ".sigmoid" } else { "" },
+                if self.unpack_f16 { ".unpack" } else { "" }
+            ),
+            Kernel::RouterTopK => "router_topk".into(),
         }
     }
 
@@ -400,6 +455,13 @@ impl Variant {
                 code(self.dtype)
             ),
             Kernel::Narrow => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{NARROW}", code(self.dtype)),
+            Kernel::RouterLogits => format!(
+                "const XT: u32 = {}u;\nconst WT: u32 = {}u;\nconst SIGMOID: bool = {};\n{widen}\n\n{CONVERT}\n{ROUTER_LOGITS}",
+                code(self.dtype),
+                code(self.weights),
+                self.k == 1
+            ),
+            Kernel::RouterTopK => ROUTER_TOPK.to_string(),
         }
     }
 }

@@ -20,8 +20,10 @@ pub mod kernels;
 pub mod ops;
 pub mod pipelines;
 pub mod pool;
+pub mod session;
 pub mod timing;
 
 pub use context::{ContextOptions, GpuContext, list_adapters};
 pub use engine::GpuEngine;
+pub use session::GpuTensor;
 pub use wgpu;

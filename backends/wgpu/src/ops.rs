@@ -40,7 +40,7 @@ pub struct Gather<'a> {
     pub row_bytes: usize,
 }
 
-/// `y[t] = sum_j w[t*k+j] * cat(a, b)[idx[t*k+j]]` over `rows` tokens, f32 accumulation.
+/// `y[t] = sum_j w(t, j) * cat(a, b, c)[idx[t*k+j]]` over `rows` tokens, f32 accumulation.
 #[derive(Clone, Copy, Debug)]
 pub struct Combine<'a> {
     /// First source (this rank's expert outputs).
@@ -51,10 +51,14 @@ pub struct Combine<'a> {
     pub b: Option<&'a wgpu::Buffer>,
     /// Rows in `b`.
     pub b_rows: usize,
+    /// Third source (the shared expert's outputs), if any.
+    pub c: Option<&'a wgpu::Buffer>,
+    /// Rows in `c`.
+    pub c_rows: usize,
     /// `rows * k` u32 indices.
     pub idx: &'a wgpu::Buffer,
-    /// `rows * k` f32 weights.
-    pub weights: &'a wgpu::Buffer,
+    /// The weights.
+    pub weights: CombineWeights<'a>,
     /// Output, `rows * row_bytes` bytes.
     pub dst: &'a wgpu::Buffer,
     /// Output rows (tokens).
@@ -65,6 +69,18 @@ pub struct Combine<'a> {
     pub dtype: DType,
     /// Bytes per row; a multiple of 4.
     pub row_bytes: usize,
+}
+
+/// Where a [`Combine`]'s weights come from.
+#[derive(Clone, Copy, Debug)]
+pub enum CombineWeights<'a> {
+    /// `rows * k` f32 values, slot by slot.
+    PerSlot(&'a wgpu::Buffer),
+    /// A routing's `rows * stride` weights for the first `stride` slots; the last slot (when
+    /// `k = stride + 1`) weighs 1, or `scale[t]` (`rows` f32 values) with `scale`.
+    Routed { weights: &'a wgpu::Buffer, stride: usize, scale: Option<&'a wgpu::Buffer> },
+    /// Every slot weighs 1.
+    Ones,
 }
 
 /// One kernel launch, ready to encode any number of times.
@@ -159,10 +175,15 @@ impl GpuContext {
     }
 
     pub(crate) fn params(&self, words: [u32; 8]) -> wgpu::Buffer {
+        self.params_n(&words)
+    }
+
+    /// A uniform buffer of `words` (a multiple of 4 of them).
+    pub(crate) fn params_n(&self, words: &[u32]) -> wgpu::Buffer {
         use wgpu::util::DeviceExt;
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
-            contents: bytemuck::cast_slice(&words),
+            contents: bytemuck::cast_slice(words),
             usage: wgpu::BufferUsages::UNIFORM,
         })
     }
@@ -253,14 +274,32 @@ impl GpuContext {
         if let Some(b) = c.b {
             self.check_holds("combine source b", b, c.b_rows as u64 * rb)?;
         }
+        if let Some(x) = c.c {
+            self.check_holds("combine source c", x, c.c_rows as u64 * rb)?;
+        }
         self.check_holds("combine indices", c.idx, slots * 4)?;
-        self.check_holds("combine weights", c.weights, slots * 4)?;
-        self.check_holds("combine output", c.dst, c.rows as u64 * rb)?;
+        let (wmode, w_buf, w_bytes, stride, extra, extra_bytes) = match c.weights {
+            CombineWeights::PerSlot(w) => (0u32, Some(w), slots * 4, 0usize, None, 16),
+            CombineWeights::Routed { weights, stride, scale } => {
+                if stride != c.k && stride + 1 != c.k {
+                    return Err(Error::invalid(format!("combine: routed weights of {stride} slots for k = {}", c.k)));
+                }
+                let mode = if scale.is_some() { 2 } else { 1 };
+                (mode, Some(weights), c.rows as u64 * stride as u64 * 4, stride, scale, c.rows as u64 * 4)
+            }
+            CombineWeights::Ones => (3, None, 16, 0, None, 16),
+        };
+        if let Some(w) = w_buf {
+            self.check_holds("combine weights", w, w_bytes)?;
+        }
+        if let Some(x) = extra {
+            self.check_holds("combine extra-slot scale", x, extra_bytes)?;
+        }
         let words = c.row_bytes / word.bytes();
         let (shift, gx, gy) = geometry(self, c.rows, words)?;
         let v = Variant::combine(word, c.dtype, c.k as u32, self.unpack_f16());
         let pipeline = self.pipeline(v, checked);
-        let params = self.params([
+        let params = self.params_n(&[
             u32_of("rows", c.rows)?,
             u32_of("row words", words)?,
             u32_of("source rows", c.a_rows)?,
@@ -268,11 +307,20 @@ impl GpuContext {
             gx,
             u32_of("k", c.k)?,
             0,
+            u32_of("source rows", c.a_rows + c.b_rows)?,
+            wmode,
+            u32_of("weight stride", stride)?,
+            0,
             0,
         ]);
         u32_of("slots", slots as usize)?;
+        u32_of("source rows", c.a_rows + c.b_rows + c.c_rows)?;
         let b = c.b.unwrap_or(c.a);
         let b_bytes = if c.b.is_some() { c.b_rows as u64 * rb } else { 16 };
+        let cc = c.c.unwrap_or(c.a);
+        let c_bytes = if c.c.is_some() { c.c_rows as u64 * rb } else { 16 };
+        let w = w_buf.unwrap_or(c.idx);
+        let x = extra.unwrap_or(c.idx);
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("combine"),
             layout: &pipeline.layout,
@@ -281,10 +329,134 @@ impl GpuContext {
                 wgpu::BindGroupEntry { binding: 1, resource: binding(c.a, c.a_rows as u64 * rb) },
                 wgpu::BindGroupEntry { binding: 2, resource: binding(b, b_bytes) },
                 wgpu::BindGroupEntry { binding: 3, resource: binding(c.idx, slots * 4) },
-                wgpu::BindGroupEntry { binding: 4, resource: binding(c.weights, slots * 4) },
+                wgpu::BindGroupEntry { binding: 4, resource: binding(w, w_bytes) },
                 wgpu::BindGroupEntry { binding: 5, resource: binding(c.dst, c.rows as u64 * rb) },
+                wgpu::BindGroupEntry { binding: 6, resource: binding(cc, c_bytes) },
+                wgpu::BindGroupEntry { binding: 7, resource: binding(x, extra_bytes) },
             ],
         });
         Ok(Launch { pipeline, bind, groups: (gx, gy, 1), label: v.label() })
     }
+
+    /// Prepare the router logits of `n` rows of `x` (`[n, d]` of `act`) against the `[e, d]`
+    /// matrix `w` (of `weights`) into `out` (`[n, e]` f32), or their sigmoid. Bounds-checked
+    /// pipeline. Errors when a buffer is smaller than its shape or `d` is odd for 16-bit data.
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_logits(
+        &self,
+        x: (&wgpu::Buffer, DType),
+        w: (&wgpu::Buffer, DType),
+        out: &wgpu::Buffer,
+        (n, d, e): (usize, usize, usize),
+        sigmoid: bool,
+    ) -> Result<Launch> {
+        if (x.1.size() == 2 || w.1.size() == 2) && d % 2 != 0 {
+            return Err(backend_error(format!("router logits: 16-bit rows need an even width, not {d}")));
+        }
+        self.check_holds("router input", x.0, (n * d * x.1.size()) as u64)?;
+        self.check_holds("router weight", w.0, (e * d * w.1.size()) as u64)?;
+        self.check_holds("router logits", out, (n * e * 4) as u64)?;
+        let max_dim = self.limits().max_compute_workgroups_per_dimension as usize;
+        let gx = e.div_ceil(16);
+        let tiles = n.div_ceil(8);
+        let gy = tiles.min(max_dim);
+        let gz = if gy == 0 { 0 } else { tiles.div_ceil(gy) };
+        if gx > max_dim || gz > max_dim {
+            return Err(backend_error(format!("router logits: {n} tokens x {e} experts exceed the grid limits")));
+        }
+        let v = Variant::router_logits(x.1, w.1, sigmoid, self.unpack_f16());
+        let pipeline = self.pipeline(v, true);
+        let params =
+            self.params([u32_of("tokens", n)?, u32_of("width", d)?, u32_of("experts", e)?, gy as u32, 0, 0, 0, 0]);
+        u32_of("router input elements", n * d)?;
+        u32_of("router logits", n * e)?;
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("router_logits"),
+            layout: &pipeline.layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: binding(x.0, (n * d * x.1.size()) as u64) },
+                wgpu::BindGroupEntry { binding: 2, resource: binding(w.0, (e * d * w.1.size()) as u64) },
+                wgpu::BindGroupEntry { binding: 3, resource: binding(out, (n * e * 4) as u64) },
+            ],
+        });
+        Ok(Launch { pipeline, bind, groups: (gx as u32, gy as u32, gz as u32), label: v.label() })
+    }
+
+    /// Prepare the router's top-k over `[n, e]` f32 `logits` under `rules`: `ids` and
+    /// `weights` get `n * k` values. `bias` holds `e` f32 values (any buffer without a bias).
+    /// Bounds-checked pipeline.
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_topk(
+        &self,
+        logits: &wgpu::Buffer,
+        bias: &wgpu::Buffer,
+        ids: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+        (n, e, k): (usize, usize, usize),
+        rules: &TopKRules,
+    ) -> Result<Launch> {
+        if k == 0 || k > 16 || rules.n_group == 0 || rules.n_group > 64 || e % rules.n_group != 0 {
+            return Err(Error::invalid(format!(
+                "router top-k: k = {k} (1..=16), {} groups (1..=64, dividing {e} experts)",
+                rules.n_group
+            )));
+        }
+        self.check_holds("router logits", logits, (n * e * 4) as u64)?;
+        if rules.bias {
+            self.check_holds("selection bias", bias, (e * 4) as u64)?;
+        }
+        self.check_holds("router ids", ids, (n * k * 4) as u64)?;
+        self.check_holds("router weights", weights, (n * k * 4) as u64)?;
+        let groups = n.div_ceil(64);
+        let max_dim = self.limits().max_compute_workgroups_per_dimension as usize;
+        let gx = groups.min(max_dim);
+        let gy = if gx == 0 { 0 } else { groups.div_ceil(gx) };
+        let flags = u32::from(rules.sigmoid)
+            | (u32::from(rules.top_two) << 1)
+            | (u32::from(rules.bias) << 2)
+            | (u32::from(rules.renormalize) << 3)
+            | (u32::from(rules.by_logit) << 4);
+        let v = Variant::router_topk();
+        let pipeline = self.pipeline(v, true);
+        let params = self.params([
+            u32_of("tokens", n)?,
+            e as u32,
+            k as u32,
+            rules.n_group as u32,
+            rules.topk_group as u32,
+            flags,
+            rules.scale.to_bits(),
+            gx as u32,
+        ]);
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("router_topk"),
+            layout: &pipeline.layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: binding(logits, (n * e * 4) as u64) },
+                wgpu::BindGroupEntry {
+                    binding: 2,
+                    resource: binding(bias, if rules.bias { (e * 4) as u64 } else { 16 }),
+                },
+                wgpu::BindGroupEntry { binding: 3, resource: binding(ids, (n * k * 4) as u64) },
+                wgpu::BindGroupEntry { binding: 4, resource: binding(weights, (n * k * 4) as u64) },
+            ],
+        });
+        Ok(Launch { pipeline, bind, groups: (gx as u32, gy as u32, 1), label: v.label() })
+    }
+}
+
+/// The routing rules of [`GpuContext::router_topk`] (see `wgsl/router_topk.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopKRules {
+    pub sigmoid: bool,
+    pub top_two: bool,
+    pub bias: bool,
+    pub renormalize: bool,
+    /// Rank experts by logit (no bias, no top-two groups: it ranks as the scores would).
+    pub by_logit: bool,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub scale: f32,
 }

@@ -4,8 +4,10 @@ pub mod ffn;
 pub(crate) mod gemm;
 pub mod gemv;
 pub mod rows;
+mod session;
 
 use crate::compute::engine::Engine;
+use crate::compute::session::Session;
 use crate::error::Result;
 use crate::model::weights::ExpertSet;
 use crate::tensor::Tensor;
@@ -14,9 +16,19 @@ use crate::tensor::Tensor;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuEngine;
 
+/// The [`Engine::id`] of every CPU engine: they all hold their tensors in host memory, so a
+/// tensor one made is every CPU engine's.
+pub const CPU_ENGINE_ID: u64 = 0;
+
 impl Engine for CpuEngine {
     fn name(&self) -> String {
         "cpu".into()
+    }
+    fn id(&self) -> u64 {
+        CPU_ENGINE_ID
+    }
+    fn session(&self) -> Result<Box<dyn Session<'_> + '_>> {
+        Ok(Box::new(session::CpuSession::new(CPU_ENGINE_ID)))
     }
     fn gather_rows(&self, srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()> {
         rows::gather_rows(srcs, idx, dst)

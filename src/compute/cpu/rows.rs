@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::compute::engine::{ZERO_ROW, check_combine, check_gather};
+use crate::compute::engine::{KEEP_ROW, ZERO_ROW, check_combine, check_gather};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -35,6 +35,8 @@ pub fn gather_rows(srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()
     dst.as_bytes_mut().par_chunks_mut(rb).with_min_len(grain).zip(idx.par_iter()).for_each(|(row, &i)| {
         if i == ZERO_ROW {
             row.fill(0);
+        } else if i == KEEP_ROW {
+            // The caller's row stays.
         } else {
             let (s, r) = locate(&starts, i as usize);
             row.copy_from_slice(&src_bytes[s][r * rb..(r + 1) * rb]);
