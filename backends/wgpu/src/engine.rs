@@ -26,6 +26,8 @@ pub struct GpuEngine {
     experts: Arc<RwLock<HashMap<u64, Arc<DeviceExperts>>>>,
     /// Replicated matrices (router, shared expert gate) and selection biases on the device.
     matrices: Arc<RwLock<HashMap<u64, wgpu::Buffer>>>,
+    /// FFN calls still to fail with a device error (a test hook: [`GpuEngine::fail_next_ffns`]).
+    failures: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl GpuEngine {
@@ -53,7 +55,29 @@ impl GpuEngine {
 
     /// An engine on an existing context.
     pub fn with_context(ctx: Arc<GpuContext>) -> Self {
-        GpuEngine { ctx, id: moe_ep::model::weights::fresh_id(), experts: Arc::default(), matrices: Arc::default() }
+        GpuEngine {
+            ctx,
+            id: moe_ep::model::weights::fresh_id(),
+            experts: Arc::default(),
+            matrices: Arc::default(),
+            failures: Arc::default(),
+        }
+    }
+
+    /// Make the next `n` FFN calls of this engine (and its clones) fail with a device error,
+    /// as a lost device would: how the tests reach the CPU fallback on a real adapter.
+    pub fn fail_next_ffns(&self, n: usize) {
+        self.failures.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this FFN call is one [`GpuEngine::fail_next_ffns`] asked to fail.
+    pub(crate) fn injected_failure(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let left = self.failures.load(Ordering::Relaxed);
+        if left > 0 && self.failures.compare_exchange(left, left - 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            return Err(crate::context::backend_error("injected failure (GpuEngine::fail_next_ffns)"));
+        }
+        Ok(())
     }
 
     /// This engine's [`Engine::id`]: the owner of the [`moe_ep::compute::session::DeviceTensor`]s

@@ -458,6 +458,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
         let shape = |b: Buf| (b.rows(), b.cols(), b.dtype());
         check_ffn_shapes(shape(batch), offsets, experts, shape(out))?;
         crate::engine::check_semantics(experts)?;
+        self.eng.injected_failure()?;
         if batch.rows() == 0 || experts.is_empty() {
             return Ok(());
         }
