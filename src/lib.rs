@@ -53,7 +53,7 @@ pub use model::config::{Activation, Capacity, GroupScore, MoeConfig, RouterConfi
 pub use model::placement::Placement;
 pub use model::router::Routing;
 pub use model::weights::{ExpertBias, ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
-pub use stats::{ForwardStats, LayerMetrics, StageTimes};
+pub use stats::{ForwardStats, GpuTimes, LayerMetrics, StageTimes};
 pub use tensor::Tensor;
 #[cfg(feature = "testing")]
 pub use testing::random;

@@ -44,6 +44,27 @@ impl StageTimes {
     }
 }
 
+/// GPU time of one call's kernels by kind, in seconds, from GPU timestamps (engines that
+/// record them on request: `moe_ep_wgpu::ContextOptions::timestamps`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpuTimes {
+    /// Router logits, top-k, and shared-expert gates.
+    pub router: f64,
+    /// Row gathers: pack, scatter, gather back (and source concatenations).
+    pub gather: f64,
+    /// Expert FFNs, routed and shared.
+    pub ffn: f64,
+    /// Weighted combines.
+    pub combine: f64,
+}
+
+impl GpuTimes {
+    /// Sum of every kind.
+    pub fn total(&self) -> f64 {
+        self.router + self.gather + self.ffn + self.combine
+    }
+}
+
 /// What one rank did in one forward (or dispatch + combine) call.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ForwardStats {
@@ -92,6 +113,9 @@ pub struct ForwardStats {
     pub gpu_submits: u64,
     #[serde(default)]
     pub gpu_waits: u64,
+    /// GPU time of the call's kernels, where the engine recorded timestamps.
+    #[serde(default)]
+    pub gpu_times: Option<GpuTimes>,
     pub times: StageTimes,
 }
 

@@ -300,6 +300,11 @@ pub trait Session<'a> {
 
     /// What crossed between host and device so far.
     fn traffic(&self) -> HostTraffic;
+
+    /// GPU time of the work synced so far, by kind, where the engine records timestamps.
+    fn gpu_times(&self) -> Option<crate::stats::GpuTimes> {
+        None
+    }
 }
 
 /// Check that `idx` only names rows of the concatenation of sources of `rows` rows each (or is

@@ -135,6 +135,7 @@ pub(crate) fn run<'a, G: Group>(
     let mut r = Run { p, x, engine, fallback, device, s, b: Bufs::default(), routing: None, stats };
     let y = r.forward(device_out);
     add_traffic(&mut r.stats, r.s.traffic());
+    r.stats.gpu_times = r.s.gpu_times();
     Ok((y?, r.stats))
 }
 

@@ -43,6 +43,10 @@ pub struct ContextOptions {
     /// drivers) and the adapter offers it; `Some(false)` always through staging; `Some(true)`
     /// wherever offered (an error where not).
     pub mapped_exchange: Option<bool>,
+    /// Record GPU timestamps around every stage of a session (where the device can write them
+    /// inside encoders), reported as `ForwardStats::gpu_times`. Off by default: benchmarks turn
+    /// it on (the timestamps' readback is not counted in the host traffic).
+    pub timestamps: bool,
 }
 
 impl Default for ContextOptions {
@@ -54,6 +58,7 @@ impl Default for ContextOptions {
             timeout: Duration::from_secs(60),
             fast_variants: true,
             mapped_exchange: None,
+            timestamps: false,
         }
     }
 }
@@ -82,6 +87,7 @@ pub struct GpuContext {
     unpack_f16: bool,
     coop_f16: bool,
     mapped_exchange: bool,
+    timestamps: bool,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
     errors: Arc<Mutex<Vec<String>>>,
@@ -218,6 +224,7 @@ impl GpuContext {
             unpack_f16,
             coop_f16,
             mapped_exchange,
+            timestamps: opts.timestamps,
             pipelines: PipelineCache::default(),
             pool: BufferPool::default(),
             errors,
@@ -274,6 +281,12 @@ impl GpuContext {
     /// Pipelines compiled so far.
     pub fn compiled_pipelines(&self) -> usize {
         self.pipelines.len()
+    }
+
+    /// Whether sessions record GPU timestamps ([`ContextOptions::timestamps`], and the device
+    /// can).
+    pub fn session_timestamps(&self) -> bool {
+        self.timestamps && self.has_encoder_timestamps()
     }
 
     /// Whether the device can write timestamps between commands of an encoder.

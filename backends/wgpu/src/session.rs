@@ -49,6 +49,61 @@ enum Slot {
     Gone,
 }
 
+/// What a timed stretch of work was, for [`moe_ep::GpuTimes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Router,
+    Gather,
+    Ffn,
+    Combine,
+}
+
+/// GPU timestamps of one session: pairs around each recorded stretch, resolved at each sync.
+struct Stamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    /// Kinds of the pairs written since the last sync.
+    pending: Vec<Kind>,
+    period_ns: f64,
+    totals: moe_ep::GpuTimes,
+}
+
+/// Timestamp pairs a session can write between two syncs; stretches past it go untimed.
+const MAX_STAMPS: u32 = 64;
+
+impl Stamps {
+    fn new(ctx: &GpuContext) -> Self {
+        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("session timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * MAX_STAMPS,
+        });
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("session timestamps"),
+            size: 16 * MAX_STAMPS as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Stamps {
+            set,
+            resolve,
+            pending: Vec::new(),
+            period_ns: f64::from(ctx.queue.get_timestamp_period()),
+            totals: Default::default(),
+        }
+    }
+
+    fn add(&mut self, kind: Kind, seconds: f64) {
+        let t = &mut self.totals;
+        match kind {
+            Kind::Router => t.router += seconds,
+            Kind::Gather => t.gather += seconds,
+            Kind::Ffn => t.ffn += seconds,
+            Kind::Combine => t.combine += seconds,
+        }
+    }
+}
+
 /// A GPU session (see the module docs).
 pub(crate) struct GpuSession<'a> {
     eng: &'a GpuEngine,
@@ -60,6 +115,7 @@ pub(crate) struct GpuSession<'a> {
     /// Slots to read back at the next sync.
     reads: Vec<u32>,
     traffic: HostTraffic,
+    stamps: Option<Stamps>,
     _inputs: PhantomData<&'a Tensor>,
 }
 
@@ -73,6 +129,7 @@ impl<'a> GpuSession<'a> {
             scratch: Vec::new(),
             reads: Vec::new(),
             traffic: HostTraffic::default(),
+            stamps: eng.context().session_timestamps().then(|| Stamps::new(eng.context())),
             _inputs: PhantomData,
         }
     }
@@ -118,13 +175,70 @@ impl<'a> GpuSession<'a> {
         self.enc.get_or_insert_with(|| ctx.encoder("moe-ep session"))
     }
 
-    /// Record `launches` in one compute pass.
-    fn record(&mut self, launches: &[Launch]) {
-        let enc = self.encoder();
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-        for l in launches {
-            l.encode(&mut pass);
+    /// Record `launches` of `kind` in one compute pass.
+    fn record(&mut self, kind: Kind, launches: &[Launch]) {
+        let stamp = self.stamp_begin();
+        {
+            let enc = self.encoder();
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            for l in launches {
+                l.encode(&mut pass);
+            }
         }
+        self.stamp_end(stamp, kind);
+    }
+
+    /// Write the first timestamp of a timed stretch (when timing and room is left).
+    fn stamp_begin(&mut self) -> Option<u32> {
+        let i = self.stamps.as_ref().map(|s| s.pending.len() as u32).filter(|&i| i < MAX_STAMPS)?;
+        let set = self.stamps.as_ref().map(|s| s.set.clone())?;
+        self.encoder().write_timestamp(&set, 2 * i);
+        Some(i)
+    }
+
+    /// Write the closing timestamp of the stretch `begin` opened.
+    fn stamp_end(&mut self, begin: Option<u32>, kind: Kind) {
+        let (Some(i), Some(set)) = (begin, self.stamps.as_ref().map(|s| s.set.clone())) else {
+            return;
+        };
+        self.encoder().write_timestamp(&set, 2 * i + 1);
+        if let Some(s) = self.stamps.as_mut() {
+            s.pending.push(kind);
+        }
+    }
+
+    /// Resolve this sync's timestamps into a staging buffer (mapped with the reads).
+    fn stage_stamps(&mut self) -> Option<(wgpu::Buffer, Vec<Kind>)> {
+        let (set, resolve, kinds) = {
+            let s = self.stamps.as_mut()?;
+            if s.pending.is_empty() {
+                return None;
+            }
+            (s.set.clone(), s.resolve.clone(), std::mem::take(&mut s.pending))
+        };
+        let n = 2 * kinds.len() as u32;
+        let staging = self.ctx.take(READBACK, 8 * u64::from(n), "timestamps");
+        let enc = self.encoder();
+        enc.resolve_query_set(&set, 0..n, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, 8 * u64::from(n));
+        Some((staging, kinds))
+    }
+
+    /// Add a mapped timestamp buffer's pairs to the totals.
+    fn finish_stamps(&mut self, staged: Option<(wgpu::Buffer, Vec<Kind>)>) -> Result<()> {
+        let (Some((buf, kinds)), Some(s)) = (staged, self.stamps.as_mut()) else {
+            return Ok(());
+        };
+        {
+            let view = buf.slice(..).get_mapped_range().map_err(map_error)?;
+            let ticks: &[u64] = bytemuck::cast_slice(&view[..16 * kinds.len()]);
+            for (k, pair) in kinds.iter().zip(ticks.chunks(2)) {
+                s.add(*k, pair[1].wrapping_sub(pair[0]) as f64 * s.period_ns * 1e-9);
+            }
+        }
+        buf.unmap();
+        self.ctx.recycle(buf);
+        Ok(())
     }
 
     /// `srcs` as one buffer: the first itself, several concatenated by device copies into a
@@ -386,7 +500,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
             }
         };
         self.traffic.index_bytes += 64;
-        self.record(&launches);
+        self.record(Kind::Router, &launches);
         let id = self.push(Slot::Routing { ids, weights, n, k, host: None })?;
         self.reads.push(id);
         Ok(Routed::new(id, n, k))
@@ -412,7 +526,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
             true,
         )?;
         self.traffic.index_bytes += 32;
-        self.record(&[launch]);
+        self.record(Kind::Router, &[launch]);
         Ok(out)
     }
 
@@ -450,7 +564,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
         // SAFETY: check_indices verified every index against the sources' rows (or is special).
         let launch = unsafe { self.ctx.gather_unchecked(&g) }?;
         self.traffic.index_bytes += 32;
-        self.record(&[launch]);
+        self.record(Kind::Gather, &[launch]);
         Ok(())
     }
 
@@ -464,8 +578,10 @@ impl<'a> Session<'a> for GpuSession<'a> {
         }
         let (src, dst) = (self.buffer(batch)?.clone(), self.buffer(out)?.clone());
         let mut scratch = Vec::new();
+        let stamp = self.stamp_begin();
         let bytes =
             self.eng.encode_ffn_rows(self.encoder(), &src, &dst, batch, offsets, experts, deterministic, &mut scratch);
+        self.stamp_end(stamp, Kind::Ffn);
         self.scratch.extend(scratch);
         self.traffic.index_bytes += bytes?;
         Ok(())
@@ -535,7 +651,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
         // SAFETY: check_indices verified every index against the sources' rows (or ZERO_ROW).
         let launch = unsafe { self.ctx.combine_unchecked(&c) }?;
         self.traffic.index_bytes += 48;
-        self.record(&[launch]);
+        self.record(Kind::Combine, &[launch]);
         Ok(())
     }
 
@@ -561,11 +677,13 @@ impl<'a> Session<'a> for GpuSession<'a> {
             return Ok(());
         }
         let maps = self.stage_reads()?;
+        let stamps = self.stage_stamps();
         let enc = self.enc.take().unwrap_or_else(|| self.ctx.encoder("moe-ep session"));
         self.ctx.queue.submit([enc.finish()]);
         self.traffic.submits += 1;
         let (tx, rx) = std::sync::mpsc::channel();
-        for (i, (_, buf, _)) in maps.iter().enumerate() {
+        let stamp_buf = stamps.as_ref().map(|(b, _)| b);
+        for (i, buf) in maps.iter().map(|(_, b, _)| b).chain(stamp_buf).enumerate() {
             let tx = tx.clone();
             buf.slice(..).map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx.send((i, r));
@@ -583,9 +701,10 @@ impl<'a> Session<'a> for GpuSession<'a> {
             r.map_err(|e| backend_error(format!("mapping a readback buffer failed: {e}")))?;
             done += 1;
         }
-        if done != maps.len() {
+        if done != maps.len() + usize::from(stamps.is_some()) {
             return Err(backend_error("a readback buffer was not mapped after the GPU finished"));
         }
+        self.finish_stamps(stamps)?;
         self.finish_reads(maps)
     }
 
@@ -692,6 +811,10 @@ impl<'a> Session<'a> for GpuSession<'a> {
 
     fn traffic(&self) -> HostTraffic {
         self.traffic
+    }
+
+    fn gpu_times(&self) -> Option<moe_ep::GpuTimes> {
+        self.stamps.as_ref().map(|s| s.totals)
     }
 }
 

@@ -148,7 +148,11 @@ fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<((WarmUpReport,
     let layer = match job.backend {
         "cpu" => MoeLayer::from_weights(g, c, p, w, None, LayerOptions::default())?,
         policy => {
-            let opts = ContextOptions { device_index: job.gpu_per_rank.then_some(rank), ..ContextOptions::from_env() };
+            let opts = ContextOptions {
+                device_index: job.gpu_per_rank.then_some(rank),
+                timestamps: true,
+                ..ContextOptions::from_env()
+            };
             let e = GpuEngine::new(&opts)?;
             if rank == 0 {
                 println!("  rank 0 GPU engine: {}", e.name());
@@ -383,6 +387,30 @@ fn run(mut args: Args) -> Result<(), String> {
         "  rank 0, last point: rows sent per rank {:?}, received {:?}, dropped {}",
         last.rows_sent, last.rows_received, last.dropped
     );
+    if points.iter().any(|p| p.last_stats_rank0.gpu_submits > 0) {
+        println!(
+            "\n  rank 0, host traffic and GPU time per forward (last call):\n  {:<8} {:>6} {:>12} {:>12} {:>12} {:>8} {:>10} {:>10} {:>10} {:>10}",
+            "routing", "N", "up (rows)", "up (index)", "back", "submits", "router", "gather", "ffn", "combine"
+        );
+        for pt in &points {
+            let s = &pt.last_stats_rank0;
+            let g = s.gpu_times.unwrap_or_default();
+            println!(
+                "  {:<8} {:>6} {:>12} {:>12} {:>12} {:>4}/{:<3} {:>10} {:>10} {:>10} {:>10}",
+                pt.routing,
+                pt.tokens_per_rank,
+                s.host_upload_bytes,
+                s.host_index_bytes,
+                s.host_readback_bytes,
+                s.gpu_submits,
+                s.gpu_waits,
+                fmt_time(g.router),
+                fmt_time(g.gather),
+                fmt_time(g.ffn),
+                fmt_time(g.combine)
+            );
+        }
+    }
 
     if let Some(path) = &args.json {
         let report = Report {
@@ -432,7 +460,9 @@ fn summarize(
     });
     let movement_gbps = movement_bytes as f64 / movement_s / 1e9;
     let expert_flops = floor::expert_flops(n * world * cfg.top_k, cfg.hidden, cfg.intermediate);
-    let experts_s = slowest(&|s| s.1.times.experts);
+    // On a GPU the experts run inside a stretch of recorded work: their GPU time (timestamps)
+    // is the figure; on the CPU the stage's wall time.
+    let experts_s = slowest(&|s| s.1.gpu_times.map_or(s.1.times.experts, |g| g.ffn));
     let expert_gflops = expert_flops / experts_s / 1e9;
     let on_cpu = runs[0].iter().all(|r| r.1.backend == "cpu");
     Point {
