@@ -53,7 +53,7 @@ fn time_gather_combine(rows: usize, reps: usize) -> (f64, f64) {
     let g = t.elapsed().as_secs_f64() / reps as f64;
     let t = Instant::now();
     for _ in 0..reps {
-        CpuEngine.combine(&[&src], &idx, &w, 4, &mut y).unwrap();
+        CpuEngine.weighted_sum(&[&src], &idx, &w, 4, &mut y).unwrap();
     }
     (g, t.elapsed().as_secs_f64() / reps as f64)
 }

@@ -87,8 +87,8 @@ impl<'a> Session<'a> for FakeSession<'a> {
         }
         self.inner.ffn(batch, offsets, experts, det, out)
     }
-    fn combine(&mut self, srcs: &[Buf], idx: &[u32], w: Weights<'_>, k: usize, y: Buf) -> Result<()> {
-        self.inner.combine(srcs, idx, w, k, y)
+    fn weighted_sum(&mut self, srcs: &[Buf], idx: &[u32], w: Weights<'_>, k: usize, y: Buf) -> Result<()> {
+        self.inner.weighted_sum(srcs, idx, w, k, y)
     }
     fn write_rows(&mut self, dst: Buf, first: usize, bytes: &[u8]) -> Result<()> {
         self.inner.write_rows(dst, first, bytes)

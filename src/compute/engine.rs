@@ -26,7 +26,7 @@ pub fn is_special_row(i: u32) -> bool {
 ///
 /// An engine's real interface is its [`Session`]: buffers that stay on the engine between
 /// stages and work recorded until a sync. The host-tensor methods ([`Engine::gather_rows`],
-/// [`Engine::ffn`], [`Engine::combine`]) are conveniences over one session each (upload, run,
+/// [`Engine::ffn`], [`Engine::weighted_sum`]) are conveniences over one session each (upload, run,
 /// read back) for callers who keep their rows on the host; the CPU engine implements them
 /// directly. Implementations must be deterministic: the same inputs give bitwise the same
 /// outputs.
@@ -85,12 +85,12 @@ pub trait Engine: Send + Sync {
     /// `y[t] = sum_j weights[t*k + j] * cat(srcs)[idx[t*k + j]]` over slots `j` in order, with
     /// f32 accumulation and one cast to `y`'s dtype; [`ZERO_ROW`] slots contribute nothing.
     /// `y` has `idx.len() / k` rows.
-    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-        check_combine(srcs, idx, weights, k, y)?;
+    fn weighted_sum(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
+        check_weighted_sum(srcs, idx, weights, k, y)?;
         let mut s = self.session()?;
         let bufs = srcs.iter().map(|t| s.upload(t)).collect::<Result<Vec<_>>>()?;
         let o = s.alloc(y.dtype(), y.rows(), y.cols())?;
-        s.combine(&bufs, idx, Weights::Host(weights), k, o)?;
+        s.weighted_sum(&bufs, idx, Weights::Host(weights), k, o)?;
         *y = s.download(o)?;
         Ok(())
     }
@@ -230,9 +230,9 @@ pub fn check_gather(srcs: &[&Tensor], idx: &[u32], dst: &Tensor) -> Result<Vec<u
     check_sources(srcs, idx, dst, "gather_rows")
 }
 
-/// Check the arguments of [`Engine::combine`] as [`check_gather`] does, and that there are
+/// Check the arguments of [`Engine::weighted_sum`] as [`check_gather`] does, and that there are
 /// `k` indices and weights per row of `y`, `k > 0`.
-pub fn check_combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &Tensor) -> Result<Vec<usize>> {
+pub fn check_weighted_sum(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &Tensor) -> Result<Vec<usize>> {
     if idx.contains(&KEEP_ROW) {
         return Err(Error::invalid("combine: KEEP_ROW is not a combine index (use ZERO_ROW for an empty slot)"));
     }

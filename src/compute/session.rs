@@ -274,8 +274,8 @@ pub trait Session<'a> {
     fn ffn(&mut self, batch: Buf, offsets: &[usize], experts: &ExpertSet, deterministic: bool, out: Buf) -> Result<()>;
 
     /// `y[t] = sum_j w[t, j] * cat(srcs)[idx[t * k + j]]`, slots in order, f32 accumulation,
-    /// one cast, as [`crate::Engine::combine`].
-    fn combine(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()>;
+    /// one cast, as [`crate::Engine::weighted_sum`].
+    fn weighted_sum(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()>;
 
     /// Host bytes into rows `first..` of `dst` (whole rows), before any work recorded since the
     /// last sync runs; that work must leave those rows alone ([`crate::compute::engine::KEEP_ROW`]).
@@ -343,7 +343,7 @@ pub fn check_sources(what: &str, srcs: &[Buf], dst: Buf) -> Result<()> {
 
 /// Check a combine's shape: `k > 0`, `k` indices per output row, host weights of that length,
 /// routed weights of `y`'s rows and `k` or `k - 1` slots with the extra slot's scale `[rows, 1]`.
-pub fn check_combine_weights(weights: &Weights<'_>, idx: &[u32], k: usize, y: Buf) -> Result<()> {
+pub fn check_sum_weights(weights: &Weights<'_>, idx: &[u32], k: usize, y: Buf) -> Result<()> {
     if k == 0 || idx.len() != y.rows() * k {
         return Err(Error::invalid(format!("combine: {} indices for {} output rows of top-{k}", idx.len(), y.rows())));
     }

@@ -81,7 +81,7 @@ fn time_local(engine: &dyn Engine, experts: &ExpertSet, cfg: &MoeConfig, tokens:
     let mut once = || -> Result<f64> {
         let t = Instant::now();
         engine.ffn(&batch, &offs, experts, cfg.deterministic, &mut out)?;
-        engine.combine(&[&out], &idx, &w, k, &mut y)?;
+        engine.weighted_sum(&[&out], &idx, &w, k, &mut y)?;
         Ok(t.elapsed().as_secs_f64())
     };
     once()?;

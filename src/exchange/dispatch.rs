@@ -291,12 +291,12 @@ pub(crate) fn weighted_sum(
 ) -> Result<Buf> {
     let y = s.alloc(l.dtype, l.n, l.cols)?;
     match extra {
-        None => s.combine(&[outputs, back], &l.combine_idx, weights, l.k, y)?,
+        None => s.weighted_sum(&[outputs, back], &l.combine_idx, weights, l.k, y)?,
         Some(e) => {
             let base = u32::try_from(outputs.rows() + back.rows())
                 .map_err(|_| Error::invalid_on(l.rank, "combine sources exceed 32-bit row indices"))?;
             let idx = with_extra_slot(&l.combine_idx, l.k, base, l.n);
-            s.combine(&[outputs, back, e], &idx, weights, l.k + 1, y)?;
+            s.weighted_sum(&[outputs, back, e], &idx, weights, l.k + 1, y)?;
         }
     }
     Ok(y)

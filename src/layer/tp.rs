@@ -396,9 +396,9 @@ impl<G: Group> TpLayer<G> {
                     None => Extra::One,
                 };
                 let idx = with_extra_slot(&order.slot_row, k, (m * k) as u32, m);
-                s.combine(&[out, so], &idx, Weights::Routed { routed, extra }, k + 1, y)?;
+                s.weighted_sum(&[out, so], &idx, Weights::Routed { routed, extra }, k + 1, y)?;
             }
-            _ => s.combine(&[out], &order.slot_row, Weights::Routed { routed, extra: Extra::None }, k, y)?,
+            _ => s.weighted_sum(&[out], &order.slot_row, Weights::Routed { routed, extra: Extra::None }, k, y)?,
         }
         let partial = s.download(y)?;
         stats.times.experts = t.elapsed().as_secs_f64();
@@ -411,7 +411,7 @@ impl<G: Group> TpLayer<G> {
         let idx: Vec<u32> = (0..n).flat_map(|t| (0..world).map(move |p| (p * n + t) as u32)).collect();
         let r = s.upload_owned(recv)?;
         let y = s.alloc(cfg.act_dtype, n, cfg.hidden)?;
-        s.combine(&[r], &idx, Weights::Ones, world, y)?;
+        s.weighted_sum(&[r], &idx, Weights::Ones, world, y)?;
         Ok(if device_out { TpOutput::Device(s.export(y)?) } else { TpOutput::Host(s.download(y)?) })
     }
 }

@@ -346,7 +346,7 @@ impl Engine for GpuEngine {
             let mut y = Tensor::zeros(act, rows, d);
             let w = vec![1.0f32; rows];
             let idx1: Vec<u32> = idx.iter().map(|&i| if i % 7 == 6 { ZERO_ROW } else { i }).collect();
-            self.combine(&[&moved], &idx1, &w, 1, &mut y)?;
+            self.weighted_sum(&[&moved], &idx1, &w, 1, &mut y)?;
         }
         Ok(())
     }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use moe_ep::compute::engine::{KEEP_ROW, check_ffn_shapes};
 use moe_ep::compute::session::{
-    Buf, DeviceTensor, ExchangeFn, Extra, HostTraffic, Matrix, Routed, RouterSet, Session, Weights,
-    check_combine_weights, check_indices, check_sources,
+    Buf, DeviceTensor, ExchangeFn, Extra, HostTraffic, Matrix, Routed, RouterSet, Session, Weights, check_indices,
+    check_sources, check_sum_weights,
 };
 use moe_ep::model::config::{GroupScore, MoeConfig, Scoring};
 use moe_ep::model::router::Routing;
@@ -587,9 +587,9 @@ impl<'a> Session<'a> for GpuSession<'a> {
         Ok(())
     }
 
-    fn combine(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()> {
+    fn weighted_sum(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()> {
         check_sources("combine", srcs, y)?;
-        check_combine_weights(&weights, idx, k, y)?;
+        check_sum_weights(&weights, idx, k, y)?;
         if idx.contains(&KEEP_ROW) || srcs.is_empty() {
             return Err(Error::invalid("combine: at least one source, and no KEEP_ROW indices"));
         }

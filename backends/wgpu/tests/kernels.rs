@@ -133,7 +133,7 @@ fn combine_equals_cpu_bitwise_and_f64_within_rounding() {
                     let idx = indices(n * k, a.rows() + b.rows(), 7, seed);
                     let w: Vec<f32> = rows(DType::F32, n * k, 1, seed + 2).to_f32_vec();
                     let mut want = Tensor::zeros(dtype, n, cols);
-                    CpuEngine.combine(&[&a, &b], &idx, &w, k, &mut want).unwrap();
+                    CpuEngine.weighted_sum(&[&a, &b], &idx, &w, k, &mut want).unwrap();
                     let abuf = ctx.upload("a", a.as_bytes()).unwrap();
                     let bbuf = ctx.upload("b", b.as_bytes()).unwrap();
                     let ibuf = ctx.upload("idx", bytemuck::cast_slice(&idx)).unwrap();
@@ -194,9 +194,9 @@ fn engine_stages_equal_cpu_bitwise() {
             let idx = indices(31 * k, total, 6, 6);
             let w = rows(DType::F32, 31 * k, 1, 7).to_f32_vec();
             let mut want = Tensor::zeros(dtype, 31, 24);
-            CpuEngine.combine(&srcs, &idx, &w, k, &mut want).unwrap();
+            CpuEngine.weighted_sum(&srcs, &idx, &w, k, &mut want).unwrap();
             let mut got = Tensor::zeros(dtype, 31, 24);
-            gpu.combine(&srcs, &idx, &w, k, &mut got).unwrap();
+            gpu.weighted_sum(&srcs, &idx, &w, k, &mut got).unwrap();
             assert!(got.as_bytes() == want.as_bytes(), "engine combine {dtype} {} sources", srcs.len());
         }
     }
@@ -204,7 +204,7 @@ fn engine_stages_equal_cpu_bitwise() {
     let x = rows(DType::F32, 4, 8, 9);
     let mut empty = Tensor::zeros(DType::F32, 0, 8);
     gpu.gather_rows(&[&x], &[], &mut empty).unwrap();
-    gpu.combine(&[&x], &[], &[], 2, &mut empty).unwrap();
+    gpu.weighted_sum(&[&x], &[], &[], 2, &mut empty).unwrap();
     let mut zero = Tensor::zeros(DType::F32, 2, 8);
     zero.as_bytes_mut().fill(POISON);
     gpu.gather_rows(&[], &[ZERO_ROW, ZERO_ROW], &mut zero).unwrap();
@@ -218,7 +218,7 @@ fn odd_16bit_rows_are_a_clear_error() {
     let mut dst = Tensor::zeros(DType::BF16, 2, 3);
     let e = gpu.gather_rows(&[&x], &[0, 1], &mut dst).unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }) && e.to_string().contains("multiple of 4"), "{e}");
-    let e = gpu.combine(&[&x], &[0, 1], &[0.5, 0.5], 1, &mut dst).unwrap_err();
+    let e = gpu.weighted_sum(&[&x], &[0, 1], &[0.5, 0.5], 1, &mut dst).unwrap_err();
     assert!(e.to_string().contains("even number of columns"), "{e}");
     let e = gpu.gather_rows(&[&x], &[7], &mut Tensor::zeros(DType::BF16, 1, 3)).unwrap_err();
     assert!(e.to_string().contains("row index 7"), "{e}");
@@ -268,8 +268,8 @@ fn combine_converts_every_16bit_value_as_the_cpu_does() {
         for w in [1.0f32, 0.3, 1.0 / 3.0, -1e-3, 3e-6, 1000.0, 7e4, 1e-30] {
             let ws = vec![w; 1024];
             let (mut want, mut got) = (Tensor::zeros(dtype, 1024, 64), Tensor::zeros(dtype, 1024, 64));
-            CpuEngine.combine(&[&x], &idx, &ws, 1, &mut want).unwrap();
-            gpu.combine(&[&x], &idx, &ws, 1, &mut got).unwrap();
+            CpuEngine.weighted_sum(&[&x], &idx, &ws, 1, &mut want).unwrap();
+            gpu.weighted_sum(&[&x], &idx, &ws, 1, &mut got).unwrap();
             let (g, c): (&[u16], &[u16]) =
                 (bytemuck::cast_slice(got.as_bytes()), bytemuck::cast_slice(want.as_bytes()));
             let is_nan = |b: u16| match dtype {

@@ -43,7 +43,7 @@ impl Engine for CpuEngine {
     ) -> Result<()> {
         ffn::ffn(batch, offsets, experts, deterministic, out)
     }
-    fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-        rows::combine(srcs, idx, weights, k, y)
+    fn weighted_sum(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
+        rows::weighted_sum(srcs, idx, weights, k, y)
     }
 }

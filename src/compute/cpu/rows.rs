@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::compute::engine::{KEEP_ROW, ZERO_ROW, check_combine, check_gather};
+use crate::compute::engine::{KEEP_ROW, ZERO_ROW, check_gather, check_weighted_sum};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -45,9 +45,9 @@ pub fn gather_rows(srcs: &[&Tensor], idx: &[u32], dst: &mut Tensor) -> Result<()
     Ok(())
 }
 
-/// `y[t] = sum_j w[t,j] * cat(srcs)[idx[t,j]]`; see [`crate::Engine::combine`].
-pub fn combine(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
-    let starts = check_combine(srcs, idx, weights, k, y)?;
+/// `y[t] = sum_j w[t,j] * cat(srcs)[idx[t,j]]`; see [`crate::Engine::weighted_sum`].
+pub fn weighted_sum(srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
+    let starts = check_weighted_sum(srcs, idx, weights, k, y)?;
     let d = y.cols();
     if d == 0 {
         return Ok(());

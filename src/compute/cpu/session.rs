@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 use super::{ffn, rows};
 use crate::compute::engine::{KEEP_ROW, check_ffn_shapes};
 use crate::compute::session::{
-    Buf, DeviceTensor, ExchangeFn, Extra, HostTraffic, Matrix, Routed, RouterSet, Session, Weights,
-    check_combine_weights, check_indices, check_sources,
+    Buf, DeviceTensor, ExchangeFn, Extra, HostTraffic, Matrix, Routed, RouterSet, Session, Weights, check_indices,
+    check_sources, check_sum_weights,
 };
 use crate::compute::workspace::Workspace;
 use crate::dtype::DType;
@@ -204,15 +204,15 @@ impl<'a> Session<'a> for CpuSession<'a> {
         self.with_dst(&[batch], out, |s, o| ffn::ffn(s[0], offsets, experts, deterministic, o))
     }
 
-    fn combine(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()> {
+    fn weighted_sum(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()> {
         check_sources("combine", srcs, y)?;
-        check_combine_weights(&weights, idx, k, y)?;
+        check_sum_weights(&weights, idx, k, y)?;
         if idx.contains(&KEEP_ROW) {
             return Err(Error::invalid("combine: KEEP_ROW is not a combine index"));
         }
         check_indices("combine", srcs, idx)?;
         let w = self.host_weights(weights, y.rows(), k)?;
-        self.with_dst(srcs, y, |s, d| rows::combine(s, idx, &w, k, d))
+        self.with_dst(srcs, y, |s, d| rows::weighted_sum(s, idx, &w, k, d))
     }
 
     fn write_rows(&mut self, dst: Buf, first: usize, bytes: &[u8]) -> Result<()> {

@@ -260,7 +260,10 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "gather back",
                 Box::new(|e: &dyn Engine| e.gather_rows(&[&rows], &p, &mut Tensor::zeros(dtype, nl * k, d))),
             ),
-            ("combine", Box::new(|e: &dyn Engine| e.combine(&[&rows], &p, &w, k, &mut Tensor::zeros(dtype, nl, d)))),
+            (
+                "combine",
+                Box::new(|e: &dyn Engine| e.weighted_sum(&[&rows], &p, &w, k, &mut Tensor::zeros(dtype, nl, d))),
+            ),
         ];
         for (name, f) in &stages {
             let time = |e: &dyn Engine| -> moe_ep::Result<f64> {
