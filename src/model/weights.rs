@@ -134,7 +134,10 @@ impl SharedExpert {
 pub struct LayerWeights {
     /// `[E, D]`.
     pub router: Tensor,
-    /// `[E]` (DeepSeek-V3's `e_score_correction_bias`).
+    /// `[E]`: the router's per-expert bias vector, used as the config's
+    /// [`crate::RouterConfig`] says: for selection only (`selection_bias`: DeepSeek-V3's
+    /// `e_score_correction_bias`, GLM-4.5, MiniMax-M2, ERNIE-4.5) or added to the logits
+    /// (`logit_bias`: gpt-oss's `router.bias`).
     pub selection_bias: Option<Vec<f32>>,
     pub experts: Vec<ExpertWeights>,
     pub shared: Option<SharedExpert>,
@@ -168,14 +171,15 @@ impl LayerWeights {
         }
     }
 
-    /// Check the router (`[E, D]`) and a bias exactly when the routing uses one (`[E]`, finite).
+    /// Check the router (`[E, D]`) and a bias exactly when the routing uses one
+    /// ([`crate::RouterConfig::uses_bias`]; `[E]`, finite).
     pub fn validate_router_and_bias(&self, config: &MoeConfig) -> Result<()> {
         validate_router(&self.router, config)?;
-        match (&self.selection_bias, config.router.selection_bias) {
+        match (&self.selection_bias, config.router.uses_bias()) {
             (Some(b), true) => {
                 if b.len() != config.num_experts {
                     return Err(Error::invalid(format!(
-                        "selection bias has {} entries for {} experts",
+                        "router bias (selection bias) has {} entries for {} experts",
                         b.len(),
                         config.num_experts
                     )));

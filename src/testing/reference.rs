@@ -28,25 +28,25 @@ pub fn route_f64(x: &Tensor, gate: &Tensor, k: usize, renormalize: bool) -> (Vec
     route_f64_config(x, gate, None, &cfg)
 }
 
-/// Routing in f64 of `x` (`[N, D]`) with gate `[E, D]` and selection `bias` under `cfg`'s
-/// top-k, `norm_topk_prob` and [`crate::model::config::RouterConfig`]: scores (softmax or sigmoid),
-/// selection keys (the logit where it ranks as the score does, else score plus bias),
-/// group-limited selection, top-k by a stable sort (ties to the lower id), weights = scores,
-/// renormalised, scaled.
+/// Routing in f64 of `x` (`[N, D]`) with gate `[E, D]` and the router's `bias` under `cfg`'s
+/// top-k, `norm_topk_prob` and [`crate::model::config::RouterConfig`], from the formulas:
+/// logits (`+ bias` when `logit_bias`), scores (softmax over all, sigmoid, or none for
+/// softmax-over-the-chosen-k), selection keys (score plus bias when `selection_bias`, else the
+/// logit where it ranks as the score does, else the score), group-limited selection, top-k by a
+/// stable sort (ties to the lower id), weights (scores, or the softmax of the chosen logits),
+/// renormalised by `max((sum w^p)^(1/p) + eps, min)`, scaled.
 pub fn route_f64_config(x: &Tensor, gate: &Tensor, bias: Option<&[f32]>, cfg: &MoeConfig) -> (Vec<u32>, Vec<f64>) {
     let (n, d, e, k) = (x.rows(), x.cols(), gate.rows(), cfg.top_k);
     let r = &cfg.router;
     let (xs, ws) = (x.to_f64_vec(), gate.to_f64_vec());
+    let b = |i: usize| bias.map_or(0.0, |b| b[i] as f64);
     let mut ids = Vec::with_capacity(n * k);
     let mut weights = Vec::with_capacity(n * k);
-    let desc = |v: &[f64]| {
-        let mut order: Vec<usize> = (0..v.len()).collect();
-        // Stable sort: equal values keep the lower index first.
-        order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).expect("finite scores"));
-        order
-    };
     for t in 0..n {
-        let logits: Vec<f64> = (0..e).map(|j| (0..d).map(|c| xs[t * d + c] * ws[j * d + c]).sum()).collect();
+        let mut logits: Vec<f64> = (0..e).map(|j| (0..d).map(|c| xs[t * d + c] * ws[j * d + c]).sum()).collect();
+        if r.logit_bias {
+            logits.iter_mut().enumerate().for_each(|(i, l)| *l += b(i));
+        }
         let scores: Vec<f64> = match r.scoring {
             Scoring::Softmax => {
                 let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -54,43 +54,69 @@ pub fn route_f64_config(x: &Tensor, gate: &Tensor, bias: Option<&[f32]>, cfg: &M
                 logits.iter().map(|l| (l - max).exp() / z).collect()
             }
             Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+            Scoring::SoftmaxTopK => vec![f64::NAN; e],
         };
-        let by_logit = bias.is_none() && (r.n_group == 1 || r.group_score == GroupScore::Max);
         let mut keys: Vec<f64> = (0..e)
-            .map(|i| match bias {
-                _ if by_logit => logits[i],
-                Some(b) => scores[i] + b[i] as f64,
-                None => scores[i],
+            .map(|i| {
+                if r.selection_bias {
+                    scores[i] + b(i)
+                } else if r.scoring == Scoring::SoftmaxTopK || r.n_group == 1 || r.group_score == GroupScore::Max {
+                    logits[i]
+                } else {
+                    scores[i]
+                }
             })
             .collect();
         if r.n_group > 1 {
-            let per = e / r.n_group;
-            let group_scores: Vec<f64> = keys
-                .chunks(per)
-                .map(|g| {
-                    let o = desc(g);
-                    match r.group_score {
-                        GroupScore::Max => g[o[0]],
-                        GroupScore::TopTwoSum => g[o[0]] + g[o[1]],
-                    }
-                })
-                .collect();
-            let kept = &desc(&group_scores)[..r.topk_group];
-            for g in (0..r.n_group).filter(|g| !kept.contains(g)) {
-                keys[g * per..(g + 1) * per].fill(f64::NEG_INFINITY);
-            }
+            limit_groups_f64(&mut keys, r.n_group, r.topk_group, r.group_score);
         }
         let top: Vec<usize> = desc(&keys)[..k].to_vec();
-        let mut w: Vec<f64> = top.iter().map(|&j| scores[j]).collect();
+        let mut w: Vec<f64> = match r.scoring {
+            Scoring::SoftmaxTopK => {
+                let max = top.iter().map(|&j| logits[j]).fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = top.iter().map(|&j| (logits[j] - max).exp()).sum();
+                top.iter().map(|&j| (logits[j] - max).exp() / z).collect()
+            }
+            _ => top.iter().map(|&j| scores[j]).collect(),
+        };
         if cfg.norm_topk_prob {
-            let s: f64 = w.iter().sum();
-            w.iter_mut().for_each(|v| *v /= s);
+            let p = r.norm_p as f64;
+            let norm = w.iter().map(|v| v.abs().powf(p)).sum::<f64>().powf(1.0 / p);
+            let den = (norm + r.norm_eps as f64).max(r.norm_min as f64);
+            w.iter_mut().for_each(|v| *v /= den);
         }
         w.iter_mut().for_each(|v| *v *= r.routed_scaling_factor as f64);
         ids.extend(top.iter().map(|&j| j as u32));
         weights.extend(w);
     }
     (ids, weights)
+}
+
+/// Indices of `v` by decreasing value; a stable sort, so equal values keep the lower index first.
+fn desc(v: &[f64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).expect("finite scores"));
+    order
+}
+
+/// Keys outside the `topk_group` best of `n_group` consecutive groups become `-inf`; a group
+/// scores its best key or the sum of its best two.
+fn limit_groups_f64(keys: &mut [f64], n_group: usize, topk_group: usize, score: GroupScore) {
+    let per = keys.len() / n_group;
+    let group_scores: Vec<f64> = keys
+        .chunks(per)
+        .map(|g| {
+            let o = desc(g);
+            match score {
+                GroupScore::Max => g[o[0]],
+                GroupScore::TopTwoSum => g[o[0]] + g[o[1]],
+            }
+        })
+        .collect();
+    let kept = desc(&group_scores)[..topk_group].to_vec();
+    for g in (0..n_group).filter(|g| !kept.contains(g)) {
+        keys[g * per..(g + 1) * per].fill(f64::NEG_INFINITY);
+    }
 }
 
 /// Capacity drops for one source rank's assignments (`[N, k]` ids), first choice first.
@@ -182,7 +208,8 @@ pub fn dense_moe_full(
     r
 }
 
-/// The dense MoE with given routing (`[N, k]` ids and weights).
+/// The dense MoE with given routing (`[N, k]` ids and weights): `y = sum_j w_j expert_j(x)`, or
+/// `sum_j expert_j(w_j x)` with `cfg.router.weights_on_input` (Llama 4).
 pub fn dense_moe_routed(
     x: &Tensor,
     ids: &[u32],
@@ -199,9 +226,16 @@ pub fn dense_moe_routed(
             if dropped[t * k + j] {
                 continue;
             }
-            let o = expert_f64_with(&experts[ids[t * k + j] as usize], cfg.activation, &xs[t * d..(t + 1) * d]);
-            for c in 0..d {
-                y[t * d + c] += weights[t * k + j] * o[c];
+            let (w, h) = (weights[t * k + j], &xs[t * d..(t + 1) * d]);
+            let expert = &experts[ids[t * k + j] as usize];
+            if cfg.router.weights_on_input {
+                // Llama 4: expert(w * x), summed with weight 1.
+                let scaled: Vec<f64> = h.iter().map(|v| v * w).collect();
+                let o = expert_f64_with(expert, cfg.activation, &scaled);
+                y[t * d..(t + 1) * d].iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            } else {
+                let o = expert_f64_with(expert, cfg.activation, h);
+                y[t * d..(t + 1) * d].iter_mut().zip(&o).for_each(|(a, b)| *a += w * b);
             }
         }
     }
