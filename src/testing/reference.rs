@@ -6,7 +6,8 @@
 //! its experts, the weighted sum and the shared expert, all in f64.
 
 use crate::model::config::{Activation, GroupScore, MoeConfig, Scoring};
-use crate::model::weights::{ExpertWeights, SharedExpert};
+use crate::model::families::Family;
+use crate::model::weights::{ExpertWeights, LayerWeights, SharedExpert};
 use crate::tensor::Tensor;
 
 /// Result of the reference on one rank's tokens.
@@ -248,4 +249,182 @@ pub fn rel_error(got: &[f64], want: &[f64]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
     let den: f64 = want.iter().map(|b| b * b).sum();
     if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+/// The MoE block of `family` in f64, written from the family's transformers 5 modeling code,
+/// with its hyper-parameters read from `config` (a parsed `config.json` holding every key the
+/// family uses, as [`crate::testing::checkpoint_writer::family_config`] writes them) rather than
+/// from a [`MoeConfig`]: so that a wrong mapping of keys to rules is caught. `w` holds every
+/// expert, the router's bias vector and the shared expert. Returns `[N, D]`.
+pub fn family_moe_f64(family: Family, config: &serde_json::Value, x: &Tensor, w: &LayerWeights) -> Vec<f64> {
+    let c = match family {
+        Family::Llama4 | Family::Qwen35Moe => &config["text_config"],
+        Family::Dbrx => &config["ffn_config"],
+        _ => config,
+    };
+    let num = |k: &str| c[k].as_f64().unwrap_or_else(|| panic!("reference: {k} missing"));
+    let flag = |k: &str| c[k].as_bool().unwrap_or_else(|| panic!("reference: {k} missing"));
+    let k = match family {
+        Family::Ernie45Moe => num("moe_k"),
+        Family::Dbrx => num("moe_top_k"),
+        _ => num("num_experts_per_tok"),
+    } as usize;
+    let act = match family {
+        Family::GptOss => {
+            Activation::ClampedSwiglu { alpha: num("swiglu_alpha") as f32, limit: num("swiglu_limit") as f32 }
+        }
+        _ => Activation::Silu,
+    };
+    let (n, d) = (x.rows(), x.cols());
+    let (xs, g) = (x.to_f64_vec(), w.router.to_f64_vec());
+    let e = w.router.rows();
+    let bias: Vec<f64> = w.selection_bias.as_ref().map_or(vec![0.0; e], |b| b.iter().map(|&v| v as f64).collect());
+    let mut y = vec![0f64; n * d];
+    for t in 0..n {
+        let h = &xs[t * d..(t + 1) * d];
+        let l: Vec<f64> = (0..e).map(|j| (0..d).map(|c| h[c] * g[j * d + c]).sum()).collect();
+        let (ids, ws) = family_route(family, c, &l, &bias, k, &num, &flag);
+        let out = &mut y[t * d..(t + 1) * d];
+        for (&id, &wt) in ids.iter().zip(&ws) {
+            if family == Family::Llama4 {
+                // routed_in = hidden * score; the expert's output summed with weight 1.
+                let scaled: Vec<f64> = h.iter().map(|v| v * wt).collect();
+                let o = expert_f64_with(&w.experts[id], act, &scaled);
+                out.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            } else {
+                let o = expert_f64_with(&w.experts[id], act, h);
+                out.iter_mut().zip(&o).for_each(|(a, b)| *a += wt * b);
+            }
+        }
+        if let Some(s) = &w.shared {
+            let o = expert_f64_with(&s.weights, Activation::Silu, h);
+            let scale = s.gate.as_ref().map_or(1.0, |gw| {
+                let z: f64 = gw.to_f64_vec().iter().zip(h).map(|(a, b)| a * b).sum();
+                1.0 / (1.0 + (-z).exp())
+            });
+            out.iter_mut().zip(&o).for_each(|(a, b)| *a += scale * b);
+        }
+    }
+    y
+}
+
+/// One token's experts and weights under `family`'s router, from logits `l` and the router's
+/// bias vector.
+fn family_route(
+    family: Family,
+    c: &serde_json::Value,
+    l: &[f64],
+    bias: &[f64],
+    k: usize,
+    num: &dyn Fn(&str) -> f64,
+    flag: &dyn Fn(&str) -> bool,
+) -> (Vec<usize>, Vec<f64>) {
+    let e = l.len();
+    let softmax = |v: &[f64]| -> Vec<f64> {
+        let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = v.iter().map(|a| (a - m).exp()).sum();
+        v.iter().map(|a| (a - m).exp() / z).collect()
+    };
+    let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+    let top = |keys: &[f64]| desc(keys)[..k].to_vec();
+    let sum = |w: &[f64]| w.iter().sum::<f64>();
+    match family {
+        Family::Mixtral | Family::Qwen35Moe => {
+            let p = softmax(l);
+            let ids = top(&p);
+            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
+            let s = sum(&w);
+            (ids, w.iter().map(|v| v / s).collect())
+        }
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next | Family::Olmoe => {
+            let p = softmax(l);
+            let ids = top(&p);
+            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
+            let s = if flag("norm_topk_prob") { sum(&w) } else { 1.0 };
+            (ids, w.iter().map(|v| v / s).collect())
+        }
+        Family::DeepseekV2 => {
+            let mut p = softmax(l);
+            let w0 = p.clone();
+            if c["topk_method"] == "group_limited_greedy" {
+                let (ng, kg) = (num("n_group") as usize, num("topk_group") as usize);
+                let per = e / ng;
+                let gs: Vec<f64> = p.chunks(per).map(|g| g.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect();
+                let kept = desc(&gs)[..kg].to_vec();
+                for (i, v) in p.iter_mut().enumerate() {
+                    if !kept.contains(&(i / per)) {
+                        *v = 0.0;
+                    }
+                }
+            }
+            let ids = top(&p);
+            let scale = num("routed_scaling_factor");
+            (ids.clone(), ids.iter().map(|&i| w0[i] * scale).collect())
+        }
+        Family::DeepseekV3 | Family::KimiK2 | Family::Glm4Moe => {
+            let s: Vec<f64> = l.iter().map(|&v| sigmoid(v)).collect();
+            let mut keys: Vec<f64> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+            let (ng, kg) = (num("n_group") as usize, num("topk_group") as usize);
+            let per = e / ng;
+            let gs: Vec<f64> = keys
+                .chunks(per)
+                .map(|g| {
+                    let o = desc(g);
+                    g[o[0]] + g[o[1]]
+                })
+                .collect();
+            let kept = desc(&gs)[..kg].to_vec();
+            for (i, v) in keys.iter_mut().enumerate() {
+                if !kept.contains(&(i / per)) {
+                    *v = f64::NEG_INFINITY;
+                }
+            }
+            let ids = top(&keys);
+            let mut w: Vec<f64> = ids.iter().map(|&i| s[i]).collect();
+            if flag("norm_topk_prob") {
+                let den = sum(&w) + 1e-20;
+                w.iter_mut().for_each(|v| *v /= den);
+            }
+            let scale = num("routed_scaling_factor");
+            (ids, w.iter().map(|v| v * scale).collect())
+        }
+        Family::GptOss => {
+            let lb: Vec<f64> = l.iter().zip(bias).map(|(a, b)| a + b).collect();
+            let ids = top(&lb);
+            let chosen: Vec<f64> = ids.iter().map(|&i| lb[i]).collect();
+            (ids, softmax(&chosen))
+        }
+        Family::Llama4 => {
+            let ids = top(l);
+            (ids.clone(), ids.iter().map(|&i| sigmoid(l[i])).collect())
+        }
+        Family::MinimaxM2 => {
+            let s: Vec<f64> = l.iter().map(|&v| sigmoid(v)).collect();
+            let keys: Vec<f64> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+            let ids = top(&keys);
+            let w: Vec<f64> = ids.iter().map(|&i| s[i]).collect();
+            let t = sum(&w);
+            (ids, w.iter().map(|v| v / t).collect())
+        }
+        Family::Ernie45Moe => {
+            let p = softmax(l);
+            let keys: Vec<f64> = p.iter().zip(bias).map(|(a, b)| a + b).collect();
+            let ids = top(&keys);
+            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
+            let den = sum(&w).max(num("moe_norm_min"));
+            (ids, w.iter().map(|v| v / den).collect())
+        }
+        Family::Dbrx => {
+            let p = softmax(l);
+            let ids = top(&p);
+            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
+            match c["moe_normalize_expert_weights"].as_f64() {
+                Some(q) => {
+                    let norm = w.iter().map(|v| v.abs().powf(q)).sum::<f64>().powf(1.0 / q);
+                    (ids, w.iter().map(|v| v / norm).collect())
+                }
+                None => (ids, w),
+            }
+        }
+    }
 }
