@@ -126,9 +126,28 @@ impl Checkpoint {
             ExpertNames::PerExpert { .. } => Layout::PerExpert,
             ExpertNames::Fused(_) => Layout::Fused,
         };
+        self.check_counts(&cfg)?;
         let mut r = Resolved { cfg, names, layout, enc };
         self.check_shapes(&mut r)?;
         Ok(r)
+    }
+
+    /// Counts whose products the files cannot hold (one expert's `3 x D x F` values at half a
+    /// byte each at least, the router's `E x D`, the shared expert's) are refused before any
+    /// arithmetic on them can overflow.
+    fn check_counts(&self, cfg: &MoeConfig) -> Result<()> {
+        let bytes = self.shards.iter().map(|s| s.bytes.len() as u128).sum::<u128>();
+        let (e, d, f) = (cfg.num_experts as u128, cfg.hidden as u128, cfg.intermediate as u128);
+        let fs = cfg.shared_expert.map_or(0, |s| s.intermediate as u128);
+        let values = (e.saturating_mul(d)).saturating_add(3u128.saturating_mul(d).saturating_mul(f.saturating_add(fs)));
+        if values > 2 * bytes {
+            return Err(Error::invalid(format!(
+                "checkpoint {}: config.json's counts (E = {e}, D = {d} from hidden_size, F = {f}, shared F = {fs}) \
+                 need more values than the files' {bytes} bytes hold",
+                self.dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// The first candidate naming whose router and experts are in the files, and the experts'
