@@ -457,3 +457,19 @@ fn checkpoints_written_by_the_old_entry_point_still_read() {
     let e = err(write_checkpoint(&dir("mixtral-shared"), Family::Mixtral, &cfg, 1, &w, 1));
     assert!(e.contains("Mixtral cannot express"), "{e}");
 }
+
+#[test]
+fn an_f32_router_beside_bf16_experts_stays_f32() {
+    // transformers 5 keeps DeepSeek-V3's, GLM's and ERNIE's `gate.weight` in f32
+    // (`_keep_in_fp32_modules_strict`) and saves it so: the experts stay bf16.
+    for family in [Family::DeepseekV3, Family::Glm4Moe, Family::Ernie45Moe] {
+        let w = fixture(family, DType::BF16, WriteOptions::default(), &format!("f32-router-{family:?}"), (32, 24));
+        let mut tensors = layer_tensors(family, 1, &w.weights).unwrap();
+        tensors[0].1 = tensors[0].1.to_dtype(DType::F32);
+        write_safetensors(&w.dir.join("model.safetensors"), &tensors).unwrap();
+        let ckpt = Checkpoint::open(&w.dir).unwrap();
+        assert_eq!(ckpt.moe_config(1).unwrap().weight_dtype, DType::BF16);
+        assert_eq!(ckpt.router(1).unwrap().dtype(), DType::F32);
+        check_world_sizes(family, &w, &w.weights, false);
+    }
+}

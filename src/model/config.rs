@@ -330,7 +330,7 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     /// Dtype of activations (input, exchanged rows, output).
     pub act_dtype: DType,
-    /// Dtype of expert and router weights.
+    /// Dtype of expert weights (and of the router's, which may also be f32).
     pub weight_dtype: DType,
     /// Dropless (default) or a capacity limit.
     pub capacity: Capacity,

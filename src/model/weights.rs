@@ -132,7 +132,7 @@ impl SharedExpert {
 /// if the model has one (replicated: every rank runs it on its own tokens).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerWeights {
-    /// `[E, D]`.
+    /// `[E, D]`, in the weight dtype or f32.
     pub router: Tensor,
     /// `[E]`: the router's per-expert bias vector, used as the config's
     /// [`crate::RouterConfig`] says: for selection only (`selection_bias`: DeepSeek-V3's
@@ -226,9 +226,12 @@ impl LayerWeights {
     }
 }
 
-/// Check a router (gate) weight: `[E, D]` in the weight dtype.
+/// Check a router (gate) weight: `[E, D]` in the weight dtype, or in f32 (transformers keeps
+/// DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's routers in f32 whatever the experts' dtype; the
+/// router's logits are computed in f32 either way).
 pub fn validate_router(gate: &Tensor, config: &MoeConfig) -> Result<()> {
-    gate.expect("router weight", config.weight_dtype, Some(config.num_experts), config.hidden)
+    let dt = if gate.dtype() == crate::dtype::DType::F32 { gate.dtype() } else { config.weight_dtype };
+    gate.expect("router weight", dt, Some(config.num_experts), config.hidden)
 }
 
 /// One rank's expert weights as a unit that engines may keep copies of (a GPU engine uploads

@@ -170,10 +170,15 @@ impl Checkpoint {
         Ok(Found { family: self.family, layout: r.layout, experts: r.enc, dtype: r.cfg.weight_dtype })
     }
 
-    /// The router weight `[E, D]` of `layer`.
+    /// The router weight `[E, D]` of `layer`, in the weight dtype, or in f32 when the file has
+    /// it in f32 (as transformers saves DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's).
     pub fn router(&self, layer: usize) -> Result<Tensor> {
         let r = self.resolve(layer)?;
-        self.tensor_as(&r.names.router, &[r.cfg.num_experts, r.cfg.hidden], r.cfg.weight_dtype)
+        let dt = match self.dense_dtype(&r.names.router)? {
+            DType::F32 => DType::F32,
+            _ => r.cfg.weight_dtype,
+        };
+        self.tensor_as(&r.names.router, &[r.cfg.num_experts, r.cfg.hidden], dt)
     }
 
     /// The router's per-expert bias vector `[E]` of `layer` as f32 (the selection bias of

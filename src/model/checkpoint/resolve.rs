@@ -214,7 +214,9 @@ impl Checkpoint {
             self.dense_dtype(b)?;
             self.bytes_of(b, &[&[e], &[1, e]], &[St::F32, St::F16, St::BF16])?;
         }
-        let mut dt = widest(router_dt, r.enc.decoded());
+        // The router keeps its dtype when it is f32 (transformers keeps DeepSeek-V3's, GLM's and
+        // ERNIE's in f32) or the experts'; other mixes widen everything to f32 (exactly).
+        let mut dt = if router_dt == DType::F32 { r.enc.decoded() } else { widest(router_dt, r.enc.decoded()) };
         // Every expert's tensors (headers only) and their encodings.
         for x in 0..e {
             let p = self.projections(r, x).map_err(|err| counts(err, &r.cfg))?;
