@@ -443,65 +443,79 @@ pub fn family_config(family: Family, cfg: &MoeConfig, layer: usize) -> Result<se
 
 /// The keys, before the read-back check.
 fn family_keys(family: Family, cfg: &MoeConfig, layer: usize) -> Result<serde_json::Value> {
-    let r = &cfg.router;
-    let n = layer + 1;
-    let (e, d, f, k) = (cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k);
-    let shared = cfg.shared_expert.map_or(0, |s| s.intermediate);
-    let n_shared = if shared % f == 0 { shared / f } else { usize::MAX };
-    let silu = cfg.activation == Activation::Silu;
-    let refuse = || Error::invalid(format!("{family:?} cannot express this layer's activation {:?}", cfg.activation));
-    if !silu && family != Family::GptOss {
-        return Err(refuse());
+    let (e, d, f, k, n) = (cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, layer + 1);
+    if cfg.activation != Activation::Silu && family != Family::GptOss {
+        return Err(Error::invalid(format!("{family:?} cannot express this layer's activation {:?}", cfg.activation)));
     }
-    let qwen = |mt: &str, experts_key: &str| {
-        json!({
-            "model_type": mt, "hidden_size": d, "num_hidden_layers": n, experts_key: e, "num_experts_per_tok": k,
-            "moe_intermediate_size": f, "shared_expert_intermediate_size": shared, "norm_topk_prob": cfg.norm_topk_prob,
-            "decoder_sparse_step": 1, "mlp_only_layers": (0..layer).collect::<Vec<_>>(), "hidden_act": "silu",
-        })
-    };
-    let deepseek = |mt: &str| {
-        json!({
-            "model_type": mt, "hidden_size": d, "num_hidden_layers": n, "n_routed_experts": e,
-            "num_experts_per_tok": k, "moe_intermediate_size": f, "n_shared_experts": n_shared,
-            "n_group": r.n_group, "topk_group": r.topk_group, "routed_scaling_factor": r.routed_scaling_factor,
-            "norm_topk_prob": cfg.norm_topk_prob, "first_k_dense_replace": layer, "hidden_act": "silu",
-        })
-    };
     Ok(match family {
         Family::Mixtral => json!({
             "model_type": "mixtral", "hidden_size": d, "intermediate_size": f, "num_local_experts": e,
             "num_experts_per_tok": k, "num_hidden_layers": n, "hidden_act": "silu",
         }),
-        Family::Qwen2Moe => qwen("qwen2_moe", "num_experts"),
+        Family::Qwen2Moe => qwen_keys("qwen2_moe", "num_experts", cfg, layer),
         // transformers 5 writes Qwen3-MoE's expert count under its alias.
-        Family::Qwen3Moe => qwen("qwen3_moe", "num_local_experts"),
-        Family::Qwen3Next => qwen("qwen3_next", "num_experts"),
+        Family::Qwen3Moe => qwen_keys("qwen3_moe", "num_local_experts", cfg, layer),
+        Family::Qwen3Next => qwen_keys("qwen3_next", "num_experts", cfg, layer),
         Family::Qwen35Moe => json!({
             "model_type": "qwen3_5_moe",
             "text_config": {
                 "model_type": "qwen3_5_moe_text", "hidden_size": d, "num_hidden_layers": n, "num_experts": e,
-                "num_experts_per_tok": k, "moe_intermediate_size": f, "shared_expert_intermediate_size": shared,
-                "hidden_act": "silu",
+                "num_experts_per_tok": k, "moe_intermediate_size": f,
+                "shared_expert_intermediate_size": cfg.shared_expert.map_or(0, |s| s.intermediate), "hidden_act": "silu",
             },
         }),
         Family::DeepseekV2 => {
-            let mut c = deepseek("deepseek_v2");
-            c["topk_method"] = if r.n_group > 1 { "group_limited_greedy" } else { "greedy" }.into();
+            let mut c = deepseek_keys("deepseek_v2", cfg, layer);
+            c["topk_method"] = if cfg.router.n_group > 1 { "group_limited_greedy" } else { "greedy" }.into();
             c["scoring_func"] = "softmax".into();
             c
         }
         // transformers 5's DeepSeek-V3 config has no scoring_func / topk_method; Kimi-K2's Hub
         // config (and GLM's) carry them.
-        Family::DeepseekV3 => deepseek("deepseek_v3"),
+        Family::DeepseekV3 => deepseek_keys("deepseek_v3", cfg, layer),
         Family::KimiK2 | Family::Glm4Moe => {
-            let mut c = deepseek(if family == Family::KimiK2 { "kimi_k2" } else { "glm4_moe" });
+            let mut c = deepseek_keys(if family == Family::KimiK2 { "kimi_k2" } else { "glm4_moe" }, cfg, layer);
             c["scoring_func"] = "sigmoid".into();
             c["topk_method"] = "noaux_tc".into();
             c
         }
+        _ => other_keys(family, cfg, layer)?,
+    })
+}
+
+/// Qwen2-MoE-style keys, earlier layers dense through `mlp_only_layers`.
+fn qwen_keys(mt: &str, experts_key: &str, cfg: &MoeConfig, layer: usize) -> serde_json::Value {
+    json!({
+        "model_type": mt, "hidden_size": cfg.hidden, "num_hidden_layers": layer + 1, experts_key: cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k, "moe_intermediate_size": cfg.intermediate,
+        "shared_expert_intermediate_size": cfg.shared_expert.map_or(0, |s| s.intermediate),
+        "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1,
+        "mlp_only_layers": (0..layer).collect::<Vec<_>>(), "hidden_act": "silu",
+    })
+}
+
+/// DeepSeek-style keys, earlier layers dense through `first_k_dense_replace`.
+fn deepseek_keys(mt: &str, cfg: &MoeConfig, layer: usize) -> serde_json::Value {
+    let (r, f) = (&cfg.router, cfg.intermediate);
+    let shared = cfg.shared_expert.map_or(0, |s| s.intermediate);
+    json!({
+        "model_type": mt, "hidden_size": cfg.hidden, "num_hidden_layers": layer + 1, "n_routed_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k, "moe_intermediate_size": f,
+        "n_shared_experts": if shared % f == 0 { shared / f } else { usize::MAX },
+        "n_group": r.n_group, "topk_group": r.topk_group, "routed_scaling_factor": r.routed_scaling_factor,
+        "norm_topk_prob": cfg.norm_topk_prob, "first_k_dense_replace": layer, "hidden_act": "silu",
+    })
+}
+
+/// gpt-oss, OLMoE, Llama 4, MiniMax-M2, ERNIE-4.5 and DBRX keys.
+fn other_keys(family: Family, cfg: &MoeConfig, layer: usize) -> Result<serde_json::Value> {
+    let (e, d, f, k, n) = (cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.top_k, layer + 1);
+    let shared = cfg.shared_expert.map_or(0, |s| s.intermediate);
+    Ok(match family {
         Family::GptOss => {
-            let Activation::ClampedSwiglu { alpha, limit } = cfg.activation else { return Err(refuse()) };
+            let Activation::ClampedSwiglu { alpha, limit } = cfg.activation else {
+                return Err(Error::invalid("gpt-oss experts use the clamped SwiGLU"));
+            };
             json!({
                 "model_type": "gpt_oss", "hidden_size": d, "intermediate_size": f, "num_local_experts": e,
                 "num_experts_per_tok": k, "num_hidden_layers": n, "swiglu_alpha": alpha, "swiglu_limit": limit,
@@ -525,18 +539,19 @@ fn family_keys(family: Family, cfg: &MoeConfig, layer: usize) -> Result<serde_js
         }),
         Family::Ernie45Moe => json!({
             "model_type": "ernie4_5_moe", "hidden_size": d, "num_hidden_layers": n, "moe_num_experts": e,
-            "moe_k": k, "moe_intermediate_size": f, "moe_num_shared_experts": n_shared,
+            "moe_k": k, "moe_intermediate_size": f, "moe_num_shared_experts": if shared % f == 0 { shared / f } else { usize::MAX },
             "moe_layer_start_index": layer, "moe_layer_end_index": -1, "moe_layer_interval": 1,
-            "moe_norm_min": r.norm_min, "hidden_act": "silu",
+            "moe_norm_min": cfg.router.norm_min, "hidden_act": "silu",
         }),
         Family::Dbrx => json!({
             "model_type": "dbrx", "d_model": d, "n_layers": n,
             "ffn_config": {
                 "moe_num_experts": e, "moe_top_k": k, "ffn_hidden_size": f,
-                "moe_normalize_expert_weights": if cfg.norm_topk_prob { json!(r.norm_p) } else { json!(null) },
+                "moe_normalize_expert_weights": if cfg.norm_topk_prob { json!(cfg.router.norm_p) } else { json!(null) },
                 "ffn_act_fn": {"name": "silu"},
             },
         }),
+        other => return Err(Error::invalid(format!("{other:?} is written by family_keys"))),
     })
 }
 

@@ -319,112 +319,120 @@ fn family_route(
     num: &dyn Fn(&str) -> f64,
     flag: &dyn Fn(&str) -> bool,
 ) -> (Vec<usize>, Vec<f64>) {
-    let e = l.len();
-    let softmax = |v: &[f64]| -> Vec<f64> {
-        let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = v.iter().map(|a| (a - m).exp()).sum();
-        v.iter().map(|a| (a - m).exp() / z).collect()
-    };
-    let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
-    let top = |keys: &[f64]| desc(keys)[..k].to_vec();
-    let sum = |w: &[f64]| w.iter().sum::<f64>();
+    let sigmoid = |v: &f64| 1.0 / (1.0 + (-v).exp());
+    let plus = |s: &[f64]| -> Vec<f64> { s.iter().zip(bias).map(|(a, b)| a + b).collect() };
     match family {
-        Family::Mixtral | Family::Qwen35Moe => {
-            let p = softmax(l);
-            let ids = top(&p);
-            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
-            let s = sum(&w);
-            (ids, w.iter().map(|v| v / s).collect())
-        }
+        // MixtralTopKRouter, Qwen3_5MoeTopKRouter: softmax, top-k, divided by the sum.
+        Family::Mixtral | Family::Qwen35Moe => chosen(&softmax_f64(l), &softmax_f64(l), k, Some(1.0)),
+        // Qwen2Moe / Qwen3Moe / Qwen3Next / Olmoe TopKRouter: divided only with norm_topk_prob.
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next | Family::Olmoe => {
-            let p = softmax(l);
-            let ids = top(&p);
-            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
-            let s = if flag("norm_topk_prob") { sum(&w) } else { 1.0 };
-            (ids, w.iter().map(|v| v / s).collect())
+            let p = softmax_f64(l);
+            chosen(&p, &p, k, flag("norm_topk_prob").then_some(1.0))
         }
-        Family::DeepseekV2 => {
-            let mut p = softmax(l);
-            let w0 = p.clone();
-            if c["topk_method"] == "group_limited_greedy" {
-                let (ng, kg) = (num("n_group") as usize, num("topk_group") as usize);
-                let per = e / ng;
-                let gs: Vec<f64> = p.chunks(per).map(|g| g.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect();
-                let kept = desc(&gs)[..kg].to_vec();
-                for (i, v) in p.iter_mut().enumerate() {
-                    if !kept.contains(&(i / per)) {
-                        *v = 0.0;
-                    }
-                }
-            }
-            let ids = top(&p);
-            let scale = num("routed_scaling_factor");
-            (ids.clone(), ids.iter().map(|&i| w0[i] * scale).collect())
-        }
-        Family::DeepseekV3 | Family::KimiK2 | Family::Glm4Moe => {
-            let s: Vec<f64> = l.iter().map(|&v| sigmoid(v)).collect();
-            let mut keys: Vec<f64> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
-            let (ng, kg) = (num("n_group") as usize, num("topk_group") as usize);
-            let per = e / ng;
-            let gs: Vec<f64> = keys
-                .chunks(per)
-                .map(|g| {
-                    let o = desc(g);
-                    g[o[0]] + g[o[1]]
-                })
-                .collect();
-            let kept = desc(&gs)[..kg].to_vec();
-            for (i, v) in keys.iter_mut().enumerate() {
-                if !kept.contains(&(i / per)) {
-                    *v = f64::NEG_INFINITY;
-                }
-            }
-            let ids = top(&keys);
-            let mut w: Vec<f64> = ids.iter().map(|&i| s[i]).collect();
-            if flag("norm_topk_prob") {
-                let den = sum(&w) + 1e-20;
-                w.iter_mut().for_each(|v| *v /= den);
-            }
-            let scale = num("routed_scaling_factor");
-            (ids, w.iter().map(|v| v * scale).collect())
-        }
+        Family::DeepseekV2 => deepseek_v2_f64(c, l, k, num),
+        Family::DeepseekV3 | Family::KimiK2 | Family::Glm4Moe => noaux_tc_f64(l, bias, k, num, flag),
+        // GptOssTopKRouter: top-k of x·W^T + b, softmax over the k.
         Family::GptOss => {
-            let lb: Vec<f64> = l.iter().zip(bias).map(|(a, b)| a + b).collect();
-            let ids = top(&lb);
-            let chosen: Vec<f64> = ids.iter().map(|&i| lb[i]).collect();
-            (ids, softmax(&chosen))
+            let lb = plus(l);
+            let ids = desc(&lb)[..k].to_vec();
+            let w = softmax_f64(&ids.iter().map(|&i| lb[i]).collect::<Vec<_>>());
+            (ids, w)
         }
+        // Llama4Router: top-k of the logits, sigmoid of the chosen.
         Family::Llama4 => {
-            let ids = top(l);
-            (ids.clone(), ids.iter().map(|&i| sigmoid(l[i])).collect())
+            let s: Vec<f64> = l.iter().map(sigmoid).collect();
+            chosen(l, &s, k, None)
         }
+        // MiniMaxM2TopKRouter: sigmoid, chosen by score + bias, divided by the sum.
         Family::MinimaxM2 => {
-            let s: Vec<f64> = l.iter().map(|&v| sigmoid(v)).collect();
-            let keys: Vec<f64> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
-            let ids = top(&keys);
-            let w: Vec<f64> = ids.iter().map(|&i| s[i]).collect();
-            let t = sum(&w);
-            (ids, w.iter().map(|v| v / t).collect())
+            let s: Vec<f64> = l.iter().map(sigmoid).collect();
+            chosen(&plus(&s), &s, k, Some(1.0))
         }
+        // Ernie4_5_MoeTopKRouter: softmax, chosen by softmax + bias, / max(sum, moe_norm_min).
         Family::Ernie45Moe => {
-            let p = softmax(l);
-            let keys: Vec<f64> = p.iter().zip(bias).map(|(a, b)| a + b).collect();
-            let ids = top(&keys);
-            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
-            let den = sum(&w).max(num("moe_norm_min"));
+            let p = softmax_f64(l);
+            let (ids, w) = chosen(&plus(&p), &p, k, None);
+            let den = w.iter().sum::<f64>().max(num("moe_norm_min"));
             (ids, w.iter().map(|v| v / den).collect())
         }
+        // DbrxFFN.route_tokens_to_experts: softmax, top-k, / p-norm.
         Family::Dbrx => {
-            let p = softmax(l);
-            let ids = top(&p);
-            let w: Vec<f64> = ids.iter().map(|&i| p[i]).collect();
-            match c["moe_normalize_expert_weights"].as_f64() {
-                Some(q) => {
-                    let norm = w.iter().map(|v| v.abs().powf(q)).sum::<f64>().powf(1.0 / q);
-                    (ids, w.iter().map(|v| v / norm).collect())
-                }
-                None => (ids, w),
+            let p = softmax_f64(l);
+            chosen(&p, &p, k, c["moe_normalize_expert_weights"].as_f64())
+        }
+    }
+}
+
+fn softmax_f64(v: &[f64]) -> Vec<f64> {
+    let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = v.iter().map(|a| (a - m).exp()).sum();
+    v.iter().map(|a| (a - m).exp() / z).collect()
+}
+
+/// The `k` best by `keys` with weights from `values`, divided by their `p`-norm when `p` is given.
+fn chosen(keys: &[f64], values: &[f64], k: usize, p: Option<f64>) -> (Vec<usize>, Vec<f64>) {
+    let ids = desc(keys)[..k].to_vec();
+    let mut w: Vec<f64> = ids.iter().map(|&i| values[i]).collect();
+    if let Some(p) = p {
+        let norm = w.iter().map(|v| v.abs().powf(p)).sum::<f64>().powf(1.0 / p);
+        w.iter_mut().for_each(|v| *v /= norm);
+    }
+    (ids, w)
+}
+
+/// DeepseekV2TopkRouter: softmax; `group_limited_greedy` zeroes the groups outside the
+/// `topk_group` best (by their best score); top-k; times `routed_scaling_factor`.
+fn deepseek_v2_f64(c: &serde_json::Value, l: &[f64], k: usize, num: &dyn Fn(&str) -> f64) -> (Vec<usize>, Vec<f64>) {
+    let w0 = softmax_f64(l);
+    let mut p = w0.clone();
+    if c["topk_method"] == "group_limited_greedy" {
+        let (ng, kg) = (num("n_group") as usize, num("topk_group") as usize);
+        let per = l.len() / ng;
+        let gs: Vec<f64> = p.chunks(per).map(|g| g.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect();
+        let kept = desc(&gs)[..kg].to_vec();
+        for (i, v) in p.iter_mut().enumerate() {
+            if !kept.contains(&(i / per)) {
+                *v = 0.0;
             }
         }
     }
+    let (ids, w) = chosen(&p, &w0, k, None);
+    let scale = num("routed_scaling_factor");
+    (ids, w.iter().map(|v| v * scale).collect())
+}
+
+/// DeepseekV3TopkRouter / Glm4MoeTopkRouter (`noaux_tc`): sigmoid; keys score + bias; groups
+/// by the sum of their two best keys, the others `-inf`; top-k; weights the scores, divided by
+/// `sum + 1e-20` with `norm_topk_prob`; times `routed_scaling_factor`.
+fn noaux_tc_f64(
+    l: &[f64],
+    bias: &[f64],
+    k: usize,
+    num: &dyn Fn(&str) -> f64,
+    flag: &dyn Fn(&str) -> bool,
+) -> (Vec<usize>, Vec<f64>) {
+    let s: Vec<f64> = l.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
+    let mut keys: Vec<f64> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+    let (ng, kg) = (num("n_group") as usize, num("topk_group") as usize);
+    let per = l.len() / ng;
+    let gs: Vec<f64> = keys
+        .chunks(per)
+        .map(|g| {
+            let o = desc(g);
+            g[o[0]] + g[o[1]]
+        })
+        .collect();
+    let kept = desc(&gs)[..kg].to_vec();
+    for (i, v) in keys.iter_mut().enumerate() {
+        if !kept.contains(&(i / per)) {
+            *v = f64::NEG_INFINITY;
+        }
+    }
+    let (ids, mut w) = chosen(&keys, &s, k, None);
+    if flag("norm_topk_prob") {
+        let den = w.iter().sum::<f64>() + 1e-20;
+        w.iter_mut().for_each(|v| *v /= den);
+    }
+    let scale = num("routed_scaling_factor");
+    (ids, w.iter().map(|v| v * scale).collect())
 }
