@@ -40,30 +40,35 @@ pub fn e8m0_exponent(b: u8) -> Option<i32> {
 }
 
 /// `x` rounded once to bf16, to nearest with ties to even; overflow goes to infinity and NaN
-/// stays NaN. Exact for every f64 (not through f32, which would round twice).
+/// stays NaN. Exact for every f64 (not through f32, which would round twice): the f64
+/// significand is cut at bf16's last place with the bits below deciding the rounding.
 pub fn bf16_round(x: f64) -> bf16 {
-    let a = x.abs();
-    if x.is_nan() {
-        return bf16::NAN;
+    let bits = x.to_bits();
+    let sign = ((bits >> 48) & 0x8000) as u16;
+    let exp = ((bits >> 52) & 0x7FF) as i32;
+    if exp == 0x7FF {
+        return if x.is_nan() { bf16::NAN } else { bf16::from_bits(sign | 0x7F80) };
     }
-    // At or past 2^128 every value rounds to infinity; at or below half the smallest subnormal
-    // (2^-134) to zero (the tie goes to the even zero).
-    if a >= pow2(128) || a <= pow2(-134) {
-        let v = if a >= pow2(128) { f32::INFINITY } else { 0.0 };
-        return bf16::from_f32(if x.is_sign_negative() { -v } else { v });
+    if exp == 0 {
+        return bf16::from_bits(sign); // f64 subnormals are far below bf16's smallest value
     }
-    // 2^e <= a < 2^(e+1); bf16 values there are 2^(e-7) apart (8 significant bits), and
-    // 2^-133 apart below 2^-126 (the subnormals).
-    let mut e = a.log2().floor() as i32;
-    if pow2(e) > a {
-        e -= 1;
-    } else if pow2(e + 1) <= a {
-        e += 1;
+    let e = exp - 1023;
+    if e > 127 {
+        return bf16::from_bits(sign | 0x7F80);
     }
-    let ulp = pow2(e.max(-126) - 7);
-    let q = (x / ulp).round_ties_even() * ulp;
-    // q is a bf16 value, or +-2^128 (rounded past the largest), which f32 makes infinite.
-    bf16::from_bits(((q as f32).to_bits() >> 16) as u16)
+    // value = m * 2^(e - 52) with a 53-bit significand m; bf16's last place is 2^(e - 7) for
+    // normals and 2^-133 below 2^-126.
+    let m = (bits & ((1u64 << 52) - 1)) | (1u64 << 52);
+    let shift = if e >= -126 { 45 } else { -81 - e };
+    if shift >= 54 {
+        return bf16::from_bits(sign);
+    }
+    let (q, rem, half) = (m >> shift, m & ((1u64 << shift) - 1), 1u64 << (shift - 1));
+    let q = q + u64::from(rem > half || (rem == half && q & 1 == 1));
+    // Normals: exponent field (e + 127) and the 7 bits below the leading one, a carry out of q
+    // moving into the exponent (up to infinity); subnormals: q itself.
+    let mag = if e >= -126 { (((e + 127) as u64) << 7) + q - 128 } else { q };
+    bf16::from_bits(sign | mag as u16)
 }
 
 /// `2^e` as f64, exact for `-1022 <= e <= 1023`.
