@@ -92,15 +92,14 @@ impl std::fmt::Display for DecodeError {
 }
 
 /// Block scales of an FP8 matrix: `scale_inv` is `[.., cols.div_ceil(bk)]` f32 values (little
-/// endian bytes); row `r` of the slab uses scale row `(row0 + r) / bn - first_row` of it.
+/// endian bytes); row `r` of the decoded slab uses scale row `(row0 + r) / bn` of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Fp8Scales<'a> {
     /// Little-endian f32 scales, row-major, `cols.div_ceil(block.1)` per row.
     pub scale_inv: &'a [u8],
     /// `(bn, bk)`: rows and columns a scale covers.
     pub block: (usize, usize),
-    /// Row of the scale grid's block origin the slab's row 0 sits at (the absolute row of the
-    /// slab's first row within the matrix the grid was made for), minus `first_row * bn`.
+    /// The row, within the matrix the scale grid was made for, of the slab's first row.
     pub row0: usize,
 }
 

@@ -73,10 +73,9 @@ pub struct RawProjection<'a> {
     /// The stored matrix's bytes: dense values, FP8 bytes, or MXFP4 blocks (`cols / 2` bytes a row).
     pub data: &'a [u8],
     pub stored: [usize; 2],
-    /// FP8: little-endian f32 `[.., ceil(cols / bk)]`, stored row `r` using scale row
-    /// `(scale_row0 + r) / bn`; MXFP4: E8M0 `[rows, cols / 32]`.
+    /// FP8: little-endian f32 `[ceil(rows / bn), ceil(cols / bk)]`, stored row `r` using scale
+    /// row `r / bn`; MXFP4: E8M0 `[rows, cols / 32]`.
     pub scales: Option<&'a [u8]>,
-    pub scale_row0: usize,
     pub first: usize,
     pub step: usize,
     pub in_major: bool,
@@ -126,7 +125,7 @@ impl RawProjection<'_> {
         let mut out = Vec::with_capacity(self.out * self.inp);
         for j in 0..self.out {
             let r = self.first + j * self.step;
-            let s = Fp8Scales { scale_inv: scales, block, row0: self.scale_row0 + r };
+            let s = Fp8Scales { scale_inv: scales, block, row0: r };
             let row = dequant::fp8_to_bf16(&self.data[r * cols..(r + 1) * cols], 1, cols, s)
                 .map_err(|e| format!("element [{r}, {}]: {}", e.col, e.what))?;
             out.extend(row);

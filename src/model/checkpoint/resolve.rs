@@ -45,11 +45,10 @@ fn widest(a: DType, b: DType) -> DType {
     if a == b { a } else { DType::F32 }
 }
 
-/// One expert's stored matrix in a fused tensor: its bytes, and its scales' bytes and rows.
+/// One expert's stored matrix in a fused tensor: its bytes, and its scales' bytes.
 struct Slab<'a> {
     data: &'a [u8],
     scales: Option<&'a [u8]>,
-    scale_rows: usize,
 }
 
 impl Checkpoint {
@@ -297,18 +296,7 @@ impl Checkpoint {
             Encoding::Dense(_) => Encoding::Dense(self.dense_dtype(name)?),
             other => other,
         };
-        Ok(RawProjection {
-            encoding,
-            out,
-            inp,
-            data,
-            stored: [out, inp],
-            scales,
-            scale_row0: 0,
-            first: 0,
-            step: 1,
-            in_major: false,
-        })
+        Ok(RawProjection { encoding, out, inp, data, stored: [out, inp], scales, first: 0, step: 1, in_major: false })
     }
 
     /// Expert `e`'s `[rows, cols]` matrix (as stored) in fused tensor `name` of `E` experts.
@@ -331,7 +319,7 @@ impl Checkpoint {
         match enc {
             Encoding::Dense(_) => {
                 let (b, _) = self.bytes_of(name, &[&[n, rows, cols], &[total, cols]], &[St::F32, St::F16, St::BF16])?;
-                Ok(Slab { data: pick(b, e, n), scales: None, scale_rows: 0 })
+                Ok(Slab { data: pick(b, e, n), scales: None })
             }
             Encoding::Fp8E4M3 { block: (_, bk) } => {
                 let (b, _) = self.bytes_of(name, &[&[n, rows, cols], &[total, cols]], &[St::F8_E4M3])?;
@@ -340,8 +328,7 @@ impl Checkpoint {
                 let shapes: Vec<[usize; 3]> = scale_rows.iter().map(|&sr| [n, sr, sc]).collect();
                 let refs: Vec<&[usize]> = shapes.iter().map(|s| &s[..]).collect();
                 let (s, _) = self.bytes_of(&sname, &refs, &[St::F32])?;
-                let scale_rows = s.len() / 4 / n / sc.max(1);
-                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)), scale_rows })
+                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)) })
             }
             Encoding::Mxfp4 => {
                 if cols % 32 != 0 {
@@ -349,7 +336,7 @@ impl Checkpoint {
                 }
                 let (b, _) = self.bytes_of(&format!("{name}_blocks"), &[&[n, rows, cols / 32, 16]], &[St::U8])?;
                 let (s, _) = self.bytes_of(&format!("{name}_scales"), &[&[n, rows, cols / 32]], &[St::U8])?;
-                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)), scale_rows: rows })
+                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)) })
             }
         }
     }
@@ -376,15 +363,15 @@ impl Checkpoint {
                     _ => 1,
                 };
                 let (rows, cols) = if im { (d, 2 * f) } else { (2 * f, d) };
+                // FP8 scales per half: gate's rows then up's, as transformers concatenates them.
                 let halves = 2 * f.div_ceil(bn);
-                let s = self.slab(name, enc, e, n, rows, cols, &[halves, (2 * f).div_ceil(bn)])?;
+                let s = self.slab(name, enc, e, n, rows, cols, &[halves])?;
                 let stored = [rows, cols];
                 let (gf, uf, step) = if *interleaved { (0, 1, 2) } else { (0, f, 1) };
                 let g = raw(&s, enc, f, d, stored, gf, step, im);
                 let mut u = raw(&s, enc, f, d, stored, uf, step, im);
-                if let (Encoding::Fp8E4M3 { .. }, true) = (enc, s.scale_rows == halves) {
-                    // Scales made per half (gate's then up's, as transformers concatenates them):
-                    // up is its own matrix with its own scale rows.
+                if let Encoding::Fp8E4M3 { .. } = enc {
+                    // Up is its own matrix with its own scale rows.
                     let sc = s.scales.expect("fp8 scales");
                     u.data = &s.data[f * d..];
                     u.stored = [f, d];
@@ -428,7 +415,7 @@ fn raw<'a>(
     step: usize,
     in_major: bool,
 ) -> RawProjection<'a> {
-    RawProjection { encoding, out, inp, data: s.data, stored, scales: s.scales, scale_row0: 0, first, step, in_major }
+    RawProjection { encoding, out, inp, data: s.data, stored, scales: s.scales, first, step, in_major }
 }
 
 /// Adds the config's counts to a shape error.
