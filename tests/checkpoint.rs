@@ -288,6 +288,12 @@ fn transformers5_and_hub_configs_map_to_the_rules() {
     assert!(err(parse(json!({"model_type": "mixtral", "hidden_act": "gelu"}), 0)).contains("hidden_act"));
     assert!(err(parse(json!({"model_type": "minimax_m2", "scoring_func": "softmax"}), 0)).contains("scoring_func"));
     assert!(err(parse(json!({"model_type": "olmoe", "num_experts": "8"}), 0)).contains("num_experts"));
+    let e = err(parse(json!({"model_type": "qwen3_moe", "num_experts_per_tok": 20}), 0));
+    assert!(e.contains("top_k = 20") && e.contains("k = num_experts_per_tok"), "{e}");
+    let e = err(parse(json!({"model_type": "gpt_oss", "swiglu_limit": -1.0}), 0));
+    assert!(e.contains("limit = swiglu_limit"), "{e}");
+    let e = err(parse(json!({"model_type": "deepseek_v3", "n_group": 3}), 3));
+    assert!(e.contains("n_group = 3") && e.contains("groups = n_group"), "{e}");
     let e = err(parse(json!({"model_type": "llama"}), 0));
     assert!(e.contains("llama") && e.contains("gpt_oss") && e.contains("dbrx"), "{e}");
 }

@@ -150,8 +150,37 @@ impl Family {
             Family::Ernie45Moe => ernie4_5_moe::config(k, layer),
             Family::Dbrx => dbrx::config(k, layer),
         }?;
-        cfg.validate().map_err(|e| e.to_string())?;
+        cfg.validate().map_err(|e| format!("{e} ({}{})", k.path, self.key_names()))?;
         Ok(cfg)
+    }
+
+    /// Which keys give E, k, F and D (and the family's other constants), for messages.
+    fn key_names(self) -> &'static str {
+        match self {
+            Family::Mixtral | Family::MinimaxM2 => {
+                "E = num_local_experts, k = num_experts_per_tok, F = intermediate_size, D = hidden_size"
+            }
+            Family::Qwen2Moe | Family::Qwen3Moe | Family::Qwen3Next | Family::Qwen35Moe => {
+                "E = num_experts, k = num_experts_per_tok, F = moe_intermediate_size, D = hidden_size"
+            }
+            Family::DeepseekV2 | Family::DeepseekV3 | Family::KimiK2 | Family::Glm4Moe => {
+                "E = n_routed_experts, k = num_experts_per_tok, F = moe_intermediate_size, D = hidden_size, \
+                 groups = n_group / topk_group, scale = routed_scaling_factor"
+            }
+            Family::GptOss => {
+                "E = num_local_experts, k = num_experts_per_tok, F = intermediate_size, D = hidden_size, \
+                 alpha = swiglu_alpha, limit = swiglu_limit"
+            }
+            Family::Olmoe => "E = num_experts, k = num_experts_per_tok, F = intermediate_size, D = hidden_size",
+            Family::Llama4 => "E = num_local_experts, k = num_experts_per_tok, F = intermediate_size, D = hidden_size",
+            Family::Ernie45Moe => {
+                "E = moe_num_experts, k = moe_k, F = moe_intermediate_size, D = hidden_size, min = moe_norm_min"
+            }
+            Family::Dbrx => {
+                "E = ffn_config.moe_num_experts, k = ffn_config.moe_top_k, F = ffn_config.ffn_hidden_size, \
+                 D = d_model, p = ffn_config.moe_normalize_expert_weights"
+            }
+        }
     }
 
     /// Where decoder layer `layer`'s tensors may be named: every (prefix, layout) the family's
