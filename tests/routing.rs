@@ -7,9 +7,10 @@ mod common;
 
 use common::{Case, TIMEOUT};
 use moe_ep::model::router::{route_config, top_k};
-use moe_ep::testing::reference::route_f64_config;
+use moe_ep::testing::reference::{dense_moe_full, rel_error, route_f64_config};
 use moe_ep::{
-    DType, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Scoring, random,
+    Activation, DType, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Scoring,
+    TpLayer, random,
 };
 
 /// DeepSeek-V3's rules on a small layer: sigmoid, selection bias, 8 groups scored by their top
@@ -41,12 +42,67 @@ fn qwen2_moe(e: usize, k: usize) -> MoeConfig {
     MoeConfig::new(e, 32, 24, k).with_norm_topk_prob(false).with_shared_expert(56, true)
 }
 
+/// gpt-oss: the router's bias on the logits, top-k on logits, softmax over the chosen k; experts
+/// with biases and the clamped SwiGLU.
+fn gpt_oss(e: usize, k: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k)
+        .with_norm_topk_prob(false)
+        .with_router(RouterConfig::gpt_oss())
+        .with_activation(Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 })
+        .with_expert_bias(true)
+}
+
+/// ERNIE-4.5: softmax, selection bias, renormalised by max(sum, 1e-12); an ungated shared expert.
+fn ernie(e: usize, k: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k)
+        .with_router(RouterConfig { selection_bias: true, norm_min: 1e-12, ..Default::default() })
+        .with_shared_expert(48, false)
+}
+
+/// MiniMax-M2: sigmoid scores, selection bias, always renormalised.
+fn minimax_m2(e: usize, k: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k).with_router(RouterConfig {
+        scoring: Scoring::Sigmoid,
+        selection_bias: true,
+        ..Default::default()
+    })
+}
+
+/// DBRX: softmax top-k, weights divided by their p-norm.
+fn dbrx(e: usize, k: usize, p: f32) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, k).with_router(RouterConfig { norm_p: p, ..Default::default() })
+}
+
+/// Llama 4: top-1 by logit, sigmoid weight applied to the expert's input; a shared expert.
+fn llama4(e: usize) -> MoeConfig {
+    MoeConfig::new(e, 32, 24, 1)
+        .with_norm_topk_prob(false)
+        .with_router(RouterConfig { scoring: Scoring::Sigmoid, weights_on_input: true, ..Default::default() })
+        .with_shared_expert(24, false)
+}
+
 #[test]
 fn router_rules_match_f64() {
     let sigmoid_plain = MoeConfig::new(24, 48, 8, 4)
         .with_router(RouterConfig { scoring: Scoring::Sigmoid, ..Default::default() })
         .with_norm_topk_prob(false);
-    for base in [deepseek_v3(64, 8), deepseek_v3(32, 4), deepseek_v2(32, 6), qwen2_moe(12, 4), sigmoid_plain] {
+    let sigmoid_groups_no_bias = MoeConfig::new(32, 48, 8, 4)
+        .with_router(RouterConfig { selection_bias: false, ..RouterConfig::deepseek_v3(8, 3, 1.0) });
+    for base in [
+        deepseek_v3(64, 8),
+        deepseek_v3(32, 4),
+        deepseek_v2(32, 6),
+        qwen2_moe(12, 4),
+        sigmoid_plain,
+        sigmoid_groups_no_bias,
+        gpt_oss(32, 4),
+        gpt_oss(8, 1),
+        ernie(16, 6),
+        minimax_m2(24, 8),
+        dbrx(16, 4, 1.0),
+        dbrx(16, 4, 2.0),
+        llama4(16),
+    ] {
         for dt in DType::ALL {
             let cfg = base.clone().with_dtypes(dt, dt);
             let x = random::input(&cfg, 41, 5, 0);
@@ -58,7 +114,7 @@ fn router_rules_match_f64() {
             for (a, b) in got.weights.iter().zip(&ws) {
                 assert!(((*a as f64) - b).abs() <= 1e-5 * b.abs().max(1e-3), "{:?}: {a} vs {b}", cfg.router);
             }
-            if cfg.norm_topk_prob {
+            if cfg.norm_topk_prob && cfg.router.norm_p == 1.0 || cfg.router.scoring == Scoring::SoftmaxTopK {
                 let k = cfg.top_k;
                 for t in 0..41 {
                     let s: f32 = got.weights[t * k..(t + 1) * k].iter().sum();
@@ -207,4 +263,95 @@ fn invalid_routing_rules_are_refused() {
     let two = RouterConfig { n_group: 16, topk_group: 4, group_score: GroupScore::TopTwoSum, ..Default::default() };
     assert!(bad(two).contains("at least 2 experts per group"));
     assert!(bad(RouterConfig { routed_scaling_factor: f32::NAN, ..Default::default() }).contains("routed_scaling"));
+}
+
+#[test]
+fn softmax_over_the_chosen_k_selects_on_biased_logits() {
+    // gpt-oss: logits + bias = [1.5, 0.0, 2.5, 0.0]; top-2 = experts 2, 0; softmax of (2.5, 1.5).
+    let logits = [1.0f32, 2.0, 0.5, -1.0];
+    let bias = [0.5f32, -2.0, 2.0, 1.0];
+    let r = top_k(&logits, 4, 2, false, &RouterConfig::gpt_oss(), Some(&bias)).unwrap();
+    assert_eq!(r.ids, vec![2, 0]);
+    let (a, b) = (1.0f32, (-1.0f32).exp());
+    assert!((r.weights[0] - a / (a + b)).abs() < 1e-6 && (r.weights[1] - b / (a + b)).abs() < 1e-6, "{:?}", r.weights);
+    // Without its bias the rule is refused; groups or a selection bias with it are invalid.
+    assert!(top_k(&logits, 4, 2, false, &RouterConfig::gpt_oss(), None).is_err());
+    let bad = RouterConfig { n_group: 2, ..RouterConfig::gpt_oss() };
+    assert!(bad.validate(4, 2).unwrap_err().to_string().contains("no groups"));
+}
+
+#[test]
+fn renormalisation_by_p_norm_with_epsilon_and_minimum() {
+    let logits = [2.0f32, 1.0, 0.0, -1.0];
+    let soft: Vec<f32> = {
+        let z: f32 = logits.iter().map(|l| (l - 2.0).exp()).sum();
+        logits.iter().map(|l| (l - 2.0).exp() / z).collect()
+    };
+    // DBRX p = 2: w / sqrt(w0^2 + w1^2).
+    let r = top_k(&logits, 4, 2, true, &RouterConfig { norm_p: 2.0, ..Default::default() }, None).unwrap();
+    let n2 = (soft[0] * soft[0] + soft[1] * soft[1]).sqrt();
+    assert!((r.weights[0] - soft[0] / n2).abs() < 1e-6 && (r.weights[1] - soft[1] / n2).abs() < 1e-6);
+    // ERNIE's minimum: a denominator below it is raised to it.
+    let r = top_k(&logits, 4, 2, true, &RouterConfig { norm_min: 10.0, ..Default::default() }, None).unwrap();
+    assert!((r.weights[0] - soft[0] / 10.0).abs() < 1e-7, "{:?}", r.weights);
+    // An epsilon is added to the sum.
+    let r = top_k(&logits, 4, 2, true, &RouterConfig { norm_eps: 1.0, ..Default::default() }, None).unwrap();
+    assert!((r.weights[0] - soft[0] / (soft[0] + soft[1] + 1.0)).abs() < 1e-6);
+    let bad = |r: RouterConfig| r.validate(4, 2).unwrap_err().to_string();
+    assert!(bad(RouterConfig { norm_p: 0.0, ..Default::default() }).contains("norm_p"));
+    assert!(bad(RouterConfig { norm_min: -1.0, ..Default::default() }).contains("norm_min"));
+    assert!(bad(RouterConfig { norm_eps: f32::INFINITY, ..Default::default() }).contains("norm_eps"));
+    assert!(bad(RouterConfig { selection_bias: true, logit_bias: true, ..Default::default() }).contains("not both"));
+}
+
+#[test]
+fn gpt_oss_ernie_minimax_and_dbrx_layers_match_the_reference() {
+    for world in [1, 2, 3] {
+        for cfg in [gpt_oss(12, 4), ernie(12, 4), minimax_m2(12, 3), dbrx(12, 4, 1.0), dbrx(12, 2, 2.0)] {
+            for dt in [DType::F32, DType::BF16] {
+                Case::new(cfg.clone().with_dtypes(dt, dt), world).check();
+            }
+        }
+    }
+}
+
+#[test]
+fn input_scaled_routing_is_refused_by_both_layers() {
+    let cfg = llama4(8);
+    let p = Placement::contiguous(8, 2).unwrap();
+    let errs = LocalGroup::run(2, TIMEOUT, |g| {
+        let w = random::layer_weights(&cfg, 1, &p, moe_ep::Group::rank(&g));
+        MoeLayer::from_weights(g, cfg.clone(), p.clone(), w, None, Default::default()).map(|_| ())
+    })
+    .unwrap();
+    for e in errs {
+        let e = e.unwrap().expect_err("refused").to_string();
+        assert!(e.contains("expert input") && e.contains("Llama 4"), "{e}");
+    }
+    let all = Placement::contiguous(8, 1).unwrap();
+    let errs = LocalGroup::run(2, TIMEOUT, |g| {
+        let rank = moe_ep::Group::rank(&g);
+        let full = random::layer_weights(&cfg, 1, &all, 0);
+        let w = moe_ep::layer::tp::tp_weights(&full, &cfg, rank, 2)?;
+        TpLayer::new(g, cfg.clone(), w, Box::new(moe_ep::CpuEngine)).map(|_| ())
+    })
+    .unwrap();
+    for e in errs {
+        assert!(e.unwrap().expect_err("refused").to_string().contains("expert input"));
+    }
+}
+
+#[test]
+fn input_scaled_reference_differs_from_output_scaled() {
+    // The reference's Llama 4 rule is not the output-scaled one (the SwiGLU is not linear).
+    let cfg = llama4(8);
+    let (x, gate) = (random::input(&cfg, 5, 3, 0), random::gate(&cfg, 3));
+    let all = Placement::contiguous(8, 1).unwrap();
+    let w = random::layer_weights(&cfg, 3, &all, 0);
+    let on_input = dense_moe_full(&x, &gate, None, &w.experts, w.shared.as_ref(), &cfg);
+    let mut plain = cfg.clone();
+    plain.router.weights_on_input = false;
+    let on_output = dense_moe_full(&x, &gate, None, &w.experts, w.shared.as_ref(), &plain);
+    assert_eq!(on_input.ids, on_output.ids);
+    assert!(rel_error(&on_input.y, &on_output.y) > 1e-3);
 }

@@ -146,6 +146,7 @@ impl<G: Group> TpLayer<G> {
         let _span = tracing::debug_span!("tp_layer_new", rank).entered();
         let local = (|| {
             config.validate()?;
+            config.check_layer_support()?;
             if config.capacity != Capacity::Dropless {
                 return Err(Error::invalid("tensor parallelism computes every assignment: use Capacity::Dropless"));
             }

@@ -33,37 +33,70 @@ impl Capacity {
     }
 }
 
-/// How router logits become expert scores.
+/// How router logits become expert scores (see [`RouterConfig`] for the whole order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Scoring {
-    /// Softmax over all experts (Mixtral, Qwen, DeepSeek-V2). The default.
+    /// `s = exp(l - max l) / sum exp(l - max l)` over all `E` experts (Mixtral, Qwen,
+    /// DeepSeek-V2, OLMoE, ERNIE, DBRX). The default.
     #[default]
     Softmax,
-    /// Independent sigmoid of each logit (DeepSeek-V3).
+    /// `s = 1 / (1 + exp(-l))` of each logit on its own (DeepSeek-V3, GLM-4.5, MiniMax-M2,
+    /// Llama 4).
     Sigmoid,
+    /// Selection on the logits themselves; the `k` chosen logits' softmax gives the weights,
+    /// `w_j = exp(l_j - max) / sum_k exp(l_k - max)` (gpt-oss). No score exists for the
+    /// experts left out.
+    SoftmaxTopK,
 }
 
 /// How group-limited routing scores a group of experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupScore {
-    /// The group's largest score (DeepSeek-V2 `group_limited_greedy`). The default.
+    /// The group's largest selection key (DeepSeek-V2 `group_limited_greedy`). The default.
     #[default]
     Max,
-    /// The sum of the group's two largest scores (DeepSeek-V3 `noaux_tc`).
+    /// The sum of the group's two largest selection keys (DeepSeek-V3 `noaux_tc`, GLM-4.5).
     TopTwoSum,
 }
 
 /// Routing rules beyond top-k, identical on every rank. The default is plain softmax top-k.
 ///
-/// A token's experts are chosen by a selection score: the score (softmax or sigmoid of the
-/// logit) plus the router's per-expert selection bias when there is one (DeepSeek-V3's
-/// `e_score_correction_bias`). With `n_group > 1` the experts form `n_group` equal groups
-/// of consecutive ids; the `topk_group` groups with the highest group score are kept and the
-/// top-k is taken among their experts only. A chosen expert's weight is its score (never the
-/// bias), divided by the sum of the k weights when `norm_topk_prob`, then multiplied by
-/// `routed_scaling_factor`.
+/// For one token `x` (`[D]`) with router weight `W` (`[E, D]`) and, when the rules use one,
+/// the router's per-expert bias vector `b` (`[E]`, [`crate::LayerWeights::selection_bias`]),
+/// in this exact order, every step in f32 (the CPU router, [`crate::model::router::top_k`],
+/// computes exactly this; a GPU router must reproduce its ids):
+///
+/// 1. **logits** `l[e] = sum_c x[c] * W[e, c]` accumulated in f32 (inputs widened to f32),
+///    then `l[e] += b[e]` when `logit_bias` (gpt-oss's `router.bias`).
+/// 2. **scores** `s[e]` from the logits by [`Scoring`]: softmax over all `E` (max subtracted),
+///    sigmoid, or none yet (`SoftmaxTopK`).
+/// 3. **selection keys** `key[e] = s[e] + b[e]` when `selection_bias` (DeepSeek-V3's
+///    `e_score_correction_bias`: used for choosing only, never in a weight); otherwise
+///    `key[e] = l[e]` when there are no groups or groups are scored by `Max` (softmax and
+///    sigmoid are monotonic, so the logits rank exactly as the scores would, without the ties
+///    that rounding the scores creates) and always for `SoftmaxTopK`; otherwise (`TopTwoSum`
+///    groups without a bias) `key[e] = s[e]`.
+/// 4. **groups** (`n_group > 1`): experts form `n_group` equal groups of consecutive ids;
+///    a group's score is its largest key (`Max`) or the sum of its two largest (`TopTwoSum`,
+///    computed as `a + b` with `a >= b` the two largest); the `topk_group` groups with the
+///    highest score are kept (ties to the lower group id), every key outside them becomes
+///    `-inf`.
+/// 5. **top-k** by key, largest first, ties to the lower expert id; a `-inf` key is never
+///    chosen while a finite one remains.
+/// 6. **weights** `w_j = s[id_j]` (the score, never the bias); for `SoftmaxTopK`,
+///    `w_j = exp(l_j - l_max) / sum_i exp(l_i - l_max)` over the `k` chosen logits (f32,
+///    summed in slot order).
+/// 7. **renormalisation** when [`MoeConfig::norm_topk_prob`]: `d = (sum_j w_j^p)^(1/p)`
+///    with `p = norm_p` (`p = 1`: the plain sum `w_0 + w_1 + ...` in slot order, which is
+///    what every family but DBRX uses), then `d = d + norm_eps`, then `d = max(d, norm_min)`,
+///    then `w_j = w_j / d`.
+/// 8. **scaling** `w_j = w_j * routed_scaling_factor` (skipped when the factor is 1).
+///
+/// The combine then sums `w_j * expert_j(x)`; with `weights_on_input` (Llama 4) the weight
+/// scales the expert's input instead, `expert_j(w_j * x)`, summed with weight 1, which
+/// [`MoeConfig::check_layer_support`] reports the layers cannot do yet.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RouterConfig {
@@ -73,10 +106,22 @@ pub struct RouterConfig {
     /// Groups kept per token (`1..=n_group`).
     pub topk_group: usize,
     pub group_score: GroupScore,
-    /// The router has a per-expert bias added to the scores for selection only.
+    /// The router's bias vector is added to the scores for selection only (step 3).
     pub selection_bias: bool,
+    /// The router's bias vector is added to the logits (step 1; gpt-oss's `router.bias`).
+    /// At most one of `selection_bias` and `logit_bias`.
+    pub logit_bias: bool,
     /// Factor on every routed weight (DeepSeek's `routed_scaling_factor`; 1 leaves them).
     pub routed_scaling_factor: f32,
+    /// The `p` of the renormalisation's p-norm (1: the sum; DBRX's
+    /// `moe_normalize_expert_weights`). Finite, positive.
+    pub norm_p: f32,
+    /// Added to the renormalisation's denominator (DeepSeek-V3 and GLM-4.5: 1e-20). Finite, >= 0.
+    pub norm_eps: f32,
+    /// Lower bound of the renormalisation's denominator (ERNIE-4.5's `moe_norm_min`). Finite, >= 0.
+    pub norm_min: f32,
+    /// The routing weight scales the expert's input, not its output (Llama 4).
+    pub weights_on_input: bool,
 }
 
 impl Default for RouterConfig {
@@ -87,7 +132,12 @@ impl Default for RouterConfig {
             topk_group: 1,
             group_score: GroupScore::Max,
             selection_bias: false,
+            logit_bias: false,
             routed_scaling_factor: 1.0,
+            norm_p: 1.0,
+            norm_eps: 0.0,
+            norm_min: 0.0,
+            weights_on_input: false,
         }
     }
 }
@@ -95,7 +145,8 @@ impl Default for RouterConfig {
 impl RouterConfig {
     /// DeepSeek-V3's rules (`noaux_tc`): sigmoid scores, a per-expert selection bias, `n_group`
     /// groups scored by the sum of their two best, `topk_group` kept, weights scaled by
-    /// `routed_scaling_factor` (renormalisation is `MoeConfig::norm_topk_prob`).
+    /// `routed_scaling_factor` (renormalisation is `MoeConfig::norm_topk_prob`, whose
+    /// denominator gets transformers' `+ 1e-20`).
     pub fn deepseek_v3(n_group: usize, topk_group: usize, routed_scaling_factor: f32) -> Self {
         RouterConfig {
             scoring: Scoring::Sigmoid,
@@ -104,11 +155,25 @@ impl RouterConfig {
             group_score: GroupScore::TopTwoSum,
             selection_bias: true,
             routed_scaling_factor,
+            norm_eps: 1e-20,
+            ..Default::default()
         }
     }
 
+    /// gpt-oss's rules: the router's bias added to the logits, top-k on the logits, softmax
+    /// over the chosen k (pair with `norm_topk_prob = false`: the softmax already sums to 1).
+    pub fn gpt_oss() -> Self {
+        RouterConfig { scoring: Scoring::SoftmaxTopK, logit_bias: true, ..Default::default() }
+    }
+
+    /// Whether the rules use the router's per-expert bias vector (on the logits or for selection).
+    pub fn uses_bias(&self) -> bool {
+        self.selection_bias || self.logit_bias
+    }
+
     /// Check the rules against `num_experts` and `top_k`: groups divide the experts, the kept
-    /// groups hold at least `top_k` experts, the scaling factor is finite and positive.
+    /// groups hold at least `top_k` experts, the constants are finite and in range, at most
+    /// one use of the bias, no groups or selection bias with `SoftmaxTopK`.
     pub fn validate(&self, num_experts: usize, top_k: usize) -> Result<()> {
         if self.n_group == 0 || num_experts % self.n_group != 0 {
             return Err(Error::invalid(format!(
@@ -117,7 +182,7 @@ impl RouterConfig {
             )));
         }
         let per_group = num_experts / self.n_group;
-        if self.topk_group == 0 || self.topk_group > self.n_group || self.topk_group * per_group < top_k {
+        if self.topk_group == 0 || self.topk_group > self.n_group || self.topk_group.saturating_mul(per_group) < top_k {
             return Err(Error::invalid(format!(
                 "topk_group = {} must be in 1..={} and keep at least top_k = {} experts ({} per group)",
                 self.topk_group, self.n_group, top_k, per_group
@@ -134,7 +199,40 @@ impl RouterConfig {
                 self.routed_scaling_factor
             )));
         }
+        if !(self.norm_p.is_finite() && self.norm_p > 0.0) {
+            return Err(Error::invalid(format!("norm_p {} must be finite and positive", self.norm_p)));
+        }
+        for (name, v) in [("norm_eps", self.norm_eps), ("norm_min", self.norm_min)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::invalid(format!("{name} {v} must be finite and non-negative")));
+            }
+        }
+        if self.selection_bias && self.logit_bias {
+            return Err(Error::invalid("the router's bias is either for selection or on the logits, not both"));
+        }
+        if self.scoring == Scoring::SoftmaxTopK && (self.n_group > 1 || self.selection_bias) {
+            return Err(Error::invalid(
+                "softmax over the chosen k selects on the logits: no groups or selection bias with it",
+            ));
+        }
         Ok(())
+    }
+
+    /// The rules as named integers for the agreement round.
+    fn fingerprint_fields(&self) -> [(&'static str, u64); 11] {
+        [
+            ("scoring", self.scoring as u64),
+            ("n_group", self.n_group as u64),
+            ("topk_group", self.topk_group as u64),
+            ("group_score", self.group_score as u64),
+            ("selection_bias", self.selection_bias as u64),
+            ("logit_bias", self.logit_bias as u64),
+            ("routed_scaling_factor", self.routed_scaling_factor.to_bits() as u64),
+            ("norm_p", self.norm_p.to_bits() as u64),
+            ("norm_eps", self.norm_eps.to_bits() as u64),
+            ("norm_min", self.norm_min.to_bits() as u64),
+            ("weights_on_input", self.weights_on_input as u64),
+        ]
     }
 }
 
@@ -232,7 +330,7 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     /// Dtype of activations (input, exchanged rows, output).
     pub act_dtype: DType,
-    /// Dtype of expert and router weights.
+    /// Dtype of expert weights (and of the router's, which may also be f32).
     pub weight_dtype: DType,
     /// Dropless (default) or a capacity limit.
     pub capacity: Capacity,
@@ -321,6 +419,20 @@ impl MoeConfig {
         self
     }
 
+    /// Errors for the rules that [`crate::MoeLayer`] and [`crate::TpLayer`] cannot run yet
+    /// (they call this in their constructors): `router.weights_on_input` (Llama 4 scales each
+    /// expert's input by its routing weight; the layers scale outputs). The router and the
+    /// f64 reference implement it.
+    pub fn check_layer_support(&self) -> Result<()> {
+        if self.router.weights_on_input {
+            return Err(Error::invalid(
+                "routing weights on the expert input (Llama 4: expert(w * x), summed with weight 1) are not \
+                 supported by the layers yet; the router and the reference implement it",
+            ));
+        }
+        Ok(())
+    }
+
     /// Check that the numbers describe a layer that can run.
     pub fn validate(&self) -> Result<()> {
         if self.num_experts == 0 || self.hidden == 0 || self.intermediate == 0 {
@@ -363,7 +475,7 @@ impl MoeConfig {
             Capacity::Factor(f) => (2, f.to_bits() as u64),
         };
         let act = self.activation.fingerprint();
-        vec![
+        let mut v = vec![
             ("num_experts", self.num_experts as u64),
             ("hidden", self.hidden as u64),
             ("intermediate", self.intermediate as u64),
@@ -374,18 +486,14 @@ impl MoeConfig {
             ("capacity kind", cap_kind),
             ("capacity value", cap_val),
             ("deterministic", self.deterministic as u64),
-            ("scoring", self.router.scoring as u64),
-            ("n_group", self.router.n_group as u64),
-            ("topk_group", self.router.topk_group as u64),
-            ("group_score", self.router.group_score as u64),
-            ("selection_bias", self.router.selection_bias as u64),
-            ("routed_scaling_factor", self.router.routed_scaling_factor.to_bits() as u64),
             ("shared expert intermediate", self.shared_expert.map_or(0, |s| s.intermediate as u64)),
             ("shared expert gated", self.shared_expert.is_some_and(|s| s.gated) as u64),
             ("activation", act.0),
             ("activation alpha", act.1),
             ("activation limit", act.2),
             ("expert_bias", self.expert_bias as u64),
-        ]
+        ];
+        v.extend(self.router.fingerprint_fields());
+        v
     }
 }

@@ -132,9 +132,12 @@ impl SharedExpert {
 /// if the model has one (replicated: every rank runs it on its own tokens).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerWeights {
-    /// `[E, D]`.
+    /// `[E, D]`, in the weight dtype or f32.
     pub router: Tensor,
-    /// `[E]` (DeepSeek-V3's `e_score_correction_bias`).
+    /// `[E]`: the router's per-expert bias vector, used as the config's
+    /// [`crate::RouterConfig`] says: for selection only (`selection_bias`: DeepSeek-V3's
+    /// `e_score_correction_bias`, GLM-4.5, MiniMax-M2, ERNIE-4.5) or added to the logits
+    /// (`logit_bias`: gpt-oss's `router.bias`).
     pub selection_bias: Option<Vec<f32>>,
     pub experts: Vec<ExpertWeights>,
     pub shared: Option<SharedExpert>,
@@ -168,14 +171,15 @@ impl LayerWeights {
         }
     }
 
-    /// Check the router (`[E, D]`) and a bias exactly when the routing uses one (`[E]`, finite).
+    /// Check the router (`[E, D]`) and a bias exactly when the routing uses one
+    /// ([`crate::RouterConfig::uses_bias`]; `[E]`, finite).
     pub fn validate_router_and_bias(&self, config: &MoeConfig) -> Result<()> {
         validate_router(&self.router, config)?;
-        match (&self.selection_bias, config.router.selection_bias) {
+        match (&self.selection_bias, config.router.uses_bias()) {
             (Some(b), true) => {
                 if b.len() != config.num_experts {
                     return Err(Error::invalid(format!(
-                        "selection bias has {} entries for {} experts",
+                        "router bias (selection bias) has {} entries for {} experts",
                         b.len(),
                         config.num_experts
                     )));
@@ -222,9 +226,12 @@ impl LayerWeights {
     }
 }
 
-/// Check a router (gate) weight: `[E, D]` in the weight dtype.
+/// Check a router (gate) weight: `[E, D]` in the weight dtype, or in f32 (transformers keeps
+/// DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's routers in f32 whatever the experts' dtype; the
+/// router's logits are computed in f32 either way).
 pub fn validate_router(gate: &Tensor, config: &MoeConfig) -> Result<()> {
-    gate.expect("router weight", config.weight_dtype, Some(config.num_experts), config.hidden)
+    let dt = if gate.dtype() == crate::dtype::DType::F32 { gate.dtype() } else { config.weight_dtype };
+    gate.expect("router weight", dt, Some(config.num_experts), config.hidden)
 }
 
 /// A fresh id for a set of weights engines may keep a copy of, never reused in the process.

@@ -2,6 +2,7 @@
 //! f64 reference MoE ([`reference`]), a checkpoint writer ([`checkpoint_writer`]) and the
 //! hardware floors benchmarks print beside their figures ([`floor`]).
 
+pub mod checkpoint_fuzz;
 pub mod checkpoint_writer;
 pub mod floor;
 pub mod random;

@@ -73,10 +73,12 @@ pub fn experts(cfg: &MoeConfig, seed: u64, ids: &[usize]) -> Vec<ExpertWeights> 
     ids.iter().map(|&e| expert(cfg, seed, e)).collect()
 }
 
-/// The selection bias `[E]` when `cfg`'s routing uses one (uniform in (-0.2, 0.2): of the order
-/// of the gaps between sigmoid scores, so it changes some choices), else `None`.
+/// The router's bias vector `[E]` when `cfg`'s routing uses one, else `None`: for selection,
+/// uniform in (-0.2, 0.2) (of the order of the gaps between sigmoid scores, so it changes some
+/// choices); on the logits (gpt-oss), uniform in (-1, 1) (of the order of the logits' spread).
 pub fn selection_bias(cfg: &MoeConfig, seed: u64) -> Option<Vec<f32>> {
-    cfg.router.selection_bias.then(|| uniform(DType::F32, 1, cfg.num_experts, 0.2, seed, 2_000_000).to_f32_vec())
+    let scale = if cfg.router.logit_bias { 1.0 } else { 0.2 };
+    cfg.router.uses_bias().then(|| uniform(DType::F32, 1, cfg.num_experts, scale, seed, 2_000_000).to_f32_vec())
 }
 
 /// The shared expert when `cfg` has one (its gate too when gated), else `None`.

@@ -1,7 +1,10 @@
 //! moe-run: load one MoE layer of a Hugging Face checkpoint (config.json + safetensors) on
 //! thread ranks or MPI processes, each rank reading only the router (with its bias), the shared
 //! expert and its own experts, and run it on random inputs: bytes read and held per rank
-//! against the files' size, the resident set, then per-stage times.
+//! against the files' size, the resident set, then per-stage times. It first prints what it
+//! found: the family, the experts' layout (per-expert or fused) and encoding (f32, f16, bf16,
+//! FP8 or MXFP4 decoded to bf16), the weights' dtype. An unsupported family, encoding or
+//! routing rule is an error that lists what is supported.
 //!
 //! ```text
 //! cargo run --release -p moe-ep-tools --bin moe-run -- --checkpoint ~/models/Qwen3-30B-A3B --layer 1 --world 4
@@ -110,7 +113,9 @@ fn run(mut a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let root = mpi.as_ref().is_none_or(|g| g.rank() == 0);
     let probe = Checkpoint::open(&a.checkpoint)?;
     let cfg = probe.moe_config(a.layer)?;
+    let found = probe.found(a.layer)?;
     if root {
+        println!("found: {found}");
         println!(
             "{:?} layer {}: E={} D={} F={} k={} {}, renormalised {}, routing {:?}, shared expert {:?}; files {}",
             probe.family(),
