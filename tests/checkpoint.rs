@@ -101,9 +101,6 @@ fn check_world_sizes(family: Family, w: &Written, reference_weights: &LayerWeigh
 fn every_family_in_every_layout_matches_its_reference_at_world_sizes_1_2_3() {
     for family in Family::ALL {
         for (i, layout) in layouts(family).into_iter().enumerate() {
-            if family == Family::Llama4 {
-                continue; // below: the layers refuse input-scaled routing for now
-            }
             let dtype = [DType::BF16, DType::F32, DType::F16][(i + family as usize) % 3];
             let shards = 1 + (family as usize + i) % 3;
             let opts = WriteOptions { layout, shards, ..Default::default() };
@@ -134,9 +131,8 @@ fn llama4_checkpoint_reads_and_its_reference_scales_the_expert_input() {
     let want = family_moe_f64(Family::Llama4, &w.config, &x, &w.weights);
     let generic = dense_moe_full(&x, &read.router, None, &read.experts, read.shared.as_ref(), &cfg);
     assert_close(&generic.y, &want, 1e-12, "Llama 4: the RouterConfig reference against the family's");
-    assert!(
-        err(LocalGroup::run(1, TIMEOUT, |g| run_rank(&w, g, 1)).unwrap().remove(0).unwrap()).contains("expert input")
-    );
+    // The layer itself (expert inputs scaled by the routing weight) is checked against the
+    // family's reference in `every_family_in_every_layout_matches_its_reference_at_world_sizes_1_2_3`.
     // Layers that are not MoE: interleave_moe_layer_step makes every other layer dense.
     let mut c = w.config.clone();
     c["text_config"]["interleave_moe_layer_step"] = 2.into();

@@ -72,6 +72,9 @@ impl<'a> Session<'a> for FakeSession<'a> {
     fn route(&mut self, x: Buf, router: &RouterSet, cfg: &MoeConfig) -> Result<Routed> {
         self.inner.route(x, router, cfg)
     }
+    fn scale_rows(&mut self, x: Buf, routed: Routed) -> Result<Buf> {
+        self.inner.scale_rows(x, routed)
+    }
     fn gate_scale(&mut self, x: Buf, gate: &Matrix) -> Result<Buf> {
         self.inner.gate_scale(x, gate)
     }

@@ -10,7 +10,7 @@ use moe_ep::model::router::{route_config, top_k};
 use moe_ep::testing::reference::{dense_moe_full, rel_error, route_f64_config};
 use moe_ep::{
     Activation, DType, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, Placement, RouterConfig, Scoring,
-    TpLayer, random,
+    random,
 };
 
 /// DeepSeek-V3's rules on a small layer: sigmoid, selection bias, 8 groups scored by their top
@@ -315,29 +315,20 @@ fn gpt_oss_ernie_minimax_and_dbrx_layers_match_the_reference() {
     }
 }
 
+/// Llama 4's rule in both layers (EP, and TP on the CPU) against the reference at worlds 1-3
+/// with uneven tokens, with and without a shared expert, in f32 and bf16.
 #[test]
-fn input_scaled_routing_is_refused_by_both_layers() {
-    let cfg = llama4(8);
-    let p = Placement::contiguous(8, 2).unwrap();
-    let errs = LocalGroup::run(2, TIMEOUT, |g| {
-        let w = random::layer_weights(&cfg, 1, &p, moe_ep::Group::rank(&g));
-        MoeLayer::from_weights(g, cfg.clone(), p.clone(), w, None, Default::default()).map(|_| ())
-    })
-    .unwrap();
-    for e in errs {
-        let e = e.unwrap().expect_err("refused").to_string();
-        assert!(e.contains("expert input") && e.contains("Llama 4"), "{e}");
-    }
-    let all = Placement::contiguous(8, 1).unwrap();
-    let errs = LocalGroup::run(2, TIMEOUT, |g| {
-        let rank = moe_ep::Group::rank(&g);
-        let full = random::layer_weights(&cfg, 1, &all, 0);
-        let w = moe_ep::layer::tp::tp_weights(&full, &cfg, rank, 2)?;
-        TpLayer::new(g, cfg.clone(), w, Box::new(moe_ep::CpuEngine)).map(|_| ())
-    })
-    .unwrap();
-    for e in errs {
-        assert!(e.unwrap().expect_err("refused").to_string().contains("expert input"));
+fn input_scaled_routing_matches_the_reference_in_both_layers() {
+    for world in [1, 2, 3] {
+        // Llama 4 is top-1; top-2 checks the rule with several slots a token.
+        let top2 = MoeConfig { top_k: 2, ..llama4(12) };
+        for cfg in [llama4(12), top2] {
+            for dt in [DType::F32, DType::BF16] {
+                let case = Case::new(cfg.clone().with_dtypes(dt, dt), world);
+                case.check();
+                case.check_tp_outputs(&case.run_tp_with(&common::cpu_engine));
+            }
+        }
     }
 }
 

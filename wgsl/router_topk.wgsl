@@ -1,17 +1,20 @@
 // Router top-k: from each token's logits to its k experts and their weights, one thread per
 // token, in the operations and order of the CPU router (`src/model/router.rs`, `RowRule`):
 //
-//   scores    softmax over all experts (max, then the sum of exp(l - max) in expert order)
-//             or sigmoid(l);
-//   keys      the logit where it ranks as the score does (no bias, no top-two groups), else
-//             score + bias (with a selection bias) or score;
+//   logits    l = logits[t, e] (+ bias[e] with a logit bias: gpt-oss);
+//   scores    softmax over all experts (max, then the sum of exp(l - max) in expert order),
+//             sigmoid(l), or none yet (softmax over the chosen k);
+//   keys      score + bias with a selection bias, else the logit where it ranks as the score
+//             does (no top-two groups; always for softmax over the chosen k), else the score;
 //   groups    n_group groups of consecutive experts scored by their best key or the sum of
 //             their two best; the topk_group best kept (ties to the lower group), the others'
 //             keys -inf;
 //   top-k     the k largest keys, ties to the lower expert id (an insertion list that takes a
 //             -inf key only while fewer than k were seen);
-//   weights   the chosen experts' scores, divided by their sum (in slot order) when
-//             renormalised, then times routed_scaling_factor when it is not 1.
+//   weights   the chosen experts' scores, or (softmax over the chosen k) exp(l_j - max) over
+//             their sum in slot order; when renormalised divided by d = (sum_j w_j^p)^(1/p)
+//             (p = 1: the plain sum in slot order) + eps, at least norm_min; then times
+//             routed_scaling_factor when it is not 1.
 //
 // Writes ids[t * k + j] and weights[t * k + j]. exp() differs from the CPU's by rounding, so
 // weights agree within rounding and ids wherever no two keys are within it of each other.
@@ -22,9 +25,15 @@ struct Params {
     k: u32,
     n_group: u32,
     topk_group: u32,
-    flags: u32,     // 1: sigmoid scores; 2: top-two-sum groups; 4: selection bias; 8: renormalise; 16: by logit
+    // 1: sigmoid scores; 2: top-two-sum groups; 4: selection bias; 8: renormalise; 16: keys
+    // are the logits; 32: bias on the logits; 64: softmax over the chosen k
+    flags: u32,
     scale: f32,     // routed_scaling_factor
     groups_x: u32,  // workgroups along x
+    norm_p: f32,
+    norm_eps: f32,
+    norm_min: f32,
+    _pad: u32,
 }
 
 const MAX_K: u32 = 16u;
@@ -41,6 +50,14 @@ const NEG_INF: f32 = -3.40282347e38;
 
 fn flag(f: u32) -> bool {
     return (p.flags & f) != 0u;
+}
+
+// Logit i of the row at `row` (with the logit bias).
+fn logit(row: u32, i: u32) -> f32 {
+    if flag(32u) {
+        return logits[row + i] + bias[i];
+    }
+    return logits[row + i];
 }
 
 fn score(l: f32, max_l: f32, sum: f32) -> f32 {
@@ -60,12 +77,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let row = t * e;
     var max_l = NEG_INF;
     var sum = 0.0;
-    if !flag(1u) {
+    if !flag(1u) && !flag(64u) {
         for (var i = 0u; i < e; i++) {
-            max_l = max(max_l, logits[row + i]);
+            max_l = max(max_l, logit(row, i));
         }
         for (var i = 0u; i < e; i++) {
-            sum = sum + exp(logits[row + i] - max_l);
+            sum = sum + exp(logit(row, i) - max_l);
         }
     }
     // Kept groups (all when ungrouped), as a bit set.
@@ -131,16 +148,43 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     var ws: array<f32, MAX_K>;
-    var total = 0.0;
-    for (var j = 0u; j < k; j++) {
-        ws[j] = score(logits[row + tid[j]], max_l, sum);
-        total = total + ws[j];
+    if flag(64u) {
+        var top_l = NEG_INF;
+        for (var j = 0u; j < k; j++) {
+            top_l = max(top_l, logit(row, tid[j]));
+        }
+        var s = 0.0;
+        for (var j = 0u; j < k; j++) {
+            ws[j] = exp(logit(row, tid[j]) - top_l);
+            s = s + ws[j];
+        }
+        for (var j = 0u; j < k; j++) {
+            ws[j] = ws[j] / s;
+        }
+    } else {
+        for (var j = 0u; j < k; j++) {
+            ws[j] = score(logit(row, tid[j]), max_l, sum);
+        }
+    }
+    if flag(8u) {
+        var d = 0.0;
+        if p.norm_p == 1.0 {
+            for (var j = 0u; j < k; j++) {
+                d = d + ws[j];
+            }
+        } else {
+            for (var j = 0u; j < k; j++) {
+                d = d + pow(abs(ws[j]), p.norm_p);
+            }
+            d = pow(d, 1.0 / p.norm_p);
+        }
+        d = max(d + p.norm_eps, p.norm_min);
+        for (var j = 0u; j < k; j++) {
+            ws[j] = ws[j] / d;
+        }
     }
     for (var j = 0u; j < k; j++) {
         var wv = ws[j];
-        if flag(8u) {
-            wv = wv / total;
-        }
         if p.scale != 1.0 {
             wv = wv * p.scale;
         }
@@ -151,13 +195,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 // The selection key of expert i (see the header).
 fn key(row: u32, i: u32, max_l: f32, sum: f32) -> f32 {
-    let l = logits[row + i];
+    let l = logit(row, i);
+    if flag(4u) {
+        return score(l, max_l, sum) + bias[i];
+    }
     if flag(16u) {
         return l;
     }
-    let s = score(l, max_l, sum);
-    if flag(4u) {
-        return s + bias[i];
-    }
-    return s;
+    return score(l, max_l, sum);
 }

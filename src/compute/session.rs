@@ -263,6 +263,11 @@ pub trait Session<'a> {
     /// [`crate::model::router::route_config`] up to ties, weights up to rounding.
     fn route(&mut self, x: Buf, router: &RouterSet, cfg: &MoeConfig) -> Result<Routed>;
 
+    /// `[N * k, D]` rows `x[t] * w[t, j]` (row `t * k + j`) for the routing `routed` of `x`'s
+    /// `N` rows: the product in f32, rounded once to `x`'s dtype. The inputs of experts whose
+    /// routing weight scales their input (Llama 4).
+    fn scale_rows(&mut self, x: Buf, routed: Routed) -> Result<Buf>;
+
     /// `sigmoid(x · g)` per row of `x`, `[N, 1]` f32, with `gate` a `[1, D]` weight.
     fn gate_scale(&mut self, x: Buf, gate: &Matrix) -> Result<Buf>;
 

@@ -371,7 +371,7 @@ pub fn dispatch_in<G: Group + ?Sized>(
     let t = Instant::now();
     let counts = counts_round(group, placement, &planned, (x.row_bytes(), x.dtype()), 0)?;
     let plan = planned?;
-    let layout = DispatchLayout::new(&plan, &counts.counts, x.dtype(), x.cols(), counts.handle)?;
+    let layout = DispatchLayout::new(&plan, &counts.counts, (x.dtype(), x.cols()), counts.handle, false)?;
     layout.fill_stats(&plan, &counts.counts, &mut stats);
     let mut s = engine.session().map_err(|e| e.on_rank(rank))?;
     let packed = (|| {

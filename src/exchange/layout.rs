@@ -74,9 +74,17 @@ fn blocks(data: &[usize], me: usize, status: usize) -> (Vec<usize>, Vec<(usize, 
 
 impl DispatchLayout {
     /// The layout for `plan` (this rank's) given `counts[src][l]`, the rows each rank sends for
-    /// this rank's local expert `l`, with rows of `cols` values of `dtype`. Errors when rows
-    /// are empty or the row indices would not fit in 32 bits.
-    pub(crate) fn new(plan: &RoutePlan, counts: &[Vec<usize>], dtype: DType, cols: usize, handle: u64) -> Result<Self> {
+    /// this rank's local expert `l`, with rows of `cols` values of `dtype`. The rows sent are
+    /// rows of `x` (`[N, D]`, a token's row for each of its slots), or with `by_slot` rows of
+    /// a `[N * k, D]` source with one row per (token, slot) (inputs scaled by their weight).
+    /// Errors when rows are empty or the row indices would not fit in 32 bits.
+    pub(crate) fn new(
+        plan: &RoutePlan,
+        counts: &[Vec<usize>],
+        (dtype, cols): (DType, usize),
+        handle: u64,
+        by_slot: bool,
+    ) -> Result<Self> {
         let (rank, world) = (plan.rank, counts.len());
         let rb = cols * dtype.size();
         if rb == 0 {
@@ -94,14 +102,15 @@ impl DispatchLayout {
         let rows_per_expert: Vec<usize> = (0..nl).map(|l| counts.iter().map(|c| c[l]).sum()).collect();
         let expert_offsets = crate::compute::engine::ffn_offsets(&rows_per_expert);
         let b_total = expert_offsets[nl];
-        index(rank, r_total + plan.n)?;
+        index(rank, r_total + plan.n * plan.k)?;
         index(rank, b_total + back_recv_rows.iter().sum::<usize>())?;
+        let sources = if by_slot { block_slots(plan) } else { plan.block_tokens.clone() };
         let mut pack_idx = Vec::with_capacity(send_rows.iter().sum());
         for d in (0..world).filter(|&d| d != rank) {
-            pack_idx.extend_from_slice(&plan.block_tokens[d]);
+            pack_idx.extend_from_slice(&sources[d]);
             pack_idx.extend(std::iter::repeat_n(KEEP_ROW, status_rows));
         }
-        let scatter = Scatter::new(plan, counts, &recv_rows, r_total, b_total);
+        let scatter = Scatter::new(plan, &sources[rank], counts, &recv_rows, (r_total, b_total));
         let rstart = offsets(&recv_rows);
         let mut back_send_idx = Vec::with_capacity(back_send_rows.iter().sum());
         for src in (0..world).filter(|&s| s != rank) {
@@ -175,6 +184,18 @@ impl DispatchLayout {
     }
 }
 
+/// `block_slots[d][r]`: the (token, slot) index `t * k + j` of row `r` of the block for rank
+/// `d` (where [`RoutePlan::block_tokens`] has the token).
+fn block_slots(plan: &RoutePlan) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = plan.block_tokens.iter().map(|b| vec![0u32; b.len()]).collect();
+    for (i, (&d, &r)) in plan.dest.iter().zip(&plan.row).enumerate() {
+        if d != DROPPED {
+            out[d as usize][r as usize] = i as u32;
+        }
+    }
+    out
+}
+
 /// The scatter into the expert-major batch: expert, then source rank, then arrival order.
 /// Received rows are numbered as in the receive buffer (status blocks included).
 struct Scatter {
@@ -184,7 +205,15 @@ struct Scatter {
 }
 
 impl Scatter {
-    fn new(plan: &RoutePlan, counts: &[Vec<usize>], recv_rows: &[usize], r_total: usize, b_total: usize) -> Self {
+    /// `local[r]`: the source row (of `x`, or of the scaled rows) of this rank's own block row
+    /// `r`; `totals`: received rows (status included) and batch rows.
+    fn new(
+        plan: &RoutePlan,
+        local: &[u32],
+        counts: &[Vec<usize>],
+        recv_rows: &[usize],
+        (r_total, b_total): (usize, usize),
+    ) -> Self {
         let rank = plan.rank;
         let nl = counts.get(rank).map_or(0, Vec::len);
         let mut cursor = offsets(recv_rows);
@@ -198,7 +227,7 @@ impl Scatter {
                     let b = batch_from.len() as u32;
                     if src == rank {
                         let r = local_start[l] + i;
-                        batch_from.push((r_total + plan.block_tokens[rank][r] as usize) as u32);
+                        batch_from.push((r_total + local[r] as usize) as u32);
                         local_to_batch[r] = b;
                     } else {
                         let q = cursor[src];

@@ -87,6 +87,8 @@ pub(crate) struct Parts<'l, G: Group> {
 #[derive(Default, Clone, Copy)]
 struct Bufs {
     x: Option<Buf>,
+    /// The rows that travel with weights on the expert input (Llama 4): `x[t] * w[t, j]`.
+    scaled: Option<Buf>,
     routed: Option<Routed>,
     recv: Option<Buf>,
     out: Option<Buf>,
@@ -277,6 +279,39 @@ impl<'a, G: Group> Run<'a, G> {
         Ok(x)
     }
 
+    /// The rows the experts receive: `x`'s (a token's row for each of its slots), or with the
+    /// routing weights on the expert input one scaled row per (token, slot).
+    fn source(&mut self) -> Result<Buf> {
+        let x = self.input()?;
+        if !self.p.config.router.weights_on_input {
+            return Ok(x);
+        }
+        if let Some(s) = self.b.scaled {
+            return Ok(s);
+        }
+        let routed = self.b.routed.expect("routed before the rows travel");
+        let s = self.s.scale_rows(x, routed)?;
+        self.b.scaled = Some(s);
+        Ok(s)
+    }
+
+    /// The combine's weights: the routing's (and the extra slot's), or all 1 when the weights
+    /// scaled the expert input instead.
+    fn combine_weights(&mut self, extra: Extra) -> Result<Weights<'static>> {
+        let routed = self.b.routed.expect("routed before the combine");
+        if !self.p.config.router.weights_on_input {
+            return Ok(Weights::Routed { routed, extra });
+        }
+        Ok(match (extra, &self.routing) {
+            (Extra::None | Extra::One, _) => Weights::Ones,
+            (Extra::Scale(_), Some(r)) => {
+                let ones = Routing { weights: vec![1.0; r.weights.len()], ..r.clone() };
+                Weights::Routed { routed: self.s.adopt_routing(ones)?, extra }
+            }
+            (Extra::Scale(_), None) => return Err(Error::invalid("internal: no routing before the combine")),
+        })
+    }
+
     /// Stage 1: route on the engine, read the routing back.
     fn route(&mut self) -> Result<Routing> {
         let x = self.input()?;
@@ -302,7 +337,9 @@ impl<'a, G: Group> Run<'a, G> {
         let counts = steps::counts_round(p.group, p.placement, &plan_only, row, p.layer_id)?;
         self.stats.times.exchange = t.elapsed().as_secs_f64();
         let plan = plan_only?;
-        let layout = DispatchLayout::new(&plan, &counts.counts, p.config.act_dtype, p.config.hidden, counts.handle)?;
+        let by_slot = p.config.router.weights_on_input;
+        let shape = (p.config.act_dtype, p.config.hidden);
+        let layout = DispatchLayout::new(&plan, &counts.counts, shape, counts.handle, by_slot)?;
         layout.fill_stats(&plan, &counts.counts, &mut self.stats);
         self.routing = routing;
         Ok(layout)
@@ -310,7 +347,7 @@ impl<'a, G: Group> Run<'a, G> {
 
     /// Stage 2: pack the send blocks and make them visible to the host.
     fn pack(&mut self, l: &DispatchLayout) -> Result<()> {
-        let x = self.input()?;
+        let x = self.source()?;
         let send = steps::pack(self.s.as_mut(), l, x)?;
         self.s.sync()?;
         self.b.back = Some(send);
@@ -337,7 +374,8 @@ impl<'a, G: Group> Run<'a, G> {
             Some(r) => r,
             None => self.s.alloc(cfg.act_dtype, 0, cfg.hidden)?,
         };
-        let batch = steps::scatter(self.s.as_mut(), l, recv, x)?;
+        let rows = self.source()?;
+        let batch = steps::scatter(self.s.as_mut(), l, recv, rows)?;
         let out = self.s.alloc(cfg.act_dtype, batch.rows(), cfg.hidden)?;
         self.s.ffn(batch, &l.expert_offsets, p.experts, cfg.deterministic, out)?;
         self.b.out = Some(out);
@@ -376,12 +414,11 @@ impl<'a, G: Group> Run<'a, G> {
             Some(b) => b,
             None => self.s.alloc(cfg.act_dtype, 0, cfg.hidden)?,
         };
-        let routed = self.b.routed.expect("routed before the combine");
         let (extra_rows, extra) = match self.b.shared {
             Some((rows, e)) if l.n > 0 => (Some(rows), e),
             _ => (None, Extra::None),
         };
-        let weights = Weights::Routed { routed, extra };
+        let weights = self.combine_weights(extra)?;
         let y = steps::weighted_sum(self.s.as_mut(), l, out, back, extra_rows, weights)?;
         match (device_out, self.device) {
             (false, _) => Ok(Output::Host(self.s.download(y)?)),

@@ -190,7 +190,6 @@ impl<G: Group> MoeLayer<G> {
         let LayerWeights { router: gate, selection_bias, experts, shared } = weights;
         let local = (|| {
             config.validate()?;
-            config.check_layer_support()?;
             if placement.world() != group.size() {
                 return Err(Error::invalid(format!(
                     "placement is for {} ranks but the group has {}",

@@ -28,6 +28,7 @@ use crate::exchange::group::Group;
 use crate::layer::forward::Shared;
 use crate::layer::moe::replicated_fields;
 use crate::model::config::{Capacity, MoeConfig};
+use crate::model::router::Routing;
 use crate::model::weights::{ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
 use crate::stats::ForwardStats;
 use crate::tensor::Tensor;
@@ -146,7 +147,6 @@ impl<G: Group> TpLayer<G> {
         let _span = tracing::debug_span!("tp_layer_new", rank).entered();
         let local = (|| {
             config.validate()?;
-            config.check_layer_support()?;
             if config.capacity != Capacity::Dropless {
                 return Err(Error::invalid("tensor parallelism computes every assignment: use Capacity::Dropless"));
             }
@@ -379,7 +379,15 @@ impl<G: Group> TpLayer<G> {
         let t = Instant::now();
         let order = ExpertMajor::new(&routing, cfg.num_experts);
         let batch = s.alloc(cfg.act_dtype, m * k, cfg.hidden)?;
-        s.gather_rows(&[xa], &order.rows, batch)?;
+        // With the weights on the expert input (Llama 4) the batch rows are the scaled rows.
+        let on_input = cfg.router.weights_on_input;
+        match on_input {
+            false => s.gather_rows(&[xa], &order.rows, batch)?,
+            true => {
+                let scaled = s.scale_rows(xa, routed)?;
+                s.gather_rows(&[scaled], &order.slots, batch)?;
+            }
+        }
         stats.times.scatter = t.elapsed().as_secs_f64();
         stats.local_rows = m * k;
 
@@ -397,8 +405,17 @@ impl<G: Group> TpLayer<G> {
                     None => Extra::One,
                 };
                 let idx = with_extra_slot(&order.slot_row, k, (m * k) as u32, m);
-                s.weighted_sum(&[out, so], &idx, Weights::Routed { routed, extra }, k + 1, y)?;
+                let w = match (on_input, extra) {
+                    (false, _) => Weights::Routed { routed, extra },
+                    (true, Extra::Scale(_)) => {
+                        let ones = Routing { weights: vec![1.0; routing.weights.len()], ..routing.clone() };
+                        Weights::Routed { routed: s.adopt_routing(ones)?, extra }
+                    }
+                    (true, _) => Weights::Ones,
+                };
+                s.weighted_sum(&[out, so], &idx, w, k + 1, y)?;
             }
+            _ if on_input => s.weighted_sum(&[out], &order.slot_row, Weights::Ones, k, y)?,
             _ => s.weighted_sum(&[out], &order.slot_row, Weights::Routed { routed, extra: Extra::None }, k, y)?,
         }
         let partial = s.download(y)?;
@@ -432,13 +449,15 @@ enum TpOutput {
 /// (token t, slot j).
 struct ExpertMajor {
     rows: Vec<u32>,
+    /// The (token, slot) index of each batch row.
+    slots: Vec<u32>,
     slot_row: Vec<u32>,
     offsets: Vec<usize>,
     per_expert: Vec<usize>,
 }
 
 impl ExpertMajor {
-    fn new(routing: &crate::model::router::Routing, num_experts: usize) -> Self {
+    fn new(routing: &Routing, num_experts: usize) -> Self {
         let k = routing.k;
         let mut per_expert = vec![0usize; num_experts];
         for &id in &routing.ids {
@@ -447,13 +466,15 @@ impl ExpertMajor {
         let offsets = crate::compute::engine::ffn_offsets(&per_expert);
         let mut next = offsets.clone();
         let mut rows = vec![0u32; routing.ids.len()];
+        let mut slots = vec![0u32; routing.ids.len()];
         let mut slot_row = vec![0u32; routing.ids.len()];
         for (i, &id) in routing.ids.iter().enumerate() {
             let at = next[id as usize];
             next[id as usize] += 1;
             rows[at] = (i / k) as u32;
+            slots[at] = i as u32;
             slot_row[i] = at as u32;
         }
-        ExpertMajor { rows, slot_row, offsets, per_expert }
+        ExpertMajor { rows, slots, slot_row, offsets, per_expert }
     }
 }

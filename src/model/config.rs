@@ -95,8 +95,8 @@ pub enum GroupScore {
 /// 8. **scaling** `w_j = w_j * routed_scaling_factor` (skipped when the factor is 1).
 ///
 /// The combine then sums `w_j * expert_j(x)`; with `weights_on_input` (Llama 4) the weight
-/// scales the expert's input instead, `expert_j(w_j * x)`, summed with weight 1, which
-/// [`MoeConfig::check_layer_support`] reports the layers cannot do yet.
+/// scales the expert's input instead, `expert_j(w_j * x)` (the product in f32, rounded once
+/// to the activation dtype, as the rows travel in it), summed with weight 1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RouterConfig {
@@ -417,20 +417,6 @@ impl MoeConfig {
     pub fn with_norm_topk_prob(mut self, norm: bool) -> Self {
         self.norm_topk_prob = norm;
         self
-    }
-
-    /// Errors for the rules that [`crate::MoeLayer`] and [`crate::TpLayer`] cannot run yet
-    /// (they call this in their constructors): `router.weights_on_input` (Llama 4 scales each
-    /// expert's input by its routing weight; the layers scale outputs). The router and the
-    /// f64 reference implement it.
-    pub fn check_layer_support(&self) -> Result<()> {
-        if self.router.weights_on_input {
-            return Err(Error::invalid(
-                "routing weights on the expert input (Llama 4: expert(w * x), summed with weight 1) are not \
-                 supported by the layers yet; the router and the reference implement it",
-            ));
-        }
-        Ok(())
     }
 
     /// Check that the numbers describe a layer that can run.

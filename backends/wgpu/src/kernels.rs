@@ -30,6 +30,8 @@ pub const PIECE: u32 = 64;
 pub const ROUTER_LOGITS: &str = include_str!("../../../wgsl/router_logits.wgsl");
 /// Router scores, group-limited top-k and weights, one thread per token (`wgsl/router_topk.wgsl`).
 pub const ROUTER_TOPK: &str = include_str!("../../../wgsl/router_topk.wgsl");
+/// Rows scaled by their routing weight (`wgsl/scale_rows.wgsl`).
+pub const SCALE_ROWS: &str = include_str!("../../../wgsl/scale_rows.wgsl");
 /// f32 to f16/bf16, two values a word (`wgsl/narrow.wgsl`).
 pub const NARROW: &str = include_str!("../../../wgsl/narrow.wgsl");
 /// f32 <-> f16/bf16 conversions shared by the arithmetic kernels (`wgsl/convert.wgsl`).
@@ -60,6 +62,8 @@ pub enum Kernel {
     RouterLogits,
     /// Scores, top-k and weights from the logits.
     RouterTopK,
+    /// `out[t * k + j] = x[t] * w[t * k + j]` in `dtype`.
+    ScaleRows,
 }
 
 /// Tile shape of the FFN kernels: a workgroup computes `bm x bn` outputs, `tm x tn` per
@@ -258,6 +262,19 @@ impl Variant {
         }
     }
 
+    /// Rows of `dtype` scaled by routing weights.
+    pub fn scale_rows(dtype: DType) -> Self {
+        Variant {
+            kernel: Kernel::ScaleRows,
+            word: Word::Scalar,
+            dtype,
+            k: 0,
+            unpack_f16: false,
+            weights: DType::F32,
+            tile: Tile::NONE,
+        }
+    }
+
     /// The narrow to the 16-bit `dtype`.
     pub fn narrow(dtype: DType) -> Self {
         Variant {
@@ -334,6 +351,9 @@ impl Variant {
             }
         }
         v.push(Variant::router_topk());
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            v.push(Variant::scale_rows(dtype));
+        }
         v.sort_by_key(|v| v.label());
         v.dedup();
         v
@@ -382,6 +402,7 @@ impl Variant {
                 if self.unpack_f16 { ".unpack" } else { "" }
             ),
             Kernel::RouterTopK => "router_topk".into(),
+            Kernel::ScaleRows => format!("scale_rows.{}", self.dtype),
         }
     }
 
@@ -462,6 +483,7 @@ impl Variant {
                 self.k == 1
             ),
             Kernel::RouterTopK => ROUTER_TOPK.to_string(),
+            Kernel::ScaleRows => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{SCALE_ROWS}", code(self.dtype)),
         }
     }
 }

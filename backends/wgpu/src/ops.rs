@@ -403,8 +403,8 @@ impl GpuContext {
             )));
         }
         self.check_holds("router logits", logits, (n * e * 4) as u64)?;
-        if rules.bias {
-            self.check_holds("selection bias", bias, (e * 4) as u64)?;
+        if rules.bias || rules.logit_bias {
+            self.check_holds("router bias", bias, (e * 4) as u64)?;
         }
         self.check_holds("router ids", ids, (n * k * 4) as u64)?;
         self.check_holds("router weights", weights, (n * k * 4) as u64)?;
@@ -416,10 +416,12 @@ impl GpuContext {
             | (u32::from(rules.top_two) << 1)
             | (u32::from(rules.bias) << 2)
             | (u32::from(rules.renormalize) << 3)
-            | (u32::from(rules.by_logit) << 4);
+            | (u32::from(rules.by_logit) << 4)
+            | (u32::from(rules.logit_bias) << 5)
+            | (u32::from(rules.softmax_topk) << 6);
         let v = Variant::router_topk();
         let pipeline = self.pipeline(v, true);
-        let params = self.params([
+        let params = self.params_n(&[
             u32_of("tokens", n)?,
             e as u32,
             k as u32,
@@ -428,6 +430,10 @@ impl GpuContext {
             flags,
             rules.scale.to_bits(),
             gx as u32,
+            rules.norm_p.to_bits(),
+            rules.norm_eps.to_bits(),
+            rules.norm_min.to_bits(),
+            0,
         ]);
         let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("router_topk"),
@@ -437,7 +443,7 @@ impl GpuContext {
                 wgpu::BindGroupEntry { binding: 1, resource: binding(logits, (n * e * 4) as u64) },
                 wgpu::BindGroupEntry {
                     binding: 2,
-                    resource: binding(bias, if rules.bias { (e * 4) as u64 } else { 16 }),
+                    resource: binding(bias, if rules.bias || rules.logit_bias { (e * 4) as u64 } else { 16 }),
                 },
                 wgpu::BindGroupEntry { binding: 3, resource: binding(ids, (n * k * 4) as u64) },
                 wgpu::BindGroupEntry { binding: 4, resource: binding(weights, (n * k * 4) as u64) },
@@ -447,16 +453,63 @@ impl GpuContext {
     }
 }
 
-/// The routing rules of [`GpuContext::router_topk`] (see `wgsl/router_topk.wgsl`).
+impl GpuContext {
+    /// Prepare `out = [n * k, D]` rows `x[t] * w[t * k + j]` of `dtype` (`x`: `n` rows of
+    /// `row_bytes`, `w`: `n * k` f32). Bounds-checked pipeline.
+    pub fn scale_rows(
+        &self,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        (n, k, row_bytes): (usize, usize, usize),
+        dtype: DType,
+    ) -> Result<Launch> {
+        word_for("scale_rows", row_bytes)?;
+        self.check_holds("rows", x, (n * row_bytes) as u64)?;
+        self.check_holds("weights", w, (n * k * 4) as u64)?;
+        self.check_holds("scaled rows", out, (n * k * row_bytes) as u64)?;
+        let row_words = row_bytes / 4;
+        let words = u32_of("scaled words", n * k * row_words)? as usize;
+        let groups = words.div_ceil(WORKGROUP as usize);
+        let max_dim = self.limits().max_compute_workgroups_per_dimension as usize;
+        let gx = groups.min(max_dim);
+        let gy = if gx == 0 { 0 } else { groups.div_ceil(gx) };
+        let v = Variant::scale_rows(dtype);
+        let pipeline = self.pipeline(v, true);
+        let params = self.params_n(&[words as u32, row_words as u32, k as u32, gx as u32]);
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("scale_rows"),
+            layout: &pipeline.layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: params.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: binding(x, (n * row_bytes) as u64) },
+                wgpu::BindGroupEntry { binding: 2, resource: binding(w, (n * k * 4) as u64) },
+                wgpu::BindGroupEntry { binding: 3, resource: binding(out, (words * 4) as u64) },
+            ],
+        });
+        Ok(Launch { pipeline, bind, groups: (gx as u32, gy as u32, 1), label: v.label() })
+    }
+}
+
+/// The routing rules of [`GpuContext::router_topk`] (see `wgsl/router_topk.wgsl`, and
+/// `moe_ep::RouterConfig` for what each means).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TopKRules {
     pub sigmoid: bool,
+    /// Softmax over the chosen k (gpt-oss), instead of scores of every expert.
+    pub softmax_topk: bool,
     pub top_two: bool,
+    /// A selection bias (added to the scores for choosing only).
     pub bias: bool,
+    /// A bias added to the logits.
+    pub logit_bias: bool,
     pub renormalize: bool,
-    /// Rank experts by logit (no bias, no top-two groups: it ranks as the scores would).
+    /// Rank experts by logit (it ranks as the scores would).
     pub by_logit: bool,
     pub n_group: usize,
     pub topk_group: usize,
     pub scale: f32,
+    pub norm_p: f32,
+    pub norm_eps: f32,
+    pub norm_min: f32,
 }

@@ -346,17 +346,23 @@ impl<'a> GpuSession<'a> {
     }
 
     /// The GPU's routing rules for `cfg` (see `wgsl/router_topk.wgsl`).
-    fn rules(cfg: &MoeConfig, has_bias: bool) -> TopKRules {
+    fn rules(cfg: &MoeConfig) -> TopKRules {
         let r = &cfg.router;
+        let softmax_topk = r.scoring == Scoring::SoftmaxTopK;
         TopKRules {
             sigmoid: r.scoring == Scoring::Sigmoid,
+            softmax_topk,
             top_two: r.n_group > 1 && r.group_score == GroupScore::TopTwoSum,
-            bias: has_bias,
+            bias: r.selection_bias,
+            logit_bias: r.logit_bias,
             renormalize: cfg.norm_topk_prob,
-            by_logit: !has_bias && (r.n_group == 1 || r.group_score == GroupScore::Max),
+            by_logit: !r.selection_bias && (softmax_topk || r.n_group == 1 || r.group_score == GroupScore::Max),
             n_group: r.n_group,
             topk_group: r.topk_group,
             scale: r.routed_scaling_factor,
+            norm_p: r.norm_p,
+            norm_eps: r.norm_eps,
+            norm_min: r.norm_min,
         }
     }
 }
@@ -476,14 +482,14 @@ impl<'a> Session<'a> for GpuSession<'a> {
             )));
         }
         cfg.router.validate(e, k)?;
-        if router.selection_bias.is_some() != cfg.router.selection_bias {
-            return Err(Error::invalid("the selection bias does not match the config's routing rules"));
+        if router.selection_bias.is_some() != cfg.router.uses_bias() {
+            return Err(Error::invalid("the router's bias does not match the config's routing rules"));
         }
         let (w, bias) = self.eng.resident_router(router)?;
         let logits = self.scratch_storage("router logits", (n * e * 4) as u64)?;
         let ids = self.ctx.storage("routing ids", (n * k * 4) as u64)?;
         let weights = self.ctx.storage("routing weights", (n * k * 4) as u64)?;
-        let rules = Self::rules(cfg, router.selection_bias.is_some());
+        let rules = Self::rules(cfg);
         let launches = (|| {
             let xb = self.buffer(x)?;
             Ok([
@@ -504,6 +510,24 @@ impl<'a> Session<'a> for GpuSession<'a> {
         let id = self.push(Slot::Routing { ids, weights, n, k, host: None })?;
         self.reads.push(id);
         Ok(Routed::new(id, n, k))
+    }
+
+    fn scale_rows(&mut self, x: Buf, routed: Routed) -> Result<Buf> {
+        let Some(Slot::Routing { weights, n, k, .. }) = self.slots.get(routed.slot() as usize) else {
+            return Err(Error::invalid("scale_rows: the routing is not of this session"));
+        };
+        let (w, n, k) = (weights.clone(), *n, *k);
+        if (n, k) != (routed.n(), routed.k()) || n != x.rows() {
+            return Err(Error::invalid(format!("scale_rows: a routing of {n} tokens for {} rows", x.rows())));
+        }
+        let out = self.alloc(x.dtype(), n * k, x.cols())?;
+        if n * k * x.cols() == 0 {
+            return Ok(out);
+        }
+        let launch = self.ctx.scale_rows(self.buffer(x)?, &w, self.buffer(out)?, (n, k, x.row_bytes()), x.dtype())?;
+        self.traffic.index_bytes += 16;
+        self.record(Kind::Gather, &[launch]);
+        Ok(out)
     }
 
     fn gate_scale(&mut self, x: Buf, gate: &Matrix) -> Result<Buf> {

@@ -156,6 +156,24 @@ fn a_gpu_failure_mid_forward_is_finished_on_the_cpu() {
     }
 }
 
+/// Llama 4's rule on the GPU (rows scaled by their weight before they travel, summed with
+/// weight 1) and gpt-oss's router: the layer against the f64 reference at worlds 1-3.
+#[test]
+fn input_scaled_and_gpt_oss_routing_on_the_gpu_match_the_reference() {
+    let llama4 = MoeConfig::new(12, 64, 96, 2)
+        .with_norm_topk_prob(false)
+        .with_router(RouterConfig { scoring: Scoring::Sigmoid, weights_on_input: true, ..Default::default() })
+        .with_shared_expert(32, false)
+        .with_dtypes(DType::BF16, DType::BF16);
+    let gpt_oss = MoeConfig::new(12, 64, 96, 4).with_norm_topk_prob(false).with_router(RouterConfig::gpt_oss());
+    for cfg in [llama4, gpt_oss] {
+        for world in [1, 2, 3] {
+            let case = Case::new(cfg.clone(), world);
+            case.check_outputs(case.run_with(&|_| Ok(Box::new(engine(None)))));
+        }
+    }
+}
+
 /// A device input of another engine is an error naming it, on that rank, and its peers fail too.
 #[test]
 fn a_device_tensor_of_another_engine_is_refused() {
@@ -200,6 +218,23 @@ fn gpu_router_matches_the_cpu_router_for_every_rule() {
             "softmax, top-two groups",
             RouterConfig { n_group: 4, topk_group: 2, group_score: GroupScore::TopTwoSum, ..Default::default() },
             true,
+        ),
+        ("gpt-oss (logit bias, softmax over the chosen k)", RouterConfig::gpt_oss(), false),
+        ("DBRX (p-norm 2)", RouterConfig { norm_p: 2.0, ..Default::default() }, true),
+        (
+            "ERNIE (selection bias, norm floor)",
+            RouterConfig { selection_bias: true, norm_min: 0.6, ..Default::default() },
+            true,
+        ),
+        (
+            "MiniMax-M2 (sigmoid, selection bias, eps)",
+            RouterConfig { scoring: Scoring::Sigmoid, selection_bias: true, norm_eps: 1e-20, ..Default::default() },
+            true,
+        ),
+        (
+            "Llama 4 (sigmoid of the chosen logits on the input)",
+            RouterConfig { scoring: Scoring::Sigmoid, weights_on_input: true, ..Default::default() },
+            false,
         ),
     ];
     let mut seed = 40;

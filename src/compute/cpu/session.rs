@@ -182,6 +182,24 @@ impl<'a> Session<'a> for CpuSession<'a> {
         self.adopt_routing(routing)
     }
 
+    fn scale_rows(&mut self, x: Buf, routed: Routed) -> Result<Buf> {
+        let r = self.routing_of(routed)?;
+        if r.n != x.rows() {
+            return Err(Error::invalid(format!("scale_rows: a routing of {} tokens for {} rows", r.n, x.rows())));
+        }
+        let (k, d) = (r.k, x.cols());
+        let xf = self.tensor(x)?.to_f32_vec();
+        let mut out = vec![0f32; r.n * k * d];
+        for (i, row) in out.chunks_mut(d.max(1)).enumerate().take(r.n * k) {
+            let (t, w) = (i / k, r.weights[i]);
+            for (o, &v) in row.iter_mut().zip(&xf[t * d..(t + 1) * d]) {
+                *o = v * w;
+            }
+        }
+        let t = Tensor::from_f32(x.dtype(), r.n * k, d, &out)?;
+        self.upload_owned(t)
+    }
+
     fn gate_scale(&mut self, x: Buf, gate: &Matrix) -> Result<Buf> {
         let z = router::router_logits(self.tensor(x)?, gate.weight())?;
         if gate.weight().rows() != 1 {
