@@ -7,8 +7,7 @@ use moe_ep::compute::engine::{ZERO_ROW, check_combine, check_ffn, check_gather, 
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
-use crate::ffn::{DeviceExperts, check_shape, choose_tile};
-use crate::kernels::Tile;
+use crate::ffn::{DeviceExperts, FfnKernels};
 use crate::ops::{Combine, Gather, word_for};
 
 /// Runs every compute stage on the GPU: each stage uploads its host rows, runs its kernels
@@ -49,72 +48,6 @@ impl GpuEngine {
         self.experts.read().unwrap_or_else(|p| p.into_inner()).values().map(|d| d.bytes).sum()
     }
 
-    /// The FFN kernel [`Engine::ffn`] runs for these expert offsets over a `d x f` FFN: the
-    /// decode kernel for a few rows an expert, else the tiled one, or its cooperative-matrix
-    /// variant for f16 activations and weights where the adapter offers it and `deterministic`
-    /// is off. The portable shapes all sum in one order, so the choice keeps the
-    /// deterministic mode's guarantee.
-    pub fn tile_for(
-        &self,
-        offsets: &[usize],
-        d: usize,
-        f: usize,
-        act: DType,
-        weights: DType,
-        deterministic: bool,
-    ) -> Tile {
-        let limit = self.ctx.limits().max_compute_workgroup_storage_size;
-        let mut tile = choose_tile(offsets, d, f);
-        if tile.workgroup_bytes() > limit {
-            tile = Tile::SQUARE;
-        }
-        let f16 = act == DType::F16 && weights == DType::F16 && d % 16 == 0 && f % 16 == 0;
-        if tile == Tile::SQUARE && !deterministic && f16 && self.ctx.coop_f16() && Tile::COOP.workgroup_bytes() <= limit
-        {
-            tile = Tile::COOP;
-        }
-        tile
-    }
-
-    /// [`Engine::ffn`] with a given tile shape (benchmarks and tests compare the shapes).
-    pub fn ffn_with_tile(
-        &self,
-        batch: &Tensor,
-        offsets: &[usize],
-        experts: &ExpertSet,
-        tile: Tile,
-        out: &mut Tensor,
-    ) -> Result<()> {
-        check_ffn(batch, offsets, experts, out)?;
-        check_semantics(experts)?;
-        let rows = batch.rows();
-        if rows == 0 || experts.is_empty() || batch.cols() == 0 {
-            return Ok(());
-        }
-        let act = batch.dtype();
-        let (d, f) = (batch.cols(), experts[0].gate.rows());
-        check_shape(act, experts[0].gate.dtype(), d, f)?;
-        let _span = tracing::trace_span!("gpu_ffn", rows, experts = experts.len()).entered();
-        let dev = self.resident(experts)?;
-        let ctx = &self.ctx;
-        let bufs = ctx.ffn_scratch(batch.as_bytes(), act, rows, d, f, tile)?;
-        let mut scratch = Vec::new();
-        let res = ctx.ffn_launches(&dev, act, offsets, tile, &bufs.view(), &mut scratch).and_then(|launches| {
-            let mut enc = ctx.encoder("ffn");
-            {
-                let mut pass =
-                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ffn"), timestamp_writes: None });
-                for l in &launches {
-                    l.encode(&mut pass);
-                }
-            }
-            ctx.submit_and_read(enc, bufs.output(), out.as_bytes_mut())
-        });
-        self.release_buffers(scratch);
-        bufs.recycle(ctx);
-        res
-    }
-
     /// The device context.
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
@@ -149,19 +82,6 @@ impl GpuEngine {
             self.ctx.recycle(b);
         }
     }
-}
-
-/// The GPU kernels compute SwiGLU without biases; other expert semantics are a device error
-/// (so that a layer's policy runs such calls on the CPU) until they have kernels.
-fn check_semantics(experts: &ExpertSet) -> Result<()> {
-    if experts.activation() != moe_ep::model::config::Activation::Silu || experts.has_bias() {
-        return Err(crate::context::backend_error(format!(
-            "the GPU FFN kernels compute SwiGLU without biases; this expert set has {:?}{}",
-            experts.activation(),
-            if experts.has_bias() { " with biases" } else { "" }
-        )));
-    }
-    Ok(())
 }
 
 impl Engine for GpuEngine {
@@ -218,29 +138,13 @@ impl Engine for GpuEngine {
         deterministic: bool,
         out: &mut Tensor,
     ) -> Result<()> {
-        let f = experts.first().map_or(0, |w| w.gate.rows());
-        let wdt = experts.first().map_or(DType::F32, |w| w.gate.dtype());
-        // A call whose f32 intermediates or outputs would not fit one buffer binding runs in
-        // row chunks that do (each row's result does not depend on the others in its call).
-        let rows = batch.rows();
-        let widest = 4 * batch.cols().max(f).max(1) as u64;
-        let per_call = ((self.ctx.max_binding_bytes() / widest) as usize).saturating_sub(crate::ffn::COOP_PAD_ROWS);
-        if rows > per_call && per_call > 0 {
-            check_ffn(batch, offsets, experts, out)?;
-            let rb = out.row_bytes();
-            for r0 in (0..rows).step_by(per_call) {
-                let r1 = (r0 + per_call).min(rows);
-                let part: Vec<usize> = offsets.iter().map(|&o| o.clamp(r0, r1) - r0).collect();
-                let chunk = batch.slice_rows(r0, r1)?;
-                let mut y = Tensor::zeros(out.dtype(), r1 - r0, out.cols());
-                let tile = self.tile_for(&part, batch.cols(), f, batch.dtype(), wdt, deterministic);
-                self.ffn_with_tile(&chunk, &part, experts, tile, &mut y)?;
-                out.as_bytes_mut()[r0 * rb..r1 * rb].copy_from_slice(y.as_bytes());
-            }
+        check_ffn(batch, offsets, experts, out)?;
+        if batch.rows() == 0 || experts.is_empty() || batch.cols() == 0 {
             return Ok(());
         }
-        let tile = self.tile_for(offsets, batch.cols(), f, batch.dtype(), wdt, deterministic);
-        self.ffn_with_tile(batch, offsets, experts, tile, out)
+        let _span = tracing::trace_span!("gpu_ffn", rows = batch.rows(), experts = experts.len()).entered();
+        let dev = self.resident(experts)?;
+        self.ctx.ffn_host(&dev, batch, offsets, FfnKernels::Auto { deterministic }, out)
     }
 
     fn combine(&self, srcs: &[&Tensor], idx: &[u32], weights: &[f32], k: usize, y: &mut Tensor) -> Result<()> {
@@ -299,11 +203,12 @@ impl Engine for GpuEngine {
         if experts.is_empty() {
             return Ok(());
         }
-        self.resident(experts)?;
+        let dev = self.resident(experts)?;
+        self.ctx.prepare_ffn(&dev, act)?;
         let (d, l) = (experts[0].gate.cols(), experts.len());
         // Every decode tile (1, 2, 4, 8 rows an expert), then the square one.
         let mut sizes: Vec<usize> = [1, 2, 4, 8].iter().map(|r| r * l).collect();
-        sizes.push(max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1)));
+        sizes.push(max_rows.max(l * (crate::ffn::DECODE_MAX_ROWS + 1)));
         for rows in sizes {
             let batch = moe_ep::compute::warmup::sample_rows(act, rows, d, 0x3a7 ^ rows as u64);
             let offsets = even_offsets(rows, l);
