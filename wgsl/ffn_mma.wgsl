@@ -27,13 +27,18 @@
 // Summation order is the hardware's: the deterministic mode never uses this kernel. K and
 // the row lengths must be multiples of 8 (the loader checks), N even for 16-bit outputs.
 //
+// The loader unrolls the per-thread work (`//@DECLS`, `//@FETCH` (k0), `//@STORE` (buf),
+// `//@COMPUTE` (abase, bbase), `//@EPILOGUE` lines, from `src/ffn/mma_source.rs`): the
+// registers of a step's loads (ra_j, rb_j), the accumulators (acc0_i_j, acc1_i_j for up) and
+// the fragments are named values; loops over them would leave them in (slow) memory.
+//
 // The staging arrays hold f16 scalars (SV = 1: eight 2-byte stores per 16-byte load; what
 // Metal's simdgroup loads take) or vec4<f16> (SV = 4: two 8-byte stores; cooperative loads
 // then count offsets and strides in vec4s, as SPV_KHR_cooperative_matrix defines them).
 //
 // Prelude (added by the loader): `enable` lines, AMat/BMat/CMat aliases of S x S
 // cooperative matrices, SVT (the staged element: f16 or vec4<f16>), UP, S, BM, BN, BK, WM,
-// WN, SG (subgroup size), NBUF, SV, AT, OT, WS, BIAS, ACT, put_a and put_b; `wgsl/convert.wgsl`,
+// WN, SG (subgroup size), NBUF, SV, AT, OT, WS, BIAS, ACT; `wgsl/convert.wgsl`,
 // `wgsl/ffn_act.wgsl` and `wgsl/ffn_epi.wgsl` precede this file.
 
 struct Params {
@@ -94,6 +99,8 @@ var<workgroup> c_s: array<f32, WARPS * SS>;
 var<workgroup> mult_s: array<f32, BM>;
 var<workgroup> un_s: array<f32, BM>;
 var<workgroup> rmax_s: array<atomic<u32>, BM>;
+// The tile's end row (for the epilogue functions).
+var<private> tiles_end: u32;
 
 // 2^e for e in [-126, 127].
 fn pow2(e: i32) -> f32 {
@@ -106,96 +113,28 @@ fn row_exp(m: u32) -> i32 {
     return clamp(i32(m >> 23u) - 127, -100, 127);
 }
 
-fn fetch_a(ra: ptr<function, array<vec4<u32>, LA * AW>>, r0: u32, r1: u32, k0: u32, lid: u32) {
-    let K = p.k_len;
-    for (var j = 0u; j < LA; j++) {
-        let i = lid + j * THREADS;
-        let r = r0 + i / KV;
-        let k = k0 + (i % KV) * 8u;
-        var v0 = vec4<u32>(0u);
-        var v1 = vec4<u32>(0u);
-        if i < A_UNITS && r < r1 && k < K {
-            let e = (r - p.a_base) * K + k;
-            if AT == 0u {
-                v0 = a[e / 4u];
-                v1 = a[e / 4u + 1u];
-            } else {
-                v0 = a[e / 8u];
-            }
-        }
-        (*ra)[j * AW] = v0;
-        if AT == 0u {
-            (*ra)[j * AW + 1u] = v1;
-        }
+// The epilogue of one up output: row r (tile row ml) of `expert`, column n, gate sum g and
+// up sum u of the scaled rows (`wgsl/ffn_epi.wgsl`); writes the intermediate and the row's max.
+fn emit_up(expert: u32, r: u32, ml: u32, n: u32, g: f32, u: f32) {
+    if r < tiles_end && n < p.n_len {
+        let un = un_s[ml];
+        let h = up_value(g * un, u * un, expert, n);
+        out[(r - p.o_base) * p.n_len + n] = bitcast<u32>(h);
+        atomicMax(&rmax_s[ml], bitcast<u32>(abs(h)));
     }
 }
 
-// put_a(at, h) and put_b(at, v0, v1) (prelude) stage eight values at element `at` (a
-// multiple of 8) of a_s and b_s.
-
-fn store_a(ra: ptr<function, array<vec4<u32>, LA * AW>>, buf: u32, lid: u32) {
-    for (var j = 0u; j < LA; j++) {
-        let i = lid + j * THREADS;
-        if i < A_UNITS {
-            let m = i / KV;
-            let at = buf * BM * AST + m * AST + (i % KV) * 8u;
-            let s = mult_s[m];
-            let v0 = (*ra)[j * AW];
-            var h: array<vec2<f16>, 4>;
-            if AT == 1u {
-                for (var q = 0u; q < 4u; q++) {
-                    h[q] = vec2<f16>(unpack2x16float(v0[q]));
-                }
-            } else if AT == 2u {
-                for (var q = 0u; q < 4u; q++) {
-                    let lo = bitcast<f32>(v0[q] << 16u) * s;
-                    let hi = bitcast<f32>(v0[q] & 0xffff0000u) * s;
-                    h[q] = vec2<f16>(f16(lo), f16(hi));
-                }
-            } else {
-                let v1 = (*ra)[j * AW + 1u];
-                let f0 = bitcast<vec4<f32>>(v0) * s;
-                let f1 = bitcast<vec4<f32>>(v1) * s;
-                h[0] = vec2<f16>(f16(f0.x), f16(f0.y));
-                h[1] = vec2<f16>(f16(f0.z), f16(f0.w));
-                h[2] = vec2<f16>(f16(f1.x), f16(f1.y));
-                h[3] = vec2<f16>(f16(f1.z), f16(f1.w));
-            }
-            put_a(at, h);
-        }
-    }
-}
-
-fn fetch_b(rb: ptr<function, array<vec4<f16>, 2u * LB>>, expert: u32, n0: u32, k0: u32, lid: u32) {
-    let K = p.k_len;
-    for (var j = 0u; j < LB; j++) {
-        let i = lid + j * THREADS;
-        let nn = i / KV;
-        let k = k0 + (i % KV) * 8u;
-        let second = UP && nn >= BN;
-        let n = n0 + select(nn, nn - BN, second);
-        var v0 = vec4<f16>(0.0h);
-        var v1 = vec4<f16>(0.0h);
-        if i < B_UNITS && n < p.n_len && k < K {
-            let at = expert * (p.expert_words / 2u) + (n * K + k) / 4u;
-            if second {
-                v0 = w1[at];
-                v1 = w1[at + 1u];
-            } else {
-                v0 = w0[at];
-                v1 = w0[at + 1u];
-            }
-        }
-        (*rb)[2u * j] = v0;
-        (*rb)[2u * j + 1u] = v1;
-    }
-}
-
-fn store_b(rb: ptr<function, array<vec4<f16>, 2u * LB>>, buf: u32, lid: u32) {
-    for (var j = 0u; j < LB; j++) {
-        let i = lid + j * THREADS;
-        if i < B_UNITS {
-            put_b(buf * NB * AST + (i / KV) * AST + (i % KV) * 8u, (*rb)[2u * j], (*rb)[2u * j + 1u]);
+// The epilogue of down outputs n (and n + 1 for 16-bit outputs, written as one word).
+fn emit_down(expert: u32, r: u32, ml: u32, n: u32, y0: f32, y1: f32) {
+    if r < tiles_end && n < p.n_len {
+        let un = un_s[ml];
+        let o = (r - p.o_base) * p.n_len + n;
+        let v0 = down_value(y0 * un, expert, n);
+        if OT == 0u {
+            out[o] = bitcast<u32>(v0);
+        } else {
+            let v1 = down_value(y1 * un, expert, n + 1u);
+            out[o / 2u] = narrow_pair(v0, v1, OT);
         }
     }
 }
@@ -230,97 +169,46 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
 
-    var acc0: array<CMat, TM * TN>;
-    var acc1: array<CMat, TM * TN>;
-    for (var i = 0u; i < TM * TN; i++) {
-        acc0[i] = CMat();
-        acc1[i] = CMat();
-    }
-    var ra: array<vec4<u32>, LA * AW>;
-    var rb: array<vec4<f16>, 2u * LB>;
+    tiles_end = r1;
+    // Unrolled by the loader (`//@` lines): registers and accumulators as scalars, so that
+    // none lives in memory and the loads of a step are all in flight at once.
+//@DECLS
     let steps = (K + BK - 1u) / BK;
-    fetch_a(&ra, r0, r1, 0u, lid);
-    fetch_b(&rb, expert, n0, 0u, lid);
-    store_a(&ra, 0u, lid);
-    store_b(&rb, 0u, lid);
+    {
+        let k0 = 0u;
+//@FETCH
+    }
+    {
+        let buf = 0u;
+//@STORE
+    }
     workgroupBarrier();
     for (var s = 0u; s < steps; s++) {
         let more = s + 1u < steps;
         if more {
-            fetch_a(&ra, r0, r1, (s + 1u) * BK, lid);
-            fetch_b(&rb, expert, n0, (s + 1u) * BK, lid);
+            let k0 = (s + 1u) * BK;
+//@FETCH
         }
-        let buf = s % NBUF;
-        let abase = buf * BM * AST + wm * TM * S * AST;
-        let bbase = buf * NB * AST + wn * TN * S * AST;
-        for (var kk = 0u; kk < BK; kk += S) {
-            var af: array<AMat, TM>;
-            for (var i = 0u; i < TM; i++) {
-                af[i] = coopLoadT<AMat>(&a_s[(abase + i * S * AST + kk) / SV], AST / SV);
-            }
-            for (var j = 0u; j < TN; j++) {
-                let bg = coopLoad<BMat>(&b_s[(bbase + j * S * AST + kk) / SV], AST / SV);
-                for (var i = 0u; i < TM; i++) {
-                    acc0[i * TN + j] = coopMultiplyAdd(af[i], bg, acc0[i * TN + j]);
-                }
-                if UP {
-                    let bu = coopLoad<BMat>(&b_s[(bbase + (BN + j * S) * AST + kk) / SV], AST / SV);
-                    for (var i = 0u; i < TM; i++) {
-                        acc1[i * TN + j] = coopMultiplyAdd(af[i], bu, acc1[i * TN + j]);
-                    }
-                }
-            }
+        {
+            let buf = s % NBUF;
+            let abase = buf * BM * AST + wm * TM * S * AST;
+            let bbase = buf * NB * AST + wn * TN * S * AST;
+//@COMPUTE
         }
         if NBUF == 1u {
             workgroupBarrier();
         }
         if more {
-            store_a(&ra, (s + 1u) % NBUF, lid);
-            store_b(&rb, (s + 1u) % NBUF, lid);
+            let buf = (s + 1u) % NBUF;
+//@STORE
         }
         workgroupBarrier();
     }
 
     let cb = warp * SS;
-    for (var i = 0u; i < TM; i++) {
-        for (var j = 0u; j < TN; j++) {
-            coopStoreT(acc0[i * TN + j], &c_s[cb], S);
-            workgroupBarrier();
-            var g: array<f32, EPT * PAIR>;
-            for (var t = 0u; t < EPT * PAIR; t++) {
-                g[t] = c_s[cb + lane * PAIR + (t / PAIR) * SG * PAIR + t % PAIR];
-            }
-            workgroupBarrier();
-            if UP {
-                coopStoreT(acc1[i * TN + j], &c_s[cb], S);
-                workgroupBarrier();
-            }
-            for (var t = 0u; t < EPT; t++) {
-                let el = (lane + t * SG) * PAIR;
-                let ml = wm * TM * S + i * S + el / S;
-                let n = n0 + wn * TN * S + j * S + el % S;
-                let r = r0 + ml;
-                if r < r1 && n < N {
-                    let un = un_s[ml];
-                    if UP {
-                        let h = up_value(g[t] * un, c_s[cb + el] * un, expert, n);
-                        out[(r - p.o_base) * N + n] = bitcast<u32>(h);
-                        atomicMax(&rmax_s[ml], bitcast<u32>(abs(h)));
-                    } else {
-                        let y0 = down_value(g[t * PAIR] * un, expert, n);
-                        let y1 = down_value(g[t * PAIR + PAIR - 1u] * un, expert, n + PAIR - 1u);
-                        let o = (r - p.o_base) * N + n;
-                        if OT == 0u {
-                            out[o] = bitcast<u32>(y0);
-                        } else {
-                            out[o / 2u] = narrow_pair(y0, y1, OT);
-                        }
-                    }
-                }
-            }
-            workgroupBarrier();
-        }
-    }
+    let m0 = wm * TM * S;
+    let c0 = n0 + wn * TN * S;
+//@EPILOGUE
     if UP {
         for (var i = lid; i < BM; i += THREADS) {
             if r0 + i < r1 {

@@ -297,9 +297,10 @@ impl Variant {
         }
     }
 
-    /// The sum of split FFN partials with the epilogue (the activation for `up`), f32 out.
-    pub fn ffn_reduce(up: bool, epi: Epilogue) -> Self {
-        Variant { kernel: Kernel::FfnReduce { up }, epi, ..BASE }
+    /// The sum of split FFN partials with the epilogue (the activation for `up`), f32 out, or
+    /// for the down projection `out` (16-bit: narrowed pairs).
+    pub fn ffn_reduce(up: bool, epi: Epilogue, out: DType) -> Self {
+        Variant { kernel: Kernel::FfnReduce { up }, epi, out: if up { DType::F32 } else { out }, ..BASE }
     }
 
     /// The cooperative-matrix kernel: up (A the batch in `act`, f16 or bf16) or down (A the
@@ -379,7 +380,9 @@ impl Variant {
         }
         for up in [true, false] {
             for epi in [Epilogue::PLAIN, full, Epilogue { act: 0, bias: true, wscale: false }] {
-                v.push(Variant::ffn_reduce(up, epi));
+                for out in [DType::F32, DType::F16, DType::BF16] {
+                    v.push(Variant::ffn_reduce(up, epi, out));
+                }
             }
         }
         for tile in crate::ffn::mma_tiles_for_validation() {
@@ -432,7 +435,7 @@ impl Variant {
                     if self.unpack_f16 { ".unpack" } else { "" }
                 )
             }
-            Kernel::FfnReduce { up } => format!("ffn_reduce.{}{epi}", if up { "up" } else { "down" }),
+            Kernel::FfnReduce { up } => format!("ffn_reduce.{}.{}{epi}", if up { "up" } else { "down" }, self.out),
             Kernel::FfnMma { up } => format!(
                 "ffn_mma_{}.{}.{}.{}{epi}",
                 if up { "up" } else { "down" },
@@ -465,7 +468,7 @@ impl Variant {
         };
         let code = dtype_code;
         let widen = if self.unpack_f16 {
-            "fn widen_f16(word: u32, h: u32) -> f32 { return unpack2x16float(word)[h]; }"
+            "fn widen_f16(word: u32, h: u32) -> f32 { let v = unpack2x16float(word); return select(v.x, v.y, h == 1u); }"
         } else {
             "fn widen_f16(word: u32, h: u32) -> f32 { return f16_to_f32((word >> (16u * h)) & 0xffffu); }"
         };
@@ -505,9 +508,10 @@ impl Variant {
                     t.bkw
                 )
             }
-            Kernel::FfnReduce { up } => {
-                format!("const UP: bool = {up};\n{epi}\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_REDUCE}")
-            }
+            Kernel::FfnReduce { up } => format!(
+                "const UP: bool = {up};\nconst OT: u32 = {}u;\n{epi}\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_REDUCE}",
+                code(self.out)
+            ),
             Kernel::FfnRowMax => FFN_ROWMAX.to_string(),
             Kernel::Narrow => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{NARROW}", code(self.dtype)),
         }
@@ -516,31 +520,15 @@ impl Variant {
     fn mma_source(&self, up: bool) -> String {
         let t = self.mma;
         let s = t.s;
-        let (svt, put) = if t.sv == 4 {
-            (
-                "vec4<f16>",
-                "fn put_a(at: u32, h: array<vec2<f16>, 4>) {\n    a_s[at / 4u] = vec4<f16>(h[0], h[1]);\n    \
-                 a_s[at / 4u + 1u] = vec4<f16>(h[2], h[3]);\n}\n\
-                 fn put_b(at: u32, v0: vec4<f16>, v1: vec4<f16>) {\n    b_s[at / 4u] = v0;\n    \
-                 b_s[at / 4u + 1u] = v1;\n}\n",
-            )
-        } else {
-            (
-                "f16",
-                "fn put_a(at: u32, h: array<vec2<f16>, 4>) {\n    for (var q = 0u; q < 8u; q++) {\n        \
-                 a_s[at + q] = h[q / 2u][q % 2u];\n    }\n}\n\
-                 fn put_b(at: u32, v0: vec4<f16>, v1: vec4<f16>) {\n    for (var q = 0u; q < 4u; q++) {\n        \
-                 b_s[at + q] = v0[q];\n        b_s[at + 4u + q] = v1[q];\n    }\n}\n",
-            )
-        };
-        format!(
+        let svt = if t.sv == 4 { "vec4<f16>" } else { "f16" };
+        let text = format!(
             "enable f16;\nenable wgpu_cooperative_matrix;\n\
              alias AMat = coop_mat{s}x{s}<f16, A>;\nalias BMat = coop_mat{s}x{s}<f16, B>;\n\
              alias CMat = coop_mat{s}x{s}<f32, C>;\nalias SVT = {svt};\n\
              const UP: bool = {up};\nconst S: u32 = {s}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
              const BK: u32 = {}u;\nconst WM: u32 = {}u;\nconst WN: u32 = {}u;\nconst SG: u32 = {}u;\n\
              const NBUF: u32 = {}u;\nconst SV: u32 = {}u;\nconst AT: u32 = {}u;\nconst OT: u32 = {}u;\n{}\
-             {put}\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_MMA}",
+             \n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_MMA}",
             t.bm,
             t.bn,
             t.bk,
@@ -552,6 +540,7 @@ impl Variant {
             dtype_code(self.dtype),
             dtype_code(self.out),
             self.epi.prelude(),
-        )
+        );
+        crate::ffn::mma_source::expand(&text, t, up, dtype_code(self.dtype), self.out != DType::F32)
     }
 }

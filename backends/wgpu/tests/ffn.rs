@@ -115,7 +115,8 @@ fn check_portable(
 /// projections: within tolerance of `want` and of the portable result. Says so if skipped.
 fn check_mma(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usize], want: &[f64], what: &str) {
     let act = batch.dtype();
-    if act == DType::F32 || dev.dtype != DType::F16 {
+    if act == DType::F32 || dev.dtype != DType::F16 || dev.hidden % 8 != 0 || dev.intermediate % 8 != 0 {
+        // Not the cooperative kernel's: Auto takes the portable path (checked above).
         return;
     }
     let Some(units) = ctx.ffn_matrix() else {
@@ -126,8 +127,8 @@ fn check_mma(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usiz
         return;
     };
     let limit = ctx.limits().max_compute_workgroup_storage_size;
-    let mut forced: Vec<MmaTile> = default_tiles(units, limit).into_iter().flat_map(|(_, u, d)| [u, d]).collect();
-    forced.extend(forced.clone().into_iter().map(|t| MmaTile { sv: 4, ..t }));
+    let mut forced: Vec<MmaTile> = default_tiles(units, limit).into_iter().flatten().collect();
+    forced.extend(forced.clone().into_iter().filter(|t| t.s == 16).map(|t| MmaTile { sv: 5 - t.sv, ..t }));
     forced.extend(forced.clone().into_iter().filter(|t| t.sv == 1).map(|t| MmaTile { nbuf: 3 - t.nbuf, ..t }));
     forced.retain(|t| t.workgroup_bytes(true) <= limit);
     forced.dedup();

@@ -73,6 +73,13 @@ struct Args {
     /// Run issue 15's suite (three shapes, GPU only) instead of one preset.
     #[arg(long)]
     suite: bool,
+    /// Sweeps only at these token counts (default: every size).
+    #[arg(long, value_delimiter = ',')]
+    sweep_tokens: Vec<usize>,
+    /// Suite: first measure what a fresh engine costs before its first FFN call: opening a
+    /// device, and compiling the FFN pipelines of a small layer (D=48, F=40, bf16 weights).
+    #[arg(long)]
+    startup: bool,
     /// Suite: only shapes whose name contains this.
     #[arg(long)]
     only: Option<String>,
@@ -482,6 +489,9 @@ fn suite(a: &Args) -> Res<()> {
     let copy = gpu_copy_gbps(&ctx, &timer, a.iters)?;
     println!("GPU floor: copy kernel {copy:.0} GB/s (read + write)");
     let sweep = Sweep::parse(a, &ctx)?;
+    if a.startup {
+        startup(act)?;
+    }
     let mut points = Vec::new();
     for &(name, e, d, f, k, tokens) in SUITE {
         let picked = a.only.as_deref().map_or(name != "smoke", |o| name.contains(o));
@@ -549,7 +559,9 @@ fn suite_shape(
             fmt_time(secs),
             100.0 * gbps / copy
         );
-        sweep.run(ctx, timer, &dev, &call, a.iters)?;
+        if a.sweep_tokens.is_empty() || a.sweep_tokens.contains(&n) {
+            sweep.run(ctx, timer, &dev, &call, a.iters)?;
+        }
         call.recycle(ctx);
         points.push(SuitePoint {
             shape: name.into(),
@@ -615,6 +627,32 @@ fn torch_points(
             t.map_or("-".into(), fmt_time),
             pt.torch_over_moe_ep.unwrap_or(f64::NAN)
         );
+    }
+    Ok(())
+}
+
+/// What a fresh engine pays before its first call, three times: a device, and the FFN
+/// pipelines of a small layer (what each engine of a test on its own context compiles).
+fn startup(act: DType) -> Res<()> {
+    for wdt in [DType::BF16, DType::F16] {
+        let cfg = moe_ep::MoeConfig::new(8, 48, 40, 2).with_dtypes(act, wdt);
+        let set = moe_ep::ExpertSet::new(random::experts(&cfg, 1, &(0..8).collect::<Vec<_>>()));
+        for i in 0..3 {
+            let t = Instant::now();
+            let ctx = GpuContext::new(&ContextOptions::from_env())?;
+            let open = t.elapsed().as_secs_f64();
+            let dev = DeviceExperts::upload(&ctx, &set)?;
+            let t = Instant::now();
+            let mut n = 0;
+            for a in [act, DType::F32] {
+                n += ctx.prepare_ffn(&dev, a)?;
+            }
+            println!(
+                "startup {i} ({wdt} weights): device opened in {}, {n} FFN pipelines (both modes, {act} and f32 rows) compiled in {}",
+                fmt_time(open),
+                fmt_time(t.elapsed().as_secs_f64())
+            );
+        }
     }
     Ok(())
 }

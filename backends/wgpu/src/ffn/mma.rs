@@ -3,6 +3,7 @@
 
 use moe_ep::{DType, Result};
 
+use super::portable::{self, Io};
 use super::{Chunk, DeviceExperts, MmaPlan, Projection, Run, encode_pass, grid};
 use crate::context::{GpuContext, backend_error};
 use crate::kernels::{MmaTile, Variant};
@@ -39,36 +40,38 @@ pub fn matrix_units(adapter: &wgpu::Adapter, fast: bool) -> Option<MatrixUnits> 
     })
 }
 
-/// The buckets of rows per expert and their tiles (up, down), smallest first, for `units`
-/// and `limit` bytes of workgroup memory: an expert of `m` rows takes `m / 128` (or the largest
-/// bucket's) full tiles and its remainder goes to the first bucket that holds it.
-pub fn default_tiles(units: MatrixUnits, limit: u32) -> Vec<(usize, MmaTile, MmaTile)> {
+/// The tiles of each projection (up, down), smallest first, for `units` and `limit` bytes
+/// of workgroup memory: a tile takes up to `bm` rows of one expert; an expert of `m` rows
+/// takes `m / bm` tiles of the largest and its remainder goes to the first tile that holds it.
+/// Chosen from a sweep on the H200 (BENCHMARKS.md): 16-row tiles stream the weights of
+/// experts with a few rows, the 128-row ones with eight subgroups of 64 x 32 outputs run
+/// everything larger (the kernel is limited by its fragment loads, so wasted rows cost little).
+pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     let (s, sg) = (units.size, units.subgroup);
-    let t = |bm, bn, bk, wm, wn| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf: 2, sv: 1 };
-    let fit = |mut t: MmaTile, up: bool| {
-        if t.workgroup_bytes(up) > limit {
-            t.nbuf = 1;
-        }
-        t
-    };
-    let rows: &[(u32, MmaTile, MmaTile)] = if s == 16 {
-        &[
-            (16, t(16, 64, 64, 1, 4), t(16, 64, 64, 1, 4)),
-            (32, t(32, 64, 64, 1, 4), t(32, 64, 64, 1, 4)),
-            (64, t(64, 64, 32, 2, 2), t(64, 64, 32, 2, 2)),
-            (128, t(128, 64, 32, 2, 2), t(128, 128, 32, 2, 2)),
-        ]
+    // vec4 staging where the backend takes vector pointers for cooperative loads (Vulkan);
+    // Metal's simdgroup loads take scalar ones (its matrices are 8x8).
+    let sv = if s == 16 { 4 } else { 1 };
+    let t = |bm, bn, bk, wm, wn, nbuf| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
+    let (up, down) = if s == 16 {
+        (
+            vec![t(16, 64, 128, 1, 4, 1), t(128, 128, 32, 2, 4, 1)],
+            vec![t(16, 128, 64, 1, 4, 2), t(128, 128, 32, 2, 4, 1)],
+        )
     } else {
-        &[
-            (16, t(16, 32, 32, 2, 2), t(16, 32, 32, 2, 2)),
-            (32, t(32, 32, 32, 2, 2), t(32, 32, 32, 2, 2)),
-            (64, t(64, 32, 32, 2, 2), t(64, 64, 32, 2, 2)),
-        ]
+        (vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)], vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)])
     };
-    rows.iter()
-        .map(|&(m, u, d)| (m as usize, fit(u, true), fit(d, false)))
-        .filter(|(_, u, d)| u.workgroup_bytes(true) <= limit && d.workgroup_bytes(false) <= limit)
-        .collect()
+    let fit = |v: Vec<MmaTile>, is_up: bool| -> Vec<MmaTile> {
+        v.into_iter()
+            .map(|mut t| {
+                if t.workgroup_bytes(is_up) > limit {
+                    t.nbuf = 1;
+                }
+                t
+            })
+            .filter(|t| t.workgroup_bytes(is_up) <= limit)
+            .collect()
+    };
+    [fit(up, true), fit(down, false)]
 }
 
 /// Tiles the naga test validates: each default tile of both shapes, and the variants a
@@ -76,12 +79,11 @@ pub fn default_tiles(units: MatrixUnits, limit: u32) -> Vec<(usize, MmaTile, Mma
 pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
     let mut v = Vec::new();
     for units in [MatrixUnits { size: 16, subgroup: 32 }, MatrixUnits { size: 8, subgroup: 32 }] {
-        for (_, u, d) in default_tiles(units, u32::MAX) {
-            v.push(u);
-            v.push(d);
+        for t in default_tiles(units, u32::MAX).into_iter().flatten() {
+            v.push(t);
             if units.size == 16 {
-                v.push(MmaTile { sv: 4, ..u });
-                v.push(MmaTile { nbuf: 1, ..d });
+                v.push(MmaTile { sv: 1, ..t });
+                v.push(MmaTile { nbuf: 3 - t.nbuf, ..t });
             }
         }
     }
@@ -91,8 +93,9 @@ pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
 /// Row tiles of one shard for one projection: (tile, entries) per bucket.
 type Buckets = Vec<(MmaTile, Vec<[u32; 4]>)>;
 
-/// Split every expert of shard `s` into row tiles: forced tile `force`, or the buckets'.
-fn bucket_tiles(dev: &DeviceExperts, s: usize, c: &Chunk<'_>, buckets: &[(usize, MmaTile)]) -> Buckets {
+/// Split every expert of shard `s` with more than `skip` rows into row tiles of `tiles`
+/// (smallest first; each takes up to its `bm` rows).
+fn bucket_tiles(dev: &DeviceExperts, s: usize, c: &Chunk<'_>, tiles: &[MmaTile], skip: usize) -> Buckets {
     let shard = &dev.shards[s];
     let mut out: Buckets = Vec::new();
     let mut push = |t: MmaTile, e: usize, r0: usize, r1: usize| {
@@ -102,17 +105,20 @@ fn bucket_tiles(dev: &DeviceExperts, s: usize, c: &Chunk<'_>, buckets: &[(usize,
             None => out.push((t, vec![entry])),
         }
     };
-    let (_, big) = *buckets.last().expect("at least one bucket");
+    let big = *tiles.last().expect("at least one tile");
+    let bm = big.bm as usize;
     for l in shard.first..shard.first + shard.count {
         let (mut r0, r1) = (c.offs[l], c.offs[l + 1]);
+        if r1 - r0 <= skip {
+            continue;
+        }
         let e = l - shard.first;
-        let bm = big.bm as usize;
         while r1 - r0 >= bm {
             push(big, e, r0, r0 + bm);
             r0 += bm;
         }
         if r1 > r0 {
-            let t = buckets.iter().find(|(m, _)| *m >= r1 - r0).map_or(big, |&(_, t)| t);
+            let t = tiles.iter().copied().find(|t| t.bm as usize >= r1 - r0).unwrap_or(big);
             push(t, e, r0, r1);
         }
     }
@@ -131,12 +137,12 @@ impl GpuContext {
         plan: MmaPlan,
         scratch: &mut Vec<wgpu::Buffer>,
     ) -> Result<()> {
-        let MmaPlan { units, tiles: force, run } = plan;
+        let MmaPlan { units, tiles: force, run, decode_max } = plan;
         let (d, f) = (dev.hidden, dev.intermediate);
         let n = c.len();
         let limit = self.limits().max_compute_workgroup_storage_size;
         let table = default_tiles(units, limit);
-        if table.is_empty() {
+        if table.iter().any(Vec::is_empty) {
             return Err(backend_error(format!("no FFN tile fits the {limit} bytes of workgroup memory")));
         }
         let inter = self.ffn_scratch("ffn intermediate", (n * f * 4) as u64, scratch)?;
@@ -145,6 +151,17 @@ impl GpuContext {
         let dummy_w = self.ffn_scratch("ffn unused", 16, scratch)?;
         enc.clear_buffer(&hmax, 0, Some((n * 4) as u64));
         let mut launches = Vec::new();
+        // Experts of at most `decode_max` rows: the portable decode kernel (weights streamed
+        // once, split over the reduction) in the same pass; the others on the matrix units.
+        let (mut decode, prows) = portable::plan(dev, c, decode_max, true);
+        let part_bytes = 4 * (prows * portable::partial_per_row(d, f)) as u64;
+        let decode_max = if prows == 0 || part_bytes > self.max_binding_bytes() { 0 } else { decode_max };
+        let part = if decode_max > 0 {
+            decode.iter_mut().for_each(|t| t.tiled.clear());
+            Some(self.ffn_scratch("ffn partial sums", part_bytes, scratch)?)
+        } else {
+            None
+        };
         let xmax = if c.act == DType::BF16 && run != Run::Down {
             let xmax = self.ffn_scratch("ffn batch maxima", (n * 4) as u64, scratch)?;
             let (gx, gy) = grid(n, 1, self.limits().max_compute_workgroups_per_dimension)?;
@@ -169,9 +186,9 @@ impl GpuContext {
             }
             let (k, nn) = if up { (d, f) } else { (f, d) };
             let proj = Projection { up, k, n: nn };
-            let buckets: Vec<(usize, MmaTile)> = match force[usize::from(!up)] {
-                Some(t) => vec![(usize::MAX, t)],
-                None => table.iter().map(|&(m, u, dn)| (m, if up { u } else { dn })).collect(),
+            let tiles: Vec<MmaTile> = match force[usize::from(!up)] {
+                Some(t) => vec![t],
+                None => table[usize::from(!up)].clone(),
             };
             let bufs = if up {
                 MmaIo {
@@ -189,8 +206,29 @@ impl GpuContext {
                 }
             };
             for s in 0..dev.shards.len() {
-                for (tile, tiles) in bucket_tiles(dev, s, c, &buckets) {
-                    launches.push(self.mma_launch(dev, s, c, &proj, tile, &tiles, &bufs, scratch)?);
+                for (tile, rows) in bucket_tiles(dev, s, c, &tiles, decode_max) {
+                    launches.push(self.mma_launch(dev, s, c, &proj, tile, &rows, &bufs, scratch)?);
+                }
+            }
+            if let Some(part) = &part {
+                let io = Io {
+                    a: bufs.a,
+                    w: (&dev.shards[0].gate, &dev.shards[0].gate, 0),
+                    part: (part, part.size()),
+                    out: bufs.out,
+                    reduce_out: if up { DType::F32 } else { c.act },
+                };
+                for t in &decode {
+                    let shard = &dev.shards[t.shard];
+                    let mut p = dev.params(shard, &proj)?;
+                    let (a_base, o_base) = if up { (0, c.c0) } else { (c.c0, 0) };
+                    p.a_base = a_base as u32;
+                    p.o_base = o_base as u32;
+                    p.chunks = portable::chunks(k) as u32;
+                    p.prows = prows as u32;
+                    let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
+                    let io = Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), ..io };
+                    self.portable_launches(dev, c.act, t, &proj, &p, &io, scratch, &mut launches)?;
                 }
             }
         }

@@ -16,6 +16,7 @@
 //! intermediate would exceed one binding runs in chunks of rows), so one submit runs it all.
 
 mod mma;
+pub(crate) mod mma_source;
 mod portable;
 mod upload;
 
@@ -76,6 +77,8 @@ pub(crate) struct MmaPlan {
     pub units: MatrixUnits,
     pub tiles: [Option<MmaTile>; 2],
     pub run: Run,
+    /// Experts of at most this many rows run the portable decode kernel in the same pass.
+    pub decode_max: usize,
 }
 
 /// The launch parameters every FFN kernel reads (the `Params` of `wgsl/ffn*.wgsl`).
@@ -238,10 +241,9 @@ impl GpuContext {
         let mut vs = Vec::new();
         if let Ok(Path::Mma(MmaPlan { units, .. })) = self.ffn_path(dev, act, FfnKernels::Auto { deterministic: false })
         {
-            for (_, up, down) in default_tiles(units, self.limits().max_compute_workgroup_storage_size) {
-                vs.push(Variant::ffn_mma(true, act, up, dev.epilogue()));
-                vs.push(Variant::ffn_mma(false, act, down, dev.epilogue()));
-            }
+            let [up, down] = default_tiles(units, self.limits().max_compute_workgroup_storage_size);
+            vs.extend(up.into_iter().map(|t| Variant::ffn_mma(true, act, t, dev.epilogue())));
+            vs.extend(down.into_iter().map(|t| Variant::ffn_mma(false, act, t, dev.epilogue())));
             if act == DType::BF16 {
                 vs.push(Variant::ffn_rowmax());
             }
@@ -361,7 +363,8 @@ impl GpuContext {
         match kernels {
             FfnKernels::Auto { deterministic } => Ok(match units {
                 Some(units) if mma_ok && !deterministic => {
-                    Path::Mma(MmaPlan { units, tiles: [None, None], run: Run::Both })
+                    let decode_max = if portable::decode_ok(self, dev) { DECODE_MAX_ROWS } else { 0 };
+                    Path::Mma(MmaPlan { units, tiles: [None, None], run: Run::Both, decode_max })
                 }
                 _ => Path::Portable { decode_max: DECODE_MAX_ROWS, prefetch: true },
             }),
@@ -393,7 +396,7 @@ impl GpuContext {
                         )));
                     }
                 }
-                Ok(Path::Mma(MmaPlan { units, tiles: [up, down], run }))
+                Ok(Path::Mma(MmaPlan { units, tiles: [up, down], run, decode_max: 0 }))
             }
         }
     }

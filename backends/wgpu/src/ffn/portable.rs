@@ -11,19 +11,19 @@ use crate::ops::Launch;
 
 /// Row tiles of one shard: decode buckets (tile, tiles), the tiled kernel's tiles, and every
 /// decode tile again for the reduction.
-struct ShardTiles {
-    shard: usize,
-    decode: Vec<(Tile, Vec<[u32; 4]>)>,
-    tiled: Vec<[u32; 4]>,
-    reduce: Vec<[u32; 4]>,
+pub(super) struct ShardTiles {
+    pub shard: usize,
+    pub decode: Vec<(Tile, Vec<[u32; 4]>)>,
+    pub tiled: Vec<[u32; 4]>,
+    pub reduce: Vec<[u32; 4]>,
 }
 
-fn chunks(k: usize) -> usize {
+pub(super) fn chunks(k: usize) -> usize {
     k.div_ceil(CHUNK as usize)
 }
 
 /// Values of the decode kernel's partial sums per row (the larger projection's).
-fn partial_per_row(d: usize, f: usize) -> usize {
+pub(super) fn partial_per_row(d: usize, f: usize) -> usize {
     (2 * chunks(d) * f).max(chunks(f) * d)
 }
 
@@ -44,7 +44,10 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
             for m in [1, 2, 4, 8] {
                 v.push(Variant::ffn(up, act, dev.dtype, decode_tile(m, true), unpack, Epilogue::PLAIN));
             }
-            v.push(Variant::ffn_reduce(up, epi));
+            v.push(Variant::ffn_reduce(up, epi, DType::F32));
+            if !up && act != DType::F32 {
+                v.push(Variant::ffn_reduce(up, epi, act));
+            }
         }
     }
     if act != DType::F32 {
@@ -54,7 +57,7 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
 }
 
 /// Whether the decode kernel takes these sizes (its 16-byte loads) on this device.
-fn decode_ok(ctx: &GpuContext, dev: &DeviceExperts) -> bool {
+pub(super) fn decode_ok(ctx: &GpuContext, dev: &DeviceExperts) -> bool {
     dev.hidden % 8 == 0
         && dev.intermediate % 8 == 0
         && Tile::gemv(8).workgroup_bytes() <= ctx.limits().max_compute_workgroup_storage_size
@@ -106,7 +109,13 @@ impl GpuContext {
                     (a_base as u32, o_base as u32, chunks(k) as u32, prows as u32);
                 let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
                 let w_bytes = shard.count as u64 * (f * d * dev.dtype.size()) as u64;
-                let io = Io { a: (a, a_bytes), w: (w0, w1, w_bytes), part: (&part, part.size()), out: (o, o_bytes) };
+                let io = Io {
+                    a: (a, a_bytes),
+                    w: (w0, w1, w_bytes),
+                    part: (&part, part.size()),
+                    out: (o, o_bytes),
+                    reduce_out: DType::F32,
+                };
                 self.portable_launches(dev, c.act, t, &proj, &p, &io, scratch, &mut launches)?;
             }
         }
@@ -131,7 +140,7 @@ impl GpuContext {
 
     /// The decode, tiled and reduce launches of one shard for one projection.
     #[allow(clippy::too_many_arguments)]
-    fn portable_launches(
+    pub(super) fn portable_launches(
         &self,
         dev: &DeviceExperts,
         act: DType,
@@ -184,8 +193,9 @@ impl GpuContext {
         if !t.reduce.is_empty() {
             let table = self.tile_table(&t.reduce, scratch)?;
             check_dim(t.reduce.len(), max_dim)?;
-            let v = Variant::ffn_reduce(proj.up, dev.epilogue());
-            let groups = (proj.n.div_ceil(WORKGROUP as usize) as u32, t.reduce.len() as u32, 1);
+            let v = Variant::ffn_reduce(proj.up, dev.epilogue(), io.reduce_out);
+            let per = if v.out == DType::F32 { 1 } else { 2 };
+            let groups = (proj.n.div_ceil(per * WORKGROUP as usize) as u32, t.reduce.len() as u32, 1);
             let vecs = &dev.shards[t.shard].vecs;
             // SAFETY: partial rows q < prows, chunks and columns below the launch's; outputs
             // at the tiles' rows (within the output's) and columns below N.
@@ -203,11 +213,13 @@ impl GpuContext {
 }
 
 /// Buffers (and bytes bound) of one projection's launches.
-struct Io<'a> {
-    a: (&'a wgpu::Buffer, u64),
-    w: (&'a wgpu::Buffer, &'a wgpu::Buffer, u64),
-    part: (&'a wgpu::Buffer, u64),
-    out: (&'a wgpu::Buffer, u64),
+pub(super) struct Io<'a> {
+    pub a: (&'a wgpu::Buffer, u64),
+    pub w: (&'a wgpu::Buffer, &'a wgpu::Buffer, u64),
+    pub part: (&'a wgpu::Buffer, u64),
+    pub out: (&'a wgpu::Buffer, u64),
+    /// The reduction's output dtype (the down projection's: f32, or the call's 16-bit one).
+    pub reduce_out: DType,
 }
 
 fn check_dim(n: usize, max_dim: u32) -> Result<()> {
@@ -222,7 +234,7 @@ fn check_dim(n: usize, max_dim: u32) -> Result<()> {
 /// Row tiles of every shard for chunk `c`: experts of 1..=decode_max rows in decode buckets
 /// (partial rows numbered from 0 across the chunk), the others in 64-row tiles. Also the
 /// partial rows' count.
-fn plan(dev: &DeviceExperts, c: &Chunk<'_>, decode_max: usize, prefetch: bool) -> (Vec<ShardTiles>, usize) {
+pub(super) fn plan(dev: &DeviceExperts, c: &Chunk<'_>, decode_max: usize, prefetch: bool) -> (Vec<ShardTiles>, usize) {
     let mut out = Vec::new();
     let mut prows = 0usize;
     for (s, shard) in dev.shards.iter().enumerate() {
