@@ -1,8 +1,10 @@
 // Grouped expert GEMM with weights in Hugging Face layout: out[r, n] = sum_k A[r, k] * W_e[n, k]
 // for the rows r of each row tile, e the tile's expert. Two uses (the prelude's UP):
 //   up   (UP = true):  A = the expert-major batch, W = gate and up read in one pass over A,
-//                      out = silu(A·Wg^T) * (A·Wu^T), f32 [rows, F];
-//   down (UP = false): A = that f32 intermediate, W = down, out = f32 [rows, D].
+//                      out = act(A·Wg^T, A·Wu^T), f32 [rows, F];
+//   down (UP = false): A = that f32 intermediate, W = down, out = f32 [rows, D];
+// with the epilogue of `wgsl/ffn_epi.wgsl` (weight row scales, biases) on the sums. Row r of
+// A is A's row r - a_base, of out out's row r - o_base (a call's row chunks).
 //
 // A workgroup computes a BM x BN tile of out: rows tiles[wid.x] (one expert's, at most BM),
 // columns wid.y * BN ... Each step stages BK columns of A (widened to f32) and of the BN weight
@@ -23,18 +25,26 @@
 //
 // Prelude (added by the loader): UP, AT (A's dtype: 0 = f32, 1 = f16, 2 = bf16), WT
 // (weights' dtype), BM, BN, TM, TN, BKW, PIECE (a multiple of BK), CHUNK (a multiple of
-// PIECE), and widen_f16(word, h);
-// `wgsl/convert.wgsl` and `wgsl/silu.wgsl` precede this file.
+// PIECE), WS, BIAS, ACT, and widen_f16(word, h); `wgsl/convert.wgsl`, `wgsl/ffn_act.wgsl`
+// and `wgsl/ffn_epi.wgsl` precede this file.
 
 struct Params {
     k_len: u32,        // K: elements per A row and per weight row
     n_len: u32,        // N: weight rows, the output columns
     expert_words: u32, // 32-bit words of one expert's matrix in the bound weight buffers
     zero: u32,         // always 0, unknown to the compiler: the accumulators' start
+    a_base: u32,       // row subtracted from A's row index
+    o_base: u32,       // row subtracted from out's row index
+    _m_base: u32,
+    chunks: u32,       // decode kernel: chunks of K
+    prows: u32,        // decode kernel: rows of the partial sums
+    vec_stride: u32,   // f32 values per expert in `vecs`
+    wscale_at: u32,    // offset of this projection's row scales in an expert's vecs (WS)
+    bias_at: u32,      // offset of this projection's biases (BIAS)
+    up_off: u32,       // up: offset of the up projection's vectors after the gate's
+    alpha: u32,        // f32 bits of the clamped SwiGLU's alpha (ACT = 1)
+    limit: u32,        // f32 bits of its limit
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
 }
 
 const THREADS: u32 = (BN / TN) * (BM / TM);
@@ -53,6 +63,8 @@ const W1_LEN: u32 = select(1u, BN * WROW, UP);
 @group(0) @binding(3) var<storage, read> w0: array<u32>;
 @group(0) @binding(4) var<storage, read> w1: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
+// Row scales and biases of the bound experts (`wgsl/ffn_epi.wgsl`).
+@group(0) @binding(6) var<storage, read> vecs: array<f32>;
 
 var<workgroup> a_s: array<f32, BM * BK>;
 var<workgroup> w0_s: array<u32, BN * WROW>;
@@ -79,6 +91,10 @@ fn load_a(i: u32) -> f32 {
 
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if p.zero != 0u {
+        // Never runs: keeps every binding in the pipeline's layout whatever the constants.
+        out[0] = vecs[0] + bitcast<f32>(w1[0]);
+    }
     let tile = tiles[wid.x];
     let r0 = tile.y;
     let r1 = tile.z;
@@ -113,7 +129,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let k = k0 + i % BK;
             var v = 0.0;
             if r < r1 && k < K {
-                v = load_a(r * K + k);
+                v = load_a((r - p.a_base) * K + k);
             }
             a_s[i] = v;
         }
@@ -191,11 +207,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         for (var j = 0u; j < TN; j++) {
             let n = n0 + tn + j * (BN / TN);
             if n < N {
-                var v = acc0[i * TN + j];
+                var v: f32;
                 if UP {
-                    v = silu_mul(v, acc1[i * TN + j]);
+                    v = up_value(acc0[i * TN + j], acc1[i * TN + j], tile.x, n);
+                } else {
+                    v = down_value(acc0[i * TN + j], tile.x, n);
                 }
-                out[r * N + n] = v;
+                out[(r - p.o_base) * N + n] = v;
             }
         }
     }

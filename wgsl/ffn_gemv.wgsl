@@ -13,9 +13,11 @@
 //
 // Summation order: exactly `wgsl/ffn.wgsl`'s: a piece's sum starts at zero (p.zero) and takes
 // fma(A[r, k], W[n, k], piece) for its k in order; a chunk's sum starts at zero and adds its
-// pieces' sums in order. The chunk sums go to `out` as [chunk][row][n] (UP: the gate's, then
-// the up's, `chunks * rows * N` values later), and `wgsl/ffn_reduce.wgsl` adds them, in chunk
-// order, to a zero: the bits equal the tiled kernel's.
+// pieces' sums in order. The chunk sums go to `out` as [chunk][q][n] with q = tiles[.].w plus
+// the row's place in its tile, among p.prows rows (UP: the gate's, then the up's,
+// `chunks * prows * N` values later), and `wgsl/ffn_reduce.wgsl` adds them, in chunk order,
+// to a zero, and applies the tiled kernel's epilogue: the bits equal the tiled kernel's.
+// Row r of A is A's row r - a_base.
 //
 // Needs K (and so every row start) a multiple of 4 words (8 16-bit or 4 f32 elements) for
 // the 16-byte loads; the loader uses the tiled kernel otherwise.
@@ -28,11 +30,19 @@ struct Params {
     k_len: u32,        // K: elements per A row and per weight row
     n_len: u32,        // N: weight rows, the output columns
     expert_words: u32, // 32-bit words of one expert's matrix in the bound weight buffers
-    zero: u32,         // always 0, unknown to the compiler: the sums' start
-    rows: u32,         // rows of the batch (the partials' row stride)
-    chunks: u32,       // chunks of K (the gate/up partials' offset)
+    zero: u32,         // always 0, unknown to the compiler: the accumulators' start
+    a_base: u32,       // row subtracted from A's row index
+    o_base: u32,       // row subtracted from out's row index
+    _m_base: u32,
+    chunks: u32,       // decode kernel: chunks of K
+    prows: u32,        // decode kernel: rows of the partial sums
+    vec_stride: u32,   // f32 values per expert in `vecs`
+    wscale_at: u32,    // offset of this projection's row scales in an expert's vecs (WS)
+    bias_at: u32,      // offset of this projection's biases (BIAS)
+    up_off: u32,       // up: offset of the up projection's vectors after the gate's
+    alpha: u32,        // f32 bits of the clamped SwiGLU's alpha (ACT = 1)
+    limit: u32,        // f32 bits of its limit
     _pad0: u32,
-    _pad1: u32,
 }
 
 const WPE: u32 = select(2u, 1u, WT == 0u);
@@ -42,7 +52,7 @@ const VROW: u32 = VPR + 1u;
 const T1_LEN: u32 = select(1u, BN * VROW, UP);
 
 @group(0) @binding(0) var<uniform> p: Params;
-// Row tiles: (expert within the bound weights, first row, end row, 0).
+// Row tiles: (expert within the bound weights, first row, end row, first partial row q).
 @group(0) @binding(1) var<storage, read> tiles: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> a: array<u32>;
 @group(0) @binding(3) var<storage, read> w0: array<vec4<u32>>;
@@ -144,7 +154,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             var v = vec4<f32>(0.0);
             if r < r1 && kk < len {
                 // len is a multiple of 4 (K is a multiple of 8 elements).
-                let at = r * K + k0 + kk;
+                let at = (r - p.a_base) * K + k0 + kk;
                 v = vec4<f32>(load_a(at), load_a(at + 1u), load_a(at + 2u), load_a(at + 3u));
             }
             a_s[i] = v;
@@ -202,10 +212,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     for (var r = 0u; r < BM; r++) {
         if r0 + r < r1 {
-            let at = (wid.x * p.rows + r0 + r) * N + n;
+            let at = (wid.x * p.prows + tile.w + r) * N + n;
             out[at] = sum0[r];
             if UP {
-                out[at + p.chunks * p.rows * N] = sum1[r];
+                out[at + p.chunks * p.prows * N] = sum1[r];
             }
         }
     }

@@ -1,56 +1,75 @@
-// The end of a split FFN launch (`wgsl/ffn_gemv.wgsl`): out[r, n] = the sum over chunks,
-// in order, of the partials [chunk][r][n], starting from zero, the same additions the unsplit
-// kernel makes; then, for UP, silu(gate) * up of the two sums (the gate's partials first, then
-// the up's, `chunks * rows * N` values apart). With DT = 1 or 2 (the down projection of 16-bit
-// activations) it writes pairs of outputs narrowed to f16 / bf16 in one 32-bit word instead,
-// as `wgsl/narrow.wgsl` would.
+// The end of the decode kernel's launches (`wgsl/ffn_gemv.wgsl`): for each row of a row tile,
+// the sum over chunks, in order, of the partials [chunk][q][n] (q = tiles[.].w plus the row's
+// place in its tile), starting from zero: the additions the tiled kernel makes; then the
+// tiled kernel's epilogue (`wgsl/ffn_epi.wgsl`: scales, biases and, for UP, act(gate, up) of
+// the two sums, the gate's partials first, the up's `chunks * prows * N` values later).
+// Writes out[(r - o_base) * N + n]: f32 (OT = 0), or (the down projection) pairs of outputs
+// narrowed to f16 (OT = 1) or bf16 (OT = 2) in one 32-bit word, as `wgsl/narrow.wgsl` would.
 //
-// Prelude (added by the loader): UP, DT; `wgsl/convert.wgsl` and `wgsl/silu.wgsl` precede
-// this file.
+// Workgroup (wid.x, wid.y): columns (OT = 0) or column pairs wid.x * 256 .., row tile
+// tiles[wid.y] (at most 8 rows).
+//
+// Prelude (added by the loader): UP, OT, WS, BIAS, ACT; `wgsl/convert.wgsl`, `wgsl/ffn_act.wgsl`
+// and `wgsl/ffn_epi.wgsl` precede this file.
 
 struct Params {
-    count: u32,    // rows * N outputs (DT != 0: an even number)
-    chunks: u32,   // partials per output
-    groups_x: u32, // workgroups along x
-    zero: u32,     // always 0, unknown to the compiler
+    k_len: u32,        // K: elements per A row and per weight row
+    n_len: u32,        // N: weight rows, the output columns
+    expert_words: u32, // 32-bit words of one expert's matrix in the bound weight buffers
+    zero: u32,         // always 0, unknown to the compiler: the accumulators' start
+    a_base: u32,       // row subtracted from A's row index
+    o_base: u32,       // row subtracted from out's row index
+    _m_base: u32,
+    chunks: u32,       // decode kernel: chunks of K
+    prows: u32,        // decode kernel: rows of the partial sums
+    vec_stride: u32,   // f32 values per expert in `vecs`
+    wscale_at: u32,    // offset of this projection's row scales in an expert's vecs (WS)
+    bias_at: u32,      // offset of this projection's biases (BIAS)
+    up_off: u32,       // up: offset of the up projection's vectors after the gate's
+    alpha: u32,        // f32 bits of the clamped SwiGLU's alpha (ACT = 1)
+    limit: u32,        // f32 bits of its limit
+    _pad0: u32,
 }
 
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> part: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+@group(0) @binding(1) var<storage, read> tiles: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> part: array<f32>;
+@group(0) @binding(3) var<storage, read> vecs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<u32>;
 
-fn total(i: u32) -> f32 {
-    var g = bitcast<f32>(p.zero);
+// The sum of the partials of row q, column n, from partial set `which` (0 gate or down, 1 up).
+fn total(which: u32, q: u32, n: u32) -> f32 {
+    var s = bitcast<f32>(p.zero);
     for (var c = 0u; c < p.chunks; c++) {
-        g = g + part[c * p.count + i];
+        s = s + part[((which * p.chunks + c) * p.prows + q) * p.n_len + n];
     }
-    return g;
+    return s;
 }
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * p.groups_x + wid.x) * WG + lid;
-    if DT != 0u {
-        if 2u * i < p.count {
-            out[i] = narrow_pair(total(2u * i), total(2u * i + 1u), DT);
-        }
+    if p.zero != 0u {
+        out[0] = bitcast<u32>(vecs[0]);
+    }
+    let tile = tiles[wid.y];
+    let per = select(1u, 2u, OT != 0u);
+    let n = (wid.x * WG + lid) * per;
+    if n >= p.n_len {
         return;
     }
-    if i >= p.count {
-        return;
-    }
-    if UP {
-        let z = bitcast<f32>(p.zero);
-        var g = z;
-        var u = z;
-        for (var c = 0u; c < p.chunks; c++) {
-            g = g + part[c * p.count + i];
-            u = u + part[(p.chunks + c) * p.count + i];
+    for (var r = tile.y; r < tile.z; r++) {
+        let q = tile.w + r - tile.y;
+        let o = (r - p.o_base) * p.n_len + n;
+        if UP {
+            out[o] = bitcast<u32>(up_value(total(0u, q, n), total(1u, q, n), tile.x, n));
+        } else if OT == 0u {
+            out[o] = bitcast<u32>(down_value(total(0u, q, n), tile.x, n));
+        } else {
+            let v0 = down_value(total(0u, q, n), tile.x, n);
+            let v1 = down_value(total(0u, q, n + 1u), tile.x, n + 1u);
+            out[o / 2u] = narrow_pair(v0, v1, OT);
         }
-        out[i] = bitcast<u32>(silu_mul(g, u));
-    } else {
-        out[i] = bitcast<u32>(total(i));
     }
 }

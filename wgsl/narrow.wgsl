@@ -1,11 +1,11 @@
-// Narrow f32 values to a 16-bit dtype, two per 32-bit word: dst[i] = narrow(src[2i]) |
-// narrow(src[2i + 1]) << 16, rounding to nearest even (`wgsl/convert.wgsl`, added by the
+// Narrow f32 values to a 16-bit dtype, two per 32-bit word: dst[dst_at + i] =
+// narrow(src[2i]) | narrow(src[2i + 1]) << 16, rounding to nearest even (`wgsl/convert.wgsl`, added by the
 // loader with `DT`: 1 = f16, 2 = bf16). The expert FFN's last step for 16-bit activations.
 
 struct Params {
     words: u32,    // 32-bit words to write
     groups_x: u32, // workgroups along x
-    _pad0: u32,
+    dst_at: u32,   // first word of dst written
     _pad1: u32,
 }
 
@@ -19,6 +19,6 @@ const WG: u32 = 256u;
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = (wid.y * p.groups_x + wid.x) * WG + lid;
     if i < p.words {
-        dst[i] = narrow_pair(src[2u * i], src[2u * i + 1u], DT);
+        dst[p.dst_at + i] = narrow_pair(src[2u * i], src[2u * i + 1u], DT);
     }
 }

@@ -142,7 +142,8 @@ pub struct RouterSet {
 pub struct HostTraffic {
     /// Rows uploaded: the input, received exchange blocks.
     pub upload_bytes: u64,
-    /// Plan indices, host weights and kernel parameters uploaded.
+    /// Plan indices, host weights and kernel parameters of the data-path kernels uploaded (the
+    /// FFN's own tile tables and parameters are not counted).
     pub index_bytes: u64,
     /// Bytes read back: routing ids and weights, exchange send blocks, the output.
     pub readback_bytes: u64,

@@ -85,7 +85,7 @@ pub struct GpuContext {
     max_binding: u64,
     timeout: Duration,
     unpack_f16: bool,
-    coop_f16: bool,
+    matrix: Option<crate::ffn::MatrixUnits>,
     mapped_exchange: bool,
     timestamps: bool,
     pub(crate) pipelines: PipelineCache,
@@ -152,19 +152,12 @@ impl GpuContext {
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let mut features = adapter.features() & wanted;
-        // Tensor cores (NVIDIA) or simdgroup matrices (Apple) for the FFN's fast variant: only
-        // with the one shape and types its kernel uses offered (a shader with a shape the
-        // adapter does not offer can compile and silently compute zeros).
-        let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
-        let coop_f16 = opts.fast_variants
-            && adapter.features().contains(coop)
-            && adapter.cooperative_matrix_properties().iter().any(|p| {
-                (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
-                    && p.ab_type == wgpu::CooperativeScalarType::F16
-                    && p.cr_type == wgpu::CooperativeScalarType::F32
-            });
-        if coop_f16 {
-            features |= coop;
+        // Tensor cores (NVIDIA) or simdgroup matrices (Apple) for the FFN: only in a shape the
+        // adapter offers and the kernel has (a shader with an unoffered shape can compile and
+        // silently compute zeros).
+        let matrix = crate::ffn::matrix_units(&adapter, opts.fast_variants);
+        if matrix.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
         }
         let mappable = adapter.features().contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         let unified = matches!(info.device_type, wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu);
@@ -189,7 +182,7 @@ impl GpuContext {
             label: Some("moe-ep"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: if coop_f16 {
+            experimental_features: if matrix.is_some() {
                 // SAFETY: wgpu's experimental cooperative matrices, used only by the FFN's
                 // cooperative variant, which the tests compare with the portable kernel.
                 unsafe { wgpu::ExperimentalFeatures::enabled() }
@@ -222,7 +215,7 @@ impl GpuContext {
             max_binding,
             timeout: opts.timeout,
             unpack_f16,
-            coop_f16,
+            matrix,
             mapped_exchange,
             timestamps: opts.timestamps,
             pipelines: PipelineCache::default(),
@@ -251,10 +244,10 @@ impl GpuContext {
         self.unpack_f16
     }
 
-    /// Whether the FFN may use its cooperative-matrix variant (16x16x16 f16 products with f32
-    /// accumulators offered, SHADER_F16, fast variants on).
-    pub fn coop_f16(&self) -> bool {
-        self.coop_f16
+    /// The matrix units the FFN's cooperative-matrix kernel uses on this device, if any
+    /// ([`crate::ffn::matrix_units`]; fast variants on).
+    pub fn ffn_matrix(&self) -> Option<crate::ffn::MatrixUnits> {
+        self.matrix
     }
 
     /// Whether exchange blocks are device buffers the host maps in place (see
@@ -352,10 +345,20 @@ impl GpuContext {
             let _ = tx.send(r);
         });
         self.wait()?;
-        match rx.try_recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(backend_error(format!("mapping the readback buffer failed: {e}"))),
-            Err(_) => return Err(backend_error("the readback buffer was not mapped after the GPU finished")),
+        // Another thread polling the same device may be the one that runs the callback (after
+        // our wait has returned): keep polling until it has run, within the timeout.
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mapped = loop {
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(r) => break r,
+                Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                }
+                Err(_) => return Err(backend_error("the readback buffer was not mapped after the GPU finished")),
+            }
+        };
+        if let Err(e) = mapped {
+            return Err(backend_error(format!("mapping the readback buffer failed: {e}")));
         }
         {
             let view = staging

@@ -4,12 +4,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use moe_ep::compute::engine::{ZERO_ROW, check_ffn, even_offsets};
-use moe_ep::compute::session::{Buf, Matrix, RouterSet, Session};
+use moe_ep::compute::session::{Matrix, RouterSet, Session};
 use moe_ep::{DType, Engine, ExpertSet, Result, Tensor};
 
 use crate::context::{ContextOptions, GpuContext};
-use crate::ffn::{DeviceExperts, check_shape, choose_tile};
-use crate::kernels::Tile;
+use crate::ffn::{DeviceExperts, FfnKernels};
 use crate::session::GpuSession;
 
 /// Runs every compute stage on the GPU, rows kept on the device between stages: its
@@ -18,7 +17,8 @@ use crate::session::GpuSession;
 /// set (at warm-up or on first use) and stay on the device until the set is released.
 ///
 /// Data movement is bitwise that of [`moe_ep::CpuEngine`], and so is the combine; the FFN
-/// sums in f32 in a fixed order (`wgsl/ffn.wgsl`) and differs from the CPU's by rounding only.
+/// differs from the CPU's by rounding only (in deterministic mode its portable kernels sum in
+/// one fixed order; outside it the matrix-unit kernels sum in the hardware's order).
 #[derive(Debug, Clone)]
 pub struct GpuEngine {
     ctx: Arc<GpuContext>,
@@ -31,23 +31,6 @@ pub struct GpuEngine {
 }
 
 impl GpuEngine {
-    /// One FFN call through a session (upload, record, read back).
-    fn ffn_session(
-        &self,
-        batch: &Tensor,
-        offsets: &[usize],
-        experts: &ExpertSet,
-        deterministic: bool,
-        out: &mut Tensor,
-    ) -> Result<()> {
-        let mut s = self.session()?;
-        let b = s.upload(batch)?;
-        let o = s.alloc(out.dtype(), out.rows(), out.cols())?;
-        s.ffn(b, offsets, experts, deterministic, o)?;
-        *out = s.download(o)?;
-        Ok(())
-    }
-
     /// An engine on a new device chosen by `opts`.
     pub fn new(opts: &ContextOptions) -> Result<Self> {
         Ok(Self::with_context(Arc::new(GpuContext::new(opts)?)))
@@ -121,53 +104,6 @@ impl GpuEngine {
         Ok(b)
     }
 
-    /// Record the grouped FFN of `batch`'s rows (device buffer `src`) into `dst` (same shape),
-    /// by expert offsets, into `enc`. Returns the bytes of indices and parameters uploaded.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn encode_ffn_rows(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        src: &wgpu::Buffer,
-        dst: &wgpu::Buffer,
-        batch: Buf,
-        offsets: &[usize],
-        experts: &ExpertSet,
-        deterministic: bool,
-        scratch: &mut Vec<wgpu::Buffer>,
-    ) -> Result<u64> {
-        let (rows, d, act) = (batch.rows(), batch.cols(), batch.dtype());
-        let (f, wdt) = (experts[0].gate.rows(), experts[0].gate.dtype());
-        check_shape(act, wdt, d, f)?;
-        let dev = self.resident(experts)?;
-        let ctx = &self.ctx;
-        let tile = self.tile_for(offsets, d, f, act, wdt, deterministic);
-        let bufs = ctx.ffn_scratch(&[], act, rows, d, f, tile)?;
-        let bytes = (rows * d * act.size()) as u64;
-        let mut tables = Vec::new();
-        let launches = ctx.ffn_launches(&dev, act, offsets, tile, &bufs.view(), &mut tables);
-        let launches = match launches {
-            Ok(l) => l,
-            Err(e) => {
-                scratch.extend(tables);
-                bufs.recycle(ctx);
-                return Err(e);
-            }
-        };
-        let index_bytes = tables.iter().map(|t| t.size()).sum::<u64>() + 32 * launches.len() as u64;
-        enc.copy_buffer_to_buffer(src, 0, &bufs.batch, 0, bytes);
-        {
-            let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ffn"), timestamp_writes: None });
-            for l in &launches {
-                l.encode(&mut pass);
-            }
-        }
-        enc.copy_buffer_to_buffer(bufs.output(), 0, dst, 0, bytes);
-        scratch.extend(tables);
-        scratch.extend([bufs.batch, bufs.inter, bufs.out32].into_iter().chain(bufs.out16).chain(bufs.partial));
-        Ok(index_bytes)
-    }
-
     /// The device copy of `experts`, uploaded on first use.
     pub fn resident(&self, experts: &ExpertSet) -> Result<Arc<DeviceExperts>> {
         if let Some(d) = self.experts.read().unwrap_or_else(|p| p.into_inner()).get(&experts.id()) {
@@ -183,95 +119,10 @@ impl GpuEngine {
         self.experts.read().unwrap_or_else(|p| p.into_inner()).values().map(|d| d.bytes).sum()
     }
 
-    /// The FFN kernel [`Engine::ffn`] runs for these expert offsets over a `d x f` FFN: the
-    /// decode kernel for a few rows an expert, else the tiled one, or its cooperative-matrix
-    /// variant for f16 activations and weights where the adapter offers it and `deterministic`
-    /// is off. The portable shapes all sum in one order, so the choice keeps the
-    /// deterministic mode's guarantee.
-    pub fn tile_for(
-        &self,
-        offsets: &[usize],
-        d: usize,
-        f: usize,
-        act: DType,
-        weights: DType,
-        deterministic: bool,
-    ) -> Tile {
-        let limit = self.ctx.limits().max_compute_workgroup_storage_size;
-        let mut tile = choose_tile(offsets, d, f);
-        if tile.workgroup_bytes() > limit {
-            tile = Tile::SQUARE;
-        }
-        let f16 = act == DType::F16 && weights == DType::F16 && d % 16 == 0 && f % 16 == 0;
-        if tile == Tile::SQUARE && !deterministic && f16 && self.ctx.coop_f16() && Tile::COOP.workgroup_bytes() <= limit
-        {
-            tile = Tile::COOP;
-        }
-        tile
-    }
-
-    /// [`Engine::ffn`] with a given tile shape (benchmarks and tests compare the shapes).
-    pub fn ffn_with_tile(
-        &self,
-        batch: &Tensor,
-        offsets: &[usize],
-        experts: &ExpertSet,
-        tile: Tile,
-        out: &mut Tensor,
-    ) -> Result<()> {
-        check_ffn(batch, offsets, experts, out)?;
-        check_semantics(experts)?;
-        let rows = batch.rows();
-        if rows == 0 || experts.is_empty() || batch.cols() == 0 {
-            return Ok(());
-        }
-        let act = batch.dtype();
-        let (d, f) = (batch.cols(), experts[0].gate.rows());
-        check_shape(act, experts[0].gate.dtype(), d, f)?;
-        let _span = tracing::trace_span!("gpu_ffn", rows, experts = experts.len()).entered();
-        let dev = self.resident(experts)?;
-        let ctx = &self.ctx;
-        let bufs = ctx.ffn_scratch(batch.as_bytes(), act, rows, d, f, tile)?;
-        let mut scratch = Vec::new();
-        let res = ctx.ffn_launches(&dev, act, offsets, tile, &bufs.view(), &mut scratch).and_then(|launches| {
-            let mut enc = ctx.encoder("ffn");
-            {
-                let mut pass =
-                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ffn"), timestamp_writes: None });
-                for l in &launches {
-                    l.encode(&mut pass);
-                }
-            }
-            ctx.submit_and_read(enc, bufs.output(), out.as_bytes_mut())
-        });
-        self.release_buffers(scratch);
-        bufs.recycle(ctx);
-        res
-    }
-
     /// The device context.
     pub fn context(&self) -> &Arc<GpuContext> {
         &self.ctx
     }
-
-    fn release_buffers(&self, bufs: impl IntoIterator<Item = wgpu::Buffer>) {
-        for b in bufs {
-            self.ctx.recycle(b);
-        }
-    }
-}
-
-/// The GPU kernels compute SwiGLU without biases; other expert semantics are a device error
-/// (so that a layer's policy runs such calls on the CPU) until they have kernels.
-pub(crate) fn check_semantics(experts: &ExpertSet) -> Result<()> {
-    if experts.activation() != moe_ep::model::config::Activation::Silu || experts.has_bias() {
-        return Err(crate::context::backend_error(format!(
-            "the GPU FFN kernels compute SwiGLU without biases; this expert set has {:?}{}",
-            experts.activation(),
-            if experts.has_bias() { " with biases" } else { "" }
-        )));
-    }
-    Ok(())
 }
 
 impl Engine for GpuEngine {
@@ -299,23 +150,12 @@ impl Engine for GpuEngine {
         out: &mut Tensor,
     ) -> Result<()> {
         check_ffn(batch, offsets, experts, out)?;
-        let f = experts.first().map_or(0, |w| w.gate.rows());
-        let rows = batch.rows();
-        let widest = 4 * batch.cols().max(f).max(1) as u64;
-        let per_call = ((self.ctx.max_binding_bytes() / widest) as usize).saturating_sub(crate::ffn::COOP_PAD_ROWS);
-        if rows <= per_call || per_call == 0 {
-            return self.ffn_session(batch, offsets, experts, deterministic, out);
+        if batch.rows() == 0 || experts.is_empty() || batch.cols() == 0 {
+            return Ok(());
         }
-        let rb = out.row_bytes();
-        for r0 in (0..rows).step_by(per_call) {
-            let r1 = (r0 + per_call).min(rows);
-            let part: Vec<usize> = offsets.iter().map(|&o| o.clamp(r0, r1) - r0).collect();
-            let chunk = batch.slice_rows(r0, r1)?;
-            let mut y = Tensor::zeros(out.dtype(), r1 - r0, out.cols());
-            self.ffn_session(&chunk, &part, experts, deterministic, &mut y)?;
-            out.as_bytes_mut()[r0 * rb..r1 * rb].copy_from_slice(y.as_bytes());
-        }
-        Ok(())
+        let _span = tracing::trace_span!("gpu_ffn", rows = batch.rows(), experts = experts.len()).entered();
+        let dev = self.resident(experts)?;
+        self.ctx.ffn_host(&dev, batch, offsets, FfnKernels::Auto { deterministic }, out)
     }
 
     fn is_accelerator(&self) -> bool {
@@ -330,11 +170,12 @@ impl Engine for GpuEngine {
         if experts.is_empty() {
             return Ok(());
         }
-        self.resident(experts)?;
+        let dev = self.resident(experts)?;
+        self.ctx.prepare_ffn(&dev, act)?;
         let (d, l) = (experts[0].gate.cols(), experts.len());
         // Every decode tile (1, 2, 4, 8 rows an expert), then the square one.
         let mut sizes: Vec<usize> = [1, 2, 4, 8].iter().map(|r| r * l).collect();
-        sizes.push(max_rows.max(l * (crate::ffn::SKINNY_MAX_ROWS + 1)));
+        sizes.push(max_rows.max(l * (crate::ffn::DECODE_MAX_ROWS + 1)));
         for rows in sizes {
             let batch = moe_ep::compute::warmup::sample_rows(act, rows, d, 0x3a7 ^ rows as u64);
             let offsets = even_offsets(rows, l);

@@ -15,12 +15,16 @@ pub const COMBINE: &str = include_str!("../../../wgsl/combine.wgsl");
 pub const FFN: &str = include_str!("../../../wgsl/ffn.wgsl");
 /// Decode-shaped grouped expert GEMM, split over the reduction (`wgsl/ffn_gemv.wgsl`).
 pub const FFN_GEMV: &str = include_str!("../../../wgsl/ffn_gemv.wgsl");
-/// Grouped expert GEMM on cooperative matrices, f16 (`wgsl/ffn_coop.wgsl`).
-pub const FFN_COOP: &str = include_str!("../../../wgsl/ffn_coop.wgsl");
+/// Grouped expert GEMM on cooperative matrices, staged and prefetched (`wgsl/ffn_mma.wgsl`).
+pub const FFN_MMA: &str = include_str!("../../../wgsl/ffn_mma.wgsl");
+/// Row maxima of a bf16 batch, for the cooperative kernel's row scales (`wgsl/ffn_rowmax.wgsl`).
+pub const FFN_ROWMAX: &str = include_str!("../../../wgsl/ffn_rowmax.wgsl");
 /// Sum of a split FFN launch's partials, and its epilogue (`wgsl/ffn_reduce.wgsl`).
 pub const FFN_REDUCE: &str = include_str!("../../../wgsl/ffn_reduce.wgsl");
-/// silu(g) * u, shared by the FFN kernels (`wgsl/silu.wgsl`).
-pub const SILU: &str = include_str!("../../../wgsl/silu.wgsl");
+/// The experts' activation, shared by the FFN kernels (`wgsl/ffn_act.wgsl`).
+pub const FFN_ACT: &str = include_str!("../../../wgsl/ffn_act.wgsl");
+/// The FFN kernels' epilogue: row scales, biases, activation (`wgsl/ffn_epi.wgsl`).
+pub const FFN_EPI: &str = include_str!("../../../wgsl/ffn_epi.wgsl");
 /// Elements of the reduction per chunk in the FFN kernels' summation order (`wgsl/ffn.wgsl`):
 /// the unit the decode kernel splits the reduction by.
 pub const CHUNK: u32 = 1024;
@@ -48,12 +52,11 @@ pub enum Kernel {
     GatherRows,
     /// `y[t] = sum_j w[t,j] * cat(a, b)[idx[t,j]]` in f32, cast once.
     Combine,
-    /// Expert up projection: `silu(A·Wg^T) * (A·Wu^T)` per row tile, f32 out.
+    /// Expert up projection: `act(A·Wg^T, A·Wu^T)` per row tile, f32 out (portable).
     FfnUp,
-    /// Expert down projection: `A·Wd^T` per row tile, f32 in and out.
+    /// Expert down projection: `A·Wd^T` per row tile, f32 in and out (portable).
     FfnDown,
-    /// Sum of split partials in chunk order, then SwiGLU (`up`), or for the down projection a
-    /// narrow to `dtype` when it is 16-bit.
+    /// Sum of split partials in chunk order, then the epilogue (act for `up`), f32 out.
     FfnReduce { up: bool },
     /// f32 to the 16-bit `dtype`, two values a word.
     Narrow,
@@ -64,6 +67,98 @@ pub enum Kernel {
     RouterTopK,
     /// `out[t * k + j] = x[t] * w[t * k + j]` in `dtype`.
     ScaleRows,
+    /// The cooperative-matrix grouped GEMM (`wgsl/ffn_mma.wgsl`), up or down.
+    FfnMma { up: bool },
+    /// Row maxima of a bf16 batch (`wgsl/ffn_rowmax.wgsl`).
+    FfnRowMax,
+}
+
+/// What the FFN kernels apply to their f32 sums (`wgsl/ffn_epi.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Epilogue {
+    /// The activation: 0 SwiGLU, 1 gpt-oss's clamped SwiGLU (its alpha and limit are launch
+    /// parameters).
+    pub act: u32,
+    /// Biases on the projections.
+    pub bias: bool,
+    /// Per-row power-of-two weight scales (bf16 weights stored as f16).
+    pub wscale: bool,
+}
+
+impl Epilogue {
+    /// Plain SwiGLU, unscaled weights, no biases.
+    pub const PLAIN: Epilogue = Epilogue { act: 0, bias: false, wscale: false };
+
+    fn prelude(&self) -> String {
+        format!(
+            "const ACT: u32 = {}u;\nconst BIAS: bool = {};\nconst WS: bool = {};\n",
+            self.act, self.bias, self.wscale
+        )
+    }
+}
+
+/// A tile of the cooperative-matrix kernel (`wgsl/ffn_mma.wgsl`): `bm x bn` outputs a
+/// workgroup (twice `bn` weight rows for the up projection), `bk` of the reduction a step,
+/// `wm x wn` subgroups of `sg` threads, fragments of `s x s`, `nbuf` staging buffers, staged
+/// elements of `sv` halves (1 or 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MmaTile {
+    pub s: u32,
+    pub bm: u32,
+    pub bn: u32,
+    pub bk: u32,
+    pub wm: u32,
+    pub wn: u32,
+    pub sg: u32,
+    pub nbuf: u32,
+    pub sv: u32,
+}
+
+impl MmaTile {
+    /// No tile (every other kernel).
+    pub const NONE: MmaTile = MmaTile { s: 0, bm: 0, bn: 0, bk: 0, wm: 0, wn: 0, sg: 0, nbuf: 0, sv: 0 };
+
+    /// Threads per workgroup.
+    pub fn threads(&self) -> u32 {
+        self.wm * self.wn * self.sg
+    }
+
+    /// Whether the shape is one the kernel can be compiled for: whole fragments per
+    /// subgroup, `bk` a multiple of 8 and of `s`, fragments a whole number of elements per lane.
+    pub fn is_valid(&self) -> bool {
+        let (s, sg) = (self.s, self.sg);
+        s > 0
+            && sg > 0
+            && self.wm > 0
+            && self.wn > 0
+            && self.bm % (self.wm * s) == 0
+            && self.bn % (self.wn * s) == 0
+            && self.bk % 8 == 0
+            && self.bk % s == 0
+            && (s * s) % (2 * sg) == 0
+            && (self.nbuf == 1 || self.nbuf == 2)
+            && (self.sv == 1 || self.sv == 4)
+    }
+
+    /// Workgroup memory of the up (`up`: twice `bn` weight rows staged) or down kernel, bytes.
+    pub fn workgroup_bytes(&self, up: bool) -> u32 {
+        let ast = self.bk + 8;
+        let staged = 2 * self.nbuf * (self.bm + (1 + u32::from(up)) * self.bn) * ast;
+        staged + 4 * self.wm * self.wn * self.s * self.s + 12 * self.bm
+    }
+
+    /// `BMxBNxBK/WMxWN/NBUF/SV` for labels and tool output.
+    pub fn label(&self) -> String {
+        format!("{}x{}x{}w{}x{}b{}v{}s{}", self.bm, self.bn, self.bk, self.wm, self.wn, self.nbuf, self.sv, self.s)
+    }
+
+    /// Parse [`MmaTile::label`]'s format back (`sg` from the argument).
+    pub fn parse(spec: &str, sg: u32) -> Option<MmaTile> {
+        let nums: Vec<u32> = spec.split(['x', 'w', 'b', 'v', 's']).map(|t| t.parse().ok()).collect::<Option<_>>()?;
+        let [bm, bn, bk, wm, wn, nbuf, sv, s] = nums[..] else { return None };
+        let t = MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
+        t.is_valid().then_some(t)
+    }
 }
 
 /// Tile shape of the FFN kernels: a workgroup computes `bm x bn` outputs, `tm x tn` per
@@ -80,46 +175,29 @@ pub struct Tile {
     pub tn: u32,
     pub bkw: u32,
     pub split: bool,
-    /// The cooperative-matrix kernel (f16 only; 64 x 64 tiles, 128 threads).
-    pub coop: bool,
 }
 
 impl Tile {
     /// Prefill: 64 x 64 outputs, 4 x 4 per thread, 256 threads.
-    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bkw: 8, split: false, coop: false };
-    /// Prefill on cooperative matrices (f16 activations and weights; not deterministic).
-    pub const COOP: Tile = Tile { bm: 64, bn: 64, tm: 32, tn: 32, bkw: 16, split: false, coop: true };
+    pub const SQUARE: Tile = Tile { bm: 64, bn: 64, tm: 4, tn: 4, bkw: 8, split: false };
     /// No tile (the data-movement kernels and the combine).
-    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bkw: 0, split: false, coop: false };
+    pub const NONE: Tile = Tile { bm: 0, bn: 0, tm: 0, tn: 0, bkw: 0, split: false };
 
     /// The decode kernel for tiles of `bm` rows: 32 threads, each streaming one weight row;
     /// `bkw` 1 loads the next piece while computing on the current one, 0 after (which frees
     /// registers, but measured slower on the H100 even at 8 rows: kept as a tested variant).
     pub const fn gemv(bm: u32) -> Tile {
-        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 1, split: true, coop: false }
+        Tile { bm, bn: 32, tm: bm, tn: 1, bkw: 1, split: true }
     }
 
     /// Threads per workgroup.
     pub fn threads(&self) -> u32 {
-        if self.coop {
-            128
-        } else if self.split {
-            self.bn
-        } else {
-            (self.bn / self.tn) * (self.bm / self.tm)
-        }
+        if self.split { self.bn } else { (self.bn / self.tn) * (self.bm / self.tm) }
     }
 
     /// Workgroup memory of the up kernel (the larger) with 16-bit weights (the larger), bytes.
     pub fn workgroup_bytes(&self) -> u32 {
-        if self.coop {
-            // f32 results of 64 x 68.
-            4 * 64 * 68
-        } else if self.split {
-            4 * self.bm * CHUNK
-        } else {
-            4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1))
-        }
+        if self.split { 4 * self.bm * CHUNK } else { 4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1)) }
     }
 }
 
@@ -162,6 +240,7 @@ pub struct Variant {
     /// The word it moves.
     pub word: Word,
     /// The element type, for arithmetic kernels; data movement ignores it (always `F32`).
+    /// For the FFN kernels, that of A (the cooperative down kernel: the f32 intermediate).
     pub dtype: DType,
     /// Slots per token the combine is compiled for (0 for data movement).
     pub k: u32,
@@ -170,68 +249,84 @@ pub struct Variant {
     pub unpack_f16: bool,
     /// Weight dtype of the FFN kernels (`F32` elsewhere).
     pub weights: DType,
-    /// Tile shape of the FFN kernels ([`Tile::NONE`] elsewhere).
+    /// Tile shape of the portable FFN kernels ([`Tile::NONE`] elsewhere).
     pub tile: Tile,
+    /// Tile of the cooperative-matrix kernel ([`MmaTile::NONE`] elsewhere).
+    pub mma: MmaTile,
+    /// The FFN kernels' epilogue ([`Epilogue::PLAIN`] elsewhere).
+    pub epi: Epilogue,
+    /// Output dtype of the cooperative down kernel (`F32` elsewhere).
+    pub out: DType,
 }
 
 /// Largest top-k the combine is compiled for.
 pub const MAX_K: usize = 64;
 
+const BASE: Variant = Variant {
+    kernel: Kernel::GatherRows,
+    word: Word::Scalar,
+    dtype: DType::F32,
+    k: 0,
+    unpack_f16: false,
+    weights: DType::F32,
+    tile: Tile::NONE,
+    mma: MmaTile::NONE,
+    epi: Epilogue::PLAIN,
+    out: DType::F32,
+};
+
+fn dtype_code(d: DType) -> u32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
 impl Variant {
     /// The row gather moving `word`s.
     pub fn gather(word: Word) -> Self {
-        Variant {
-            kernel: Kernel::GatherRows,
-            word,
-            dtype: DType::F32,
-            k: 0,
-            unpack_f16: false,
-            weights: DType::F32,
-            tile: Tile::NONE,
-        }
+        Variant { kernel: Kernel::GatherRows, word, ..BASE }
     }
 
     /// The combine of `dtype` rows moving `word`s, `k` (1..=[`MAX_K`]) slots per token;
     /// `unpack_f16` asks for the hardware f16 widening (ignored for other dtypes).
     pub fn combine(word: Word, dtype: DType, k: u32, unpack_f16: bool) -> Self {
-        Variant {
-            kernel: Kernel::Combine,
-            word,
-            dtype,
-            k,
-            unpack_f16: unpack_f16 && dtype == DType::F16,
-            weights: DType::F32,
-            tile: Tile::NONE,
-        }
+        Variant { kernel: Kernel::Combine, word, dtype, k, unpack_f16: unpack_f16 && dtype == DType::F16, ..BASE }
     }
 
-    /// The FFN up kernel (`up`) reading `act` rows, or the down kernel (reading the f32
-    /// intermediate; `act` is ignored), over `weights` in `tile`s.
-    pub fn ffn(up: bool, act: DType, weights: DType, tile: Tile, unpack_f16: bool) -> Self {
-        // The down kernel reads the f32 intermediate (f16 in the cooperative variant).
-        let act = if up || tile.coop { act } else { DType::F32 };
+    /// The portable FFN up kernel (`up`) reading `act` rows, or the down kernel (reading the
+    /// f32 intermediate; `act` is ignored), over `weights` in `tile`s, with `epi`.
+    pub fn ffn(up: bool, act: DType, weights: DType, tile: Tile, unpack_f16: bool, epi: Epilogue) -> Self {
+        let act = if up { act } else { DType::F32 };
         Variant {
             kernel: if up { Kernel::FfnUp } else { Kernel::FfnDown },
-            word: Word::Scalar,
             dtype: act,
-            k: 0,
             unpack_f16: unpack_f16 && (act == DType::F16 || weights == DType::F16),
             weights,
             tile,
+            epi,
+            ..BASE
         }
     }
 
-    /// The sum of split FFN partials, with SwiGLU for the up projection; the down projection
-    /// writes `out` (f32, or narrowed to a 16-bit type; `up` always writes f32).
-    pub fn ffn_reduce(up: bool, out: DType) -> Self {
+    /// The sum of split FFN partials with the epilogue (the activation for `up`), f32 out, or
+    /// for the down projection `out` (16-bit: narrowed pairs).
+    pub fn ffn_reduce(up: bool, epi: Epilogue, out: DType) -> Self {
+        Variant { kernel: Kernel::FfnReduce { up }, epi, out: if up { DType::F32 } else { out }, ..BASE }
+    }
+
+    /// The cooperative-matrix kernel: up (A the batch in `act`, f16 or bf16) or down (A the
+    /// f32 intermediate, output in `act`), f16 weights, `tile`, `epi`.
+    pub fn ffn_mma(up: bool, act: DType, tile: MmaTile, epi: Epilogue) -> Self {
         Variant {
-            kernel: Kernel::FfnReduce { up },
-            word: Word::Scalar,
-            dtype: if up { DType::F32 } else { out },
-            k: 0,
-            unpack_f16: false,
-            weights: DType::F32,
-            tile: Tile::NONE,
+            kernel: Kernel::FfnMma { up },
+            dtype: if up { act } else { DType::F32 },
+            weights: DType::F16,
+            mma: tile,
+            epi,
+            out: if up { DType::F32 } else { act },
+            ..BASE
         }
     }
 
@@ -240,52 +335,32 @@ impl Variant {
     pub fn router_logits(act: DType, weights: DType, sigmoid: bool, unpack_f16: bool) -> Self {
         Variant {
             kernel: Kernel::RouterLogits,
-            word: Word::Scalar,
             dtype: act,
             k: u32::from(sigmoid),
             unpack_f16: unpack_f16 && (act == DType::F16 || weights == DType::F16),
             weights,
-            tile: Tile::NONE,
+            ..BASE
         }
     }
 
     /// The router's top-k.
     pub fn router_topk() -> Self {
-        Variant {
-            kernel: Kernel::RouterTopK,
-            word: Word::Scalar,
-            dtype: DType::F32,
-            k: 0,
-            unpack_f16: false,
-            weights: DType::F32,
-            tile: Tile::NONE,
-        }
+        Variant { kernel: Kernel::RouterTopK, ..BASE }
     }
 
     /// Rows of `dtype` scaled by routing weights.
     pub fn scale_rows(dtype: DType) -> Self {
-        Variant {
-            kernel: Kernel::ScaleRows,
-            word: Word::Scalar,
-            dtype,
-            k: 0,
-            unpack_f16: false,
-            weights: DType::F32,
-            tile: Tile::NONE,
-        }
+        Variant { kernel: Kernel::ScaleRows, dtype, ..BASE }
+    }
+
+    /// Row maxima of a bf16 batch.
+    pub fn ffn_rowmax() -> Self {
+        Variant { kernel: Kernel::FfnRowMax, ..BASE }
     }
 
     /// The narrow to the 16-bit `dtype`.
     pub fn narrow(dtype: DType) -> Self {
-        Variant {
-            kernel: Kernel::Narrow,
-            word: Word::Scalar,
-            dtype,
-            k: 0,
-            unpack_f16: false,
-            weights: DType::F32,
-            tile: Tile::NONE,
-        }
+        Variant { kernel: Kernel::Narrow, dtype, ..BASE }
     }
 
     /// Threads per workgroup.
@@ -293,13 +368,14 @@ impl Variant {
         match self.kernel {
             Kernel::FfnUp | Kernel::FfnDown => self.tile.threads(),
             Kernel::RouterTopK => 64,
+            Kernel::FfnMma { .. } => self.mma.threads(),
             _ => WORKGROUP,
         }
     }
 
     /// The naga capabilities the variant needs beyond core WGSL, `|`-separated.
     pub fn capabilities(&self) -> &'static str {
-        if self.tile.coop {
+        if matches!(self.kernel, Kernel::FfnMma { .. }) {
             "COOPERATIVE_MATRIX|SHADER_FLOAT16|SHADER_FLOAT16_IN_FLOAT32"
         } else if self.unpack_f16 {
             "SHADER_FLOAT16_IN_FLOAT32"
@@ -308,7 +384,9 @@ impl Variant {
         }
     }
 
-    /// Every variant the crate can compile (what the naga test validates).
+    /// Every variant the crate can compile, or a representative of each family's options
+    /// (what the naga test validates): every portable FFN shape with every dtype pair, every
+    /// epilogue option on one pair, the cooperative kernel at both fragment sizes.
     pub fn all() -> Vec<Variant> {
         let mut v = Vec::new();
         for word in [Word::Vec4, Word::Scalar] {
@@ -322,23 +400,37 @@ impl Variant {
                 }
             }
         }
+        let full = Epilogue { act: 1, bias: true, wscale: true };
         let no_prefetch = Tile { bkw: 1 - Tile::gemv(8).bkw, ..Tile::gemv(8) };
         for tile in [Tile::gemv(1), Tile::gemv(2), Tile::gemv(4), Tile::gemv(8), no_prefetch, Tile::SQUARE] {
             for weights in [DType::F32, DType::F16, DType::BF16] {
                 for unpack in [false, true] {
                     for act in [DType::F32, DType::F16, DType::BF16] {
-                        v.push(Variant::ffn(true, act, weights, tile, unpack));
+                        v.push(Variant::ffn(true, act, weights, tile, unpack, Epilogue::PLAIN));
                     }
-                    v.push(Variant::ffn(false, DType::F32, weights, tile, unpack));
+                    v.push(Variant::ffn(false, DType::F32, weights, tile, unpack, Epilogue::PLAIN));
+                }
+            }
+            for up in [true, false] {
+                v.push(Variant::ffn(up, DType::BF16, DType::F16, tile, false, full));
+            }
+        }
+        for up in [true, false] {
+            for epi in [Epilogue::PLAIN, full, Epilogue { act: 0, bias: true, wscale: false }] {
+                for out in [DType::F32, DType::F16, DType::BF16] {
+                    v.push(Variant::ffn_reduce(up, epi, out));
                 }
             }
         }
-        v.push(Variant::ffn(true, DType::F16, DType::F16, Tile::COOP, false));
-        v.push(Variant::ffn(false, DType::F16, DType::F16, Tile::COOP, false));
-        v.push(Variant::ffn_reduce(true, DType::F32));
-        for out in [DType::F32, DType::F16, DType::BF16] {
-            v.push(Variant::ffn_reduce(false, out));
+        for tile in crate::ffn::mma_tiles_for_validation() {
+            for epi in [Epilogue::PLAIN, full] {
+                for act in [DType::F16, DType::BF16] {
+                    v.push(Variant::ffn_mma(true, act, tile, epi));
+                    v.push(Variant::ffn_mma(false, act, tile, epi));
+                }
+            }
         }
+        v.push(Variant::ffn_rowmax());
         v.push(Variant::narrow(DType::F16));
         v.push(Variant::narrow(DType::BF16));
         for act in [DType::F32, DType::F16, DType::BF16] {
@@ -365,6 +457,13 @@ impl Variant {
             Word::Vec4 => "vec4",
             Word::Scalar => "u32",
         };
+        let e = self.epi;
+        let epi = format!(
+            "{}{}{}",
+            if e.act == 1 { ".clamped" } else { "" },
+            if e.bias { ".bias" } else { "" },
+            if e.wscale { ".scaled" } else { "" }
+        );
         match self.kernel {
             Kernel::GatherRows => format!("gather_rows.{word}"),
             Kernel::Combine => {
@@ -373,7 +472,7 @@ impl Variant {
             Kernel::FfnUp | Kernel::FfnDown => {
                 let t = self.tile;
                 format!(
-                    "ffn_{}.{}.w{}.{}x{}x{}.{}x{}{}{}",
+                    "ffn_{}.{}.w{}.{}x{}x{}.{}x{}{}{}{epi}",
                     if self.kernel == Kernel::FfnUp { "up" } else { "down" },
                     self.dtype,
                     self.weights,
@@ -382,17 +481,19 @@ impl Variant {
                     t.bkw,
                     t.tm,
                     t.tn,
-                    if t.split {
-                        ".split"
-                    } else if t.coop {
-                        ".coop"
-                    } else {
-                        ""
-                    },
+                    if t.split { ".split" } else { "" },
                     if self.unpack_f16 { ".unpack" } else { "" }
                 )
             }
-            Kernel::FfnReduce { up } => format!("ffn_reduce.{}.{}", if up { "up" } else { "down" }, self.dtype),
+            Kernel::FfnReduce { up } => format!("ffn_reduce.{}.{}{epi}", if up { "up" } else { "down" }, self.out),
+            Kernel::FfnMma { up } => format!(
+                "ffn_mma_{}.{}.{}.{}{epi}",
+                if up { "up" } else { "down" },
+                self.dtype,
+                self.out,
+                self.mma.label()
+            ),
+            Kernel::FfnRowMax => "ffn_rowmax".into(),
             Kernel::Narrow => format!("narrow.{}", self.dtype),
             Kernel::RouterLogits => format!(
                 "router_logits.{}.w{}{}{}",
@@ -424,26 +525,20 @@ impl Variant {
                  fn make_word(a: array<u32, 1>) -> Word { return a[0]; }\n"
             }
         };
-        let code = |d: DType| match d {
-            DType::F32 => 0,
-            DType::F16 => 1,
-            DType::BF16 => 2,
-        };
+        let code = dtype_code;
         let widen = if self.unpack_f16 {
-            "fn widen_f16(word: u32, h: u32) -> f32 { return unpack2x16float(word)[h]; }"
+            "fn widen_f16(word: u32, h: u32) -> f32 { let v = unpack2x16float(word); return select(v.x, v.y, h == 1u); }"
         } else {
             "fn widen_f16(word: u32, h: u32) -> f32 { return f16_to_f32((word >> (16u * h)) & 0xffffu); }"
         };
+        let epi = self.epi.prelude();
         match self.kernel {
             Kernel::GatherRows => format!("{prelude}\n{GATHER_ROWS}"),
             Kernel::Combine => {
                 let dt = code(self.dtype);
                 format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
-            Kernel::FfnUp | Kernel::FfnDown if self.tile.coop => format!(
-                "enable f16;\nenable wgpu_cooperative_matrix;\nconst UP: bool = {};\n\n{SILU}\n{FFN_COOP}",
-                self.kernel == Kernel::FfnUp
-            ),
+            Kernel::FfnMma { up } => self.mma_source(up),
             Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
                 "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
                  const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\
@@ -460,7 +555,8 @@ impl Variant {
                 format!(
                     "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\n\
                      const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst TM: u32 = {}u;\nconst TN: u32 = {}u;\n\
-                     const BKW: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{widen}\n\n{CONVERT}\n{SILU}\n{FFN}",
+                     const BKW: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{epi}{widen}\n\n\
+                     {CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN}",
                     self.kernel == Kernel::FfnUp,
                     code(self.dtype),
                     code(self.weights),
@@ -472,9 +568,10 @@ impl Variant {
                 )
             }
             Kernel::FfnReduce { up } => format!(
-                "const UP: bool = {up};\nconst DT: u32 = {}u;\n\n{CONVERT}\n{SILU}\n{FFN_REDUCE}",
-                code(self.dtype)
+                "const UP: bool = {up};\nconst OT: u32 = {}u;\n{epi}\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_REDUCE}",
+                code(self.out)
             ),
+            Kernel::FfnRowMax => FFN_ROWMAX.to_string(),
             Kernel::Narrow => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{NARROW}", code(self.dtype)),
             Kernel::RouterLogits => format!(
                 "const XT: u32 = {}u;\nconst WT: u32 = {}u;\nconst SIGMOID: bool = {};\n{widen}\n\n{CONVERT}\n{ROUTER_LOGITS}",
@@ -485,5 +582,32 @@ impl Variant {
             Kernel::RouterTopK => ROUTER_TOPK.to_string(),
             Kernel::ScaleRows => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{SCALE_ROWS}", code(self.dtype)),
         }
+    }
+
+    fn mma_source(&self, up: bool) -> String {
+        let t = self.mma;
+        let s = t.s;
+        let svt = if t.sv == 4 { "vec4<f16>" } else { "f16" };
+        let text = format!(
+            "enable f16;\nenable wgpu_cooperative_matrix;\n\
+             alias AMat = coop_mat{s}x{s}<f16, A>;\nalias BMat = coop_mat{s}x{s}<f16, B>;\n\
+             alias CMat = coop_mat{s}x{s}<f32, C>;\nalias SVT = {svt};\n\
+             const UP: bool = {up};\nconst S: u32 = {s}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
+             const BK: u32 = {}u;\nconst WM: u32 = {}u;\nconst WN: u32 = {}u;\nconst SG: u32 = {}u;\n\
+             const NBUF: u32 = {}u;\nconst SV: u32 = {}u;\nconst AT: u32 = {}u;\nconst OT: u32 = {}u;\n{}\
+             \n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_MMA}",
+            t.bm,
+            t.bn,
+            t.bk,
+            t.wm,
+            t.wn,
+            t.sg,
+            t.nbuf,
+            t.sv,
+            dtype_code(self.dtype),
+            dtype_code(self.out),
+            self.epi.prelude(),
+        );
+        crate::ffn::mma_source::expand(&text, t, up, dtype_code(self.dtype), self.out != DType::F32)
     }
 }

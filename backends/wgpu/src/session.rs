@@ -595,20 +595,19 @@ impl<'a> Session<'a> for GpuSession<'a> {
     fn ffn(&mut self, batch: Buf, offsets: &[usize], experts: &ExpertSet, deterministic: bool, out: Buf) -> Result<()> {
         let shape = |b: Buf| (b.rows(), b.cols(), b.dtype());
         check_ffn_shapes(shape(batch), offsets, experts, shape(out))?;
-        crate::engine::check_semantics(experts)?;
         self.eng.injected_failure()?;
         if batch.rows() == 0 || experts.is_empty() {
             return Ok(());
         }
         let (src, dst) = (self.buffer(batch)?.clone(), self.buffer(out)?.clone());
+        let dev = self.eng.resident(experts)?;
         let mut scratch = Vec::new();
         let stamp = self.stamp_begin();
-        let bytes =
-            self.eng.encode_ffn_rows(self.encoder(), &src, &dst, batch, offsets, experts, deterministic, &mut scratch);
+        let ctx = self.ctx;
+        let r = ctx.encode_ffn(self.encoder(), &dev, batch.dtype(), offsets, deterministic, &src, &dst, &mut scratch);
         self.stamp_end(stamp, Kind::Ffn);
         self.scratch.extend(scratch);
-        self.traffic.index_bytes += bytes?;
-        Ok(())
+        r
     }
 
     fn weighted_sum(&mut self, srcs: &[Buf], idx: &[u32], weights: Weights<'_>, k: usize, y: Buf) -> Result<()> {

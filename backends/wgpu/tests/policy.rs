@@ -1,18 +1,30 @@
 //! The layer's backend policy with a real GPU engine: warm-up measures the crossover on this
 //! adapter, and the deterministic mode gives every token the same bits at any world size and
 //! in any batch (the GPU FFN switches between its decode and tiled kernels by batch shape).
+//!
+//! Every engine of a test shares one device context (thread-safe), so its pipelines compile
+//! once: the deterministic test builds 32 layers, and opening a device and compiling its FFN
+//! pipelines for each took most of the test's time on the H200 (see BENCHMARKS.md).
 
 #[path = "../../../tests/common/mod.rs"]
 mod harness;
 
+use std::sync::{Arc, OnceLock};
+
 use harness::{TIMEOUT, check_batch_invariance, small_cfg};
 use moe_ep::{BackendChoice, DType, Group, LayerOptions, LocalGroup, MoeLayer, Placement, random};
-use moe_ep_wgpu::{ContextOptions, GpuEngine};
+use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 
+/// An engine on the test's shared device context.
 fn gpu() -> Box<GpuEngine> {
-    let e =
-        GpuEngine::new(&ContextOptions::from_env()).unwrap_or_else(|e| panic!("GPU test needs a wgpu adapter: {e}"));
-    Box::new(e)
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    let ctx = CTX.get_or_init(|| {
+        Arc::new(
+            GpuContext::new(&ContextOptions::from_env())
+                .unwrap_or_else(|e| panic!("GPU test needs a wgpu adapter: {e}")),
+        )
+    });
+    Box::new(GpuEngine::with_context(ctx.clone()))
 }
 
 #[test]

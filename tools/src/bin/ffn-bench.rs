@@ -7,7 +7,16 @@
 //!
 //! ```text
 //! cargo run --release -p moe-ep-tools --bin ffn-bench -- --preset mixtral-8x7b --weights bf16 --act bf16
+//! ffn-bench --suite --torch tools/scripts/torch_ffn.py --json benchmarks/ffn-h200.json
 //! ```
+//!
+//! `--suite` times the GPU FFN (bf16) at issue 15's shapes and sizes, DeepSeek-V3 (E=256,
+//! D=7168, F=2048, k=8), Qwen3-30B-A3B (E=128, D=2048, F=768, k=8) and Mixtral-8x7B (E=8,
+//! D=4096, F=14336, k=2), and, with `--torch`, PyTorch (`tools/scripts/torch_ffn.py`:
+//! `torch._grouped_mm`) on the same expert row counts in the same command; `--json` then gets
+//! the list of points `{shape, tokens, rows, moe_ep_s, torch_s, torch_impl, ..}`.
+//! `--sweep-up` / `--sweep-down` also time each projection alone with the listed
+//! cooperative-matrix tiles (`BMxBNxBKwWMxWNbNBUFvSVsS`, e.g. `16x64x64w1x4b2v1s16`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +25,8 @@ use clap::Parser;
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, LayerOptions, LocalGroup, MoeLayer, Placement, Tensor, random};
 use moe_ep_tools::{fmt_time, init_tracing, median, preset};
-use moe_ep_wgpu::kernels::Tile;
+use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, Run, WeightFormat};
+use moe_ep_wgpu::kernels::MmaTile;
 use moe_ep_wgpu::ops::Gather;
 use moe_ep_wgpu::timing::GpuTimer;
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
@@ -53,11 +63,33 @@ struct Args {
     /// Timed runs per point on the GPU (the CPU does a quarter, at least 3).
     #[arg(long, default_value_t = 20)]
     iters: u32,
-    /// Also time these tile shapes at the decode sizes on the GPU (tuning), each as
-    /// BMxBNxTMxTNxBKWxKIND (KIND 0 tiled, 1 decode, 2 cooperative), e.g. 4x64x4x1x0x1 (the
-    /// decode kernel, 4 rows, 64 threads).
+    /// Also time the up projection alone with each of these cooperative-matrix tiles
+    /// (tuning), as BMxBNxBKwWMxWNbNBUFvSVsS, e.g. 16x64x64w1x4b2v1s16.
     #[arg(long, value_delimiter = ',')]
-    try_tiles: Vec<String>,
+    sweep_up: Vec<String>,
+    /// Likewise for the down projection.
+    #[arg(long, value_delimiter = ',')]
+    sweep_down: Vec<String>,
+    /// Run issue 15's suite (three shapes, GPU only) instead of one preset.
+    #[arg(long)]
+    suite: bool,
+    /// Sweeps only at these token counts (default: every size).
+    #[arg(long, value_delimiter = ',')]
+    sweep_tokens: Vec<usize>,
+    /// Suite: first measure what a fresh engine costs before its first FFN call: opening a
+    /// device, and compiling the FFN pipelines of a small layer (D=48, F=40, bf16 weights).
+    #[arg(long)]
+    startup: bool,
+    /// Suite: only shapes whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// tools/scripts/torch_ffn.py: time PyTorch on the same row counts in the same command.
+    #[arg(long)]
+    torch: Option<std::path::PathBuf>,
+    /// Distinct expert weights generated on the host; the other experts repeat them (each
+    /// expert still has its own device memory). 0: all distinct.
+    #[arg(long, default_value_t = 0)]
+    distinct: usize,
     /// Only kernels with the deterministic mode's summation order (no cooperative matrices).
     #[arg(long)]
     deterministic: bool,
@@ -157,6 +189,9 @@ fn gpu_copy_gbps(ctx: &GpuContext, timer: &GpuTimer, iters: u32) -> Result<f64, 
 }
 
 fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if a.suite {
+        return suite(&a);
+    }
     let p = preset(&a.preset)?;
     let (wdt, act): (DType, DType) = (a.weights.parse()?, a.act.parse()?);
     let local = a.experts.unwrap_or(p.num_experts);
@@ -229,7 +264,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut gpu_engine = None;
     if use_gpu {
         let ctx = Arc::new(GpuContext::new(&ContextOptions::from_env())?);
-        println!("adapter: {}", ctx.describe());
+        println!("adapter: {}; matrix units: {:?}", ctx.describe(), ctx.ffn_matrix());
         let timer = GpuTimer::new(&ctx, a.iters)?;
         let copy = gpu_copy_gbps(&ctx, &timer, a.iters)?;
         println!("GPU floor: copy kernel {copy:.0} GB/s (read + write)");
@@ -237,50 +272,15 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         rep.gpu_copy_gbps = Some(copy);
         let engine = GpuEngine::with_context(ctx.clone());
         let dev = engine.resident(&experts)?;
-        let mut tries: Vec<(&'static str, usize, Option<Tile>)> = sizes.iter().map(|&(p, n)| (p, n, None)).collect();
-        for spec in &a.try_tiles {
-            let v: Vec<u32> = spec.split('x').map(str::parse).collect::<Result<_, _>>()?;
-            let [bm, bn, tm, tn, bkw, split] = v[..] else {
-                return Err(format!("--try-tiles {spec}: need 6 numbers").into());
-            };
-            let t = Tile { bm, bn, tm, tn, bkw, split: split == 1, coop: split == 2 };
-            tries.extend(a.decode.iter().map(|&n| ("decode", n, Some(t))));
-        }
-        for &(phase, tokens, forced) in &tries {
+        let sweep = Sweep::parse(&a, &ctx)?;
+        for &(phase, tokens) in &sizes {
             let counts = route_counts(tokens, k, local, tokens as u64);
-            let offs = ffn_offsets(&counts);
-            let rows = *offs.last().unwrap();
-            let batch = random::uniform(act, rows, d, 1.0, 2, tokens as u64);
-            let tile = forced.unwrap_or_else(|| engine.tile_for(&offs, d, f, act, wdt, a.deterministic));
-            let bufs = ctx.ffn_scratch(batch.as_bytes(), act, rows, d, f, tile)?;
-            let mut scratch = Vec::new();
-            let launches = ctx.ffn_launches(&dev, act, &offs, tile, &bufs.view(), &mut scratch)?;
-            let times = timer.time(&ctx, a.iters, |enc| {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                for l in &launches {
-                    l.encode(&mut pass);
-                }
-            })?;
-            if std::env::var_os("FFN_BENCH_PER_LAUNCH").is_some() {
-                for l in &launches {
-                    let t = timer.time(&ctx, a.iters, |enc| {
-                        let mut pass = enc.begin_compute_pass(&Default::default());
-                        l.encode(&mut pass);
-                    })?;
-                    println!("    {:<40} {}", l.label(), fmt_time(median(&t)));
-                }
-            }
-            let label = match forced {
-                Some(t) => format!("gpu {}x{}x{}x{}x{}x{}", t.bm, t.bn, t.tm, t.tn, t.bkw, t.split as u8),
-                None if tile.split => format!("gpu/v{}", tile.bm),
-                None if tile.coop => "gpu/c".into(),
-                None => "gpu/q".into(),
-            };
-            rep.points.push(point(&label, phase, tokens, &counts, median(&times), copy, None));
-            for b in scratch {
-                ctx.recycle(b);
-            }
-            bufs.recycle(&ctx);
+            let call = Call::new(&ctx, act, d, &counts, tokens)?;
+            let kernels = FfnKernels::Auto { deterministic: a.deterministic };
+            let secs = call.time(&ctx, &timer, &dev, kernels, a.iters)?;
+            rep.points.push(point("gpu", phase, tokens, &counts, secs, copy, None));
+            sweep.run(&ctx, &timer, &dev, &call, a.iters)?;
+            call.recycle(&ctx);
         }
         gpu_engine = Some(engine);
     }
@@ -346,6 +346,313 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&rep)?)?;
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// One call's device buffers: the batch (random rows) and the output.
+struct Call {
+    act: DType,
+    offs: Vec<usize>,
+    batch: moe_ep_wgpu::wgpu::Buffer,
+    out: moe_ep_wgpu::wgpu::Buffer,
+}
+
+impl Call {
+    fn new(ctx: &GpuContext, act: DType, d: usize, counts: &[usize], seed: usize) -> Res<Call> {
+        let offs = ffn_offsets(counts);
+        let rows = *offs.last().unwrap();
+        let x = random::uniform(act, rows, d, 1.0, 2, seed as u64);
+        let batch = ctx.upload("ffn batch", x.as_bytes())?;
+        let out = ctx.storage("ffn output", x.as_bytes().len() as u64)?;
+        Ok(Call { act, offs, batch, out })
+    }
+
+    /// Median GPU time of `iters` calls with `kernels` (after one untimed call: compiles).
+    fn time(
+        &self,
+        ctx: &GpuContext,
+        timer: &GpuTimer,
+        dev: &DeviceExperts,
+        kernels: FfnKernels,
+        iters: u32,
+    ) -> Res<f64> {
+        let mut scratch = Vec::new();
+        let mut enc = ctx.encoder("ffn warm");
+        ctx.encode_ffn_with(&mut enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, &mut scratch)?;
+        ctx.submit(enc)?;
+        ctx.wait()?;
+        let mut failed = None;
+        let times = timer.time(ctx, iters, |enc| {
+            if let Err(e) =
+                ctx.encode_ffn_with(enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, &mut scratch)
+            {
+                failed = Some(e);
+            }
+        });
+        for b in scratch {
+            ctx.recycle(b);
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        Ok(median(&times?))
+    }
+
+    fn recycle(self, ctx: &GpuContext) {
+        ctx.recycle(self.batch);
+        ctx.recycle(self.out);
+    }
+}
+
+/// Tiles to time each projection with alone (`--sweep-up`, `--sweep-down`).
+struct Sweep {
+    up: Vec<MmaTile>,
+    down: Vec<MmaTile>,
+}
+
+impl Sweep {
+    fn parse(a: &Args, ctx: &GpuContext) -> Res<Sweep> {
+        let sg = ctx.ffn_matrix().map_or(32, |u| u.subgroup);
+        let parse = |v: &[String]| -> Res<Vec<MmaTile>> {
+            v.iter()
+                .map(|s| {
+                    MmaTile::parse(s, sg)
+                        .ok_or_else(|| format!("tile {s:?}: not a valid BMxBNxBKwWMxWNbNBUFvSVsS").into())
+                })
+                .collect()
+        };
+        Ok(Sweep { up: parse(&a.sweep_up)?, down: parse(&a.sweep_down)? })
+    }
+
+    /// Time the default tiles' projections alone, then each listed tile's; print them.
+    fn run(&self, ctx: &GpuContext, timer: &GpuTimer, dev: &DeviceExperts, call: &Call, iters: u32) -> Res<()> {
+        if ctx.ffn_matrix().is_none() || (self.up.is_empty() && self.down.is_empty()) {
+            return Ok(());
+        }
+        let iters = iters.min(10);
+        let line = |label: String, k: FfnKernels| -> Res<()> {
+            match call.time(ctx, timer, dev, k, iters) {
+                Ok(t) => println!("    {label:<40} {}", fmt_time(t)),
+                Err(e) => println!("    {label:<40} failed: {e}"),
+            }
+            Ok(())
+        };
+        line("up alone, default tiles".into(), FfnKernels::Mma { up: None, down: None, run: Run::Up })?;
+        line("down alone, default tiles".into(), FfnKernels::Mma { up: None, down: None, run: Run::Down })?;
+        for &t in &self.up {
+            line(format!("up alone, {}", t.label()), FfnKernels::Mma { up: Some(t), down: None, run: Run::Up })?;
+        }
+        for &t in &self.down {
+            line(format!("down alone, {}", t.label()), FfnKernels::Mma { up: None, down: Some(t), run: Run::Down })?;
+        }
+        Ok(())
+    }
+}
+
+/// One point of the suite's JSON (`benchmarks/ffn-<card>.json`).
+#[derive(Serialize, Debug)]
+struct SuitePoint {
+    shape: String,
+    tokens: usize,
+    rows: usize,
+    moe_ep_s: f64,
+    torch_s: Option<f64>,
+    torch_impl: Option<String>,
+    active_experts: usize,
+    weight_bytes: u64,
+    weight_gbps: f64,
+    copy_gbps: f64,
+    fraction_of_copy: f64,
+    tflops: f64,
+    /// torch_s / moe_ep_s: above 1 moe-ep is faster.
+    torch_over_moe_ep: Option<f64>,
+    adapter: String,
+}
+
+/// (name, experts, hidden, intermediate, top-k, tokens per call) of issue 15's measurements.
+const SUITE: &[Shape<'static>] = &[
+    ("deepseek-v3", 256, 7168, 2048, 8, &[1, 16, 128, 512, 4096]),
+    ("qwen3-30b-a3b", 128, 2048, 768, 8, &[1, 16, 128, 4096]),
+    ("mixtral-8x7b", 8, 4096, 14336, 2, &[1, 16, 64, 512, 2048]),
+    // Only with `--only smoke`: a small shape for trying the tool anywhere.
+    ("smoke", 16, 256, 512, 4, &[1, 16, 64]),
+];
+
+fn suite(a: &Args) -> Res<()> {
+    let act: DType = a.act.parse()?;
+    let ctx = Arc::new(GpuContext::new(&ContextOptions::from_env())?);
+    println!("adapter: {}; matrix units: {:?}", ctx.describe(), ctx.ffn_matrix());
+    let timer = GpuTimer::new(&ctx, a.iters)?;
+    let copy = gpu_copy_gbps(&ctx, &timer, a.iters)?;
+    println!("GPU floor: copy kernel {copy:.0} GB/s (read + write)");
+    let sweep = Sweep::parse(a, &ctx)?;
+    if a.startup {
+        startup(act)?;
+    }
+    let mut points = Vec::new();
+    for &(name, e, d, f, k, tokens) in SUITE {
+        let picked = a.only.as_deref().map_or(name != "smoke", |o| name.contains(o));
+        if !picked {
+            continue;
+        }
+        points.extend(suite_shape(a, &ctx, &timer, &sweep, act, copy, (name, e, d, f, k, tokens))?);
+        if let Some(path) = &a.json {
+            std::fs::write(path, serde_json::to_string_pretty(&points)?)?;
+        }
+    }
+    if let Some(path) = &a.json {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+type Shape<'a> = (&'a str, usize, usize, usize, usize, &'a [usize]);
+
+fn suite_shape(
+    a: &Args,
+    ctx: &GpuContext,
+    timer: &GpuTimer,
+    sweep: &Sweep,
+    act: DType,
+    copy: f64,
+    (name, e, d, f, k, tokens): Shape<'_>,
+) -> Res<Vec<SuitePoint>> {
+    let wdt: DType = a.weights.parse()?;
+    let cfg = moe_ep::MoeConfig::new(e, d, f, k).with_dtypes(act, wdt);
+    let distinct = if a.distinct == 0 { e } else { a.distinct.min(e) };
+    let t = Instant::now();
+    let host = random::experts(&cfg, 1, &(0..distinct).collect::<Vec<_>>());
+    let refs: Vec<&moe_ep::ExpertWeights> = (0..e).map(|i| &host[i % distinct]).collect();
+    let gen_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let format = if ctx.ffn_matrix().is_some() { WeightFormat::F16Scaled } else { WeightFormat::Native };
+    let dev = DeviceExperts::upload_weights(ctx, &refs, moe_ep::model::config::Activation::Silu, format)?;
+    ctx.wait()?;
+    let up_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let compiled = ctx.prepare_ffn(&dev, act)?;
+    println!(
+        "{name}: E={e} D={d} F={f} k={k}, {wdt} weights ({distinct} distinct on the host), {act} activations; \
+         generated in {}, uploaded ({:.1} GB) in {}; {compiled} pipelines compiled in {}",
+        fmt_time(gen_s),
+        dev.bytes as f64 / 1e9,
+        fmt_time(up_s),
+        fmt_time(t.elapsed().as_secs_f64())
+    );
+    let mut points = Vec::new();
+    let mut calls = Vec::new();
+    for &n in tokens {
+        let counts = route_counts(n, k, e, n as u64);
+        let call = Call::new(ctx, act, d, &counts, n)?;
+        let secs = call.time(ctx, timer, &dev, FfnKernels::Auto { deterministic: false }, a.iters)?;
+        let rows: usize = counts.iter().sum();
+        let active = counts.iter().filter(|&&c| c > 0).count();
+        let most = counts.iter().max().copied().unwrap_or(0);
+        let weight_bytes = (active * 3 * d * f * wdt.size()) as u64;
+        let gbps = weight_bytes as f64 / secs / 1e9;
+        let tflops = 6.0 * (rows * d * f) as f64 / secs / 1e12;
+        println!(
+            "  N={n:<5} rows={rows:<6} active={active:<3} most={most:<4} {:>10}  weights {gbps:>7.0} GB/s ({:>5.1}% of copy)  {tflops:>7.1} TFLOP/s",
+            fmt_time(secs),
+            100.0 * gbps / copy
+        );
+        if a.sweep_tokens.is_empty() || a.sweep_tokens.contains(&n) {
+            sweep.run(ctx, timer, &dev, &call, a.iters)?;
+        }
+        call.recycle(ctx);
+        points.push(SuitePoint {
+            shape: name.into(),
+            tokens: n,
+            rows,
+            moe_ep_s: secs,
+            torch_s: None,
+            torch_impl: None,
+            active_experts: active,
+            weight_bytes,
+            weight_gbps: gbps,
+            copy_gbps: copy,
+            fraction_of_copy: gbps / copy,
+            tflops,
+            torch_over_moe_ep: None,
+            adapter: ctx.describe(),
+        });
+        calls.push(serde_json::json!({"tokens": n, "counts": counts}));
+    }
+    drop(dev);
+    ctx.wait()?;
+    if let Some(script) = &a.torch {
+        torch_points(script, name, (e, d, f), &calls, a.iters, &mut points)?;
+    }
+    Ok(points)
+}
+
+/// Run the PyTorch script on the same row counts and fill in its times.
+fn torch_points(
+    script: &std::path::Path,
+    name: &str,
+    (e, d, f): (usize, usize, usize),
+    calls: &[serde_json::Value],
+    iters: u32,
+    points: &mut [SuitePoint],
+) -> Res<()> {
+    let dir = std::env::temp_dir();
+    let counts = dir.join(format!("ffn-bench-{name}-counts.json"));
+    let out = dir.join(format!("ffn-bench-{name}-torch.json"));
+    std::fs::write(&counts, serde_json::to_string(calls)?)?;
+    let status = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--hidden", &d.to_string(), "--intermediate", &f.to_string(), "--experts", &e.to_string()])
+        .args(["--iters", &iters.to_string(), "--counts-json"])
+        .arg(&counts)
+        .arg("--json")
+        .arg(&out)
+        .status()?;
+    if !status.success() {
+        println!("  torch: {} exited with {status}", script.display());
+        return Ok(());
+    }
+    let res: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    for (pt, tp) in points.iter_mut().zip(res["points"].as_array().into_iter().flatten()) {
+        let t = tp["median_s"].as_f64();
+        pt.torch_s = t;
+        pt.torch_impl = tp["impl"].as_str().map(str::to_string);
+        pt.torch_over_moe_ep = t.map(|t| t / pt.moe_ep_s);
+        println!(
+            "  {name} N={:<5} moe-ep {:>10}  torch {:>10}  torch/moe-ep {:.2}",
+            pt.tokens,
+            fmt_time(pt.moe_ep_s),
+            t.map_or("-".into(), fmt_time),
+            pt.torch_over_moe_ep.unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
+/// What a fresh engine pays before its first call, three times: a device, and the FFN
+/// pipelines of a small layer (what each engine of a test on its own context compiles).
+fn startup(act: DType) -> Res<()> {
+    for wdt in [DType::BF16, DType::F16] {
+        let cfg = moe_ep::MoeConfig::new(8, 48, 40, 2).with_dtypes(act, wdt);
+        let set = moe_ep::ExpertSet::new(random::experts(&cfg, 1, &(0..8).collect::<Vec<_>>()));
+        for i in 0..3 {
+            let t = Instant::now();
+            let ctx = GpuContext::new(&ContextOptions::from_env())?;
+            let open = t.elapsed().as_secs_f64();
+            let dev = DeviceExperts::upload(&ctx, &set)?;
+            let t = Instant::now();
+            let mut n = 0;
+            for a in [act, DType::F32] {
+                n += ctx.prepare_ffn(&dev, a)?;
+            }
+            println!(
+                "startup {i} ({wdt} weights): device opened in {}, {n} FFN pipelines (both modes, {act} and f32 rows) compiled in {}",
+                fmt_time(open),
+                fmt_time(t.elapsed().as_secs_f64())
+            );
+        }
     }
     Ok(())
 }

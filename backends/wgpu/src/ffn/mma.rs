@@ -1,0 +1,301 @@
+//! The cooperative-matrix FFN path (`wgsl/ffn_mma.wgsl`): the adapter's matrix shape, the
+//! tile of each bucket of rows per expert, and the launches of one chunk of rows.
+
+use moe_ep::{DType, Result};
+
+use super::portable::{self, Io};
+use super::{Chunk, DeviceExperts, MmaPlan, Projection, Run, encode_pass, grid};
+use crate::context::{GpuContext, backend_error};
+use crate::kernels::{MmaTile, Variant};
+
+/// Matrix units the FFN kernel can use: `size x size x size` f16 products with f32
+/// accumulators, on subgroups of exactly `subgroup` threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatrixUnits {
+    pub size: u32,
+    pub subgroup: u32,
+}
+
+/// The matrix units of `adapter` for the FFN kernel, if it has some (and `fast` is on):
+/// cooperative matrices and f16 shaders, a fixed subgroup size, and among the offered
+/// properties a square shape the kernel is written for (16, else 8) with f16 inputs and f32
+/// accumulators. Never assumed: a shader with an unoffered shape may compile, run and compute
+/// zeros.
+pub fn matrix_units(adapter: &wgpu::Adapter, fast: bool) -> Option<MatrixUnits> {
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+    let info = adapter.get_info();
+    if !fast || !adapter.features().contains(needed) || info.subgroup_min_size != info.subgroup_max_size {
+        return None;
+    }
+    let offered = adapter.cooperative_matrix_properties();
+    [16, 8].into_iter().find_map(|s| {
+        offered
+            .iter()
+            .any(|p| {
+                (p.m_size, p.n_size, p.k_size) == (s, s, s)
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            })
+            .then_some(MatrixUnits { size: s, subgroup: info.subgroup_min_size })
+    })
+}
+
+/// The tiles of each projection (up, down), smallest first, for `units` and `limit` bytes
+/// of workgroup memory: a tile takes up to `bm` rows of one expert; an expert of `m` rows
+/// takes `m / bm` tiles of the largest and its remainder goes to the first tile that holds it.
+/// Chosen from a sweep on the H200 (BENCHMARKS.md): 16-row tiles stream the weights of
+/// experts with a few rows, the 128-row ones with eight subgroups of 64 x 32 outputs run
+/// everything larger (the kernel is limited by its fragment loads, so wasted rows cost little).
+pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
+    let (s, sg) = (units.size, units.subgroup);
+    // vec4 staging where the backend takes vector pointers for cooperative loads (Vulkan);
+    // Metal's simdgroup loads take scalar ones (its matrices are 8x8).
+    let sv = if s == 16 { 4 } else { 1 };
+    let t = |bm, bn, bk, wm, wn, nbuf| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
+    let (up, down) = if s == 16 {
+        (
+            vec![t(16, 64, 128, 1, 4, 1), t(128, 128, 32, 2, 4, 1)],
+            vec![t(16, 128, 64, 1, 4, 2), t(128, 128, 32, 2, 4, 1)],
+        )
+    } else {
+        (vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)], vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)])
+    };
+    let fit = |v: Vec<MmaTile>, is_up: bool| -> Vec<MmaTile> {
+        v.into_iter()
+            .map(|mut t| {
+                if t.workgroup_bytes(is_up) > limit {
+                    t.nbuf = 1;
+                }
+                t
+            })
+            .filter(|t| t.workgroup_bytes(is_up) <= limit)
+            .collect()
+    };
+    [fit(up, true), fit(down, false)]
+}
+
+/// Tiles the naga test validates: each default tile of both shapes, and the variants a
+/// benchmark sweeps (vec4 staging, one staging buffer).
+pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
+    let mut v = Vec::new();
+    for units in [MatrixUnits { size: 16, subgroup: 32 }, MatrixUnits { size: 8, subgroup: 32 }] {
+        for t in default_tiles(units, u32::MAX).into_iter().flatten() {
+            v.push(t);
+            if units.size == 16 {
+                v.push(MmaTile { sv: 1, ..t });
+                v.push(MmaTile { nbuf: 3 - t.nbuf, ..t });
+            }
+        }
+    }
+    v
+}
+
+/// Row tiles of one shard for one projection: (tile, entries) per bucket.
+type Buckets = Vec<(MmaTile, Vec<[u32; 4]>)>;
+
+/// Split every expert of shard `s` with more than `skip` rows into row tiles of `tiles`
+/// (smallest first; each takes up to its `bm` rows).
+fn bucket_tiles(dev: &DeviceExperts, s: usize, c: &Chunk<'_>, tiles: &[MmaTile], skip: usize) -> Buckets {
+    let shard = &dev.shards[s];
+    let mut out: Buckets = Vec::new();
+    let mut push = |t: MmaTile, e: usize, r0: usize, r1: usize| {
+        let entry = [e as u32, r0 as u32, r1 as u32, 0];
+        match out.iter_mut().find(|(k, _)| *k == t) {
+            Some((_, v)) => v.push(entry),
+            None => out.push((t, vec![entry])),
+        }
+    };
+    let big = *tiles.last().expect("at least one tile");
+    let bm = big.bm as usize;
+    for l in shard.first..shard.first + shard.count {
+        let (mut r0, r1) = (c.offs[l], c.offs[l + 1]);
+        if r1 - r0 <= skip {
+            continue;
+        }
+        let e = l - shard.first;
+        while r1 - r0 >= bm {
+            push(big, e, r0, r0 + bm);
+            r0 += bm;
+        }
+        if r1 > r0 {
+            let t = tiles.iter().copied().find(|t| t.bm as usize >= r1 - r0).unwrap_or(big);
+            push(t, e, r0, r1);
+        }
+    }
+    out
+}
+
+impl GpuContext {
+    /// Record the cooperative path's launches for one chunk of rows: the bf16 batch's row
+    /// maxima, the up projection (gate, up and the activation, with the intermediate's row
+    /// maxima), the down projection into the call's output.
+    pub(super) fn encode_mma(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        dev: &DeviceExperts,
+        c: &Chunk<'_>,
+        plan: MmaPlan,
+        scratch: &mut Vec<wgpu::Buffer>,
+    ) -> Result<()> {
+        let MmaPlan { units, tiles: force, run, decode_max } = plan;
+        let (d, f) = (dev.hidden, dev.intermediate);
+        let n = c.len();
+        let limit = self.limits().max_compute_workgroup_storage_size;
+        let table = default_tiles(units, limit);
+        if table.iter().any(Vec::is_empty) {
+            return Err(backend_error(format!("no FFN tile fits the {limit} bytes of workgroup memory")));
+        }
+        let inter = self.ffn_scratch("ffn intermediate", (n * f * 4) as u64, scratch)?;
+        let hmax = self.ffn_scratch("ffn intermediate maxima", (n * 4) as u64, scratch)?;
+        let dummy_r = self.ffn_scratch("ffn unused", 16, scratch)?;
+        let dummy_w = self.ffn_scratch("ffn unused", 16, scratch)?;
+        enc.clear_buffer(&hmax, 0, Some((n * 4) as u64));
+        let mut launches = Vec::new();
+        // Experts of at most `decode_max` rows: the portable decode kernel (weights streamed
+        // once, split over the reduction) in the same pass; the others on the matrix units.
+        let (mut decode, prows) = portable::plan(dev, c, decode_max, true);
+        let part_bytes = 4 * (prows * portable::partial_per_row(d, f)) as u64;
+        let decode_max = if prows == 0 || part_bytes > self.max_binding_bytes() { 0 } else { decode_max };
+        let part = if decode_max > 0 {
+            decode.iter_mut().for_each(|t| t.tiled.clear());
+            Some(self.ffn_scratch("ffn partial sums", part_bytes, scratch)?)
+        } else {
+            None
+        };
+        let xmax = if c.act == DType::BF16 && run != Run::Down {
+            let xmax = self.ffn_scratch("ffn batch maxima", (n * 4) as u64, scratch)?;
+            let (gx, gy) = grid(n, 1, self.limits().max_compute_workgroups_per_dimension)?;
+            let params = [c.c0 as u32, n as u32, (d / 2) as u32, gx];
+            // SAFETY: workgroup i < n reads row c0 + i < rows of the batch (d / 2 words each)
+            // and writes maximum i < n.
+            launches.push(unsafe {
+                self.ffn_launch(
+                    Variant::ffn_rowmax(),
+                    &params,
+                    &[(c.batch, (c.rows * d * 2) as u64), (&xmax, (n * 4) as u64)],
+                    (gx, gy, 1),
+                )
+            });
+            Some(xmax)
+        } else {
+            None
+        };
+        for up in [true, false] {
+            if (up && run == Run::Down) || (!up && run == Run::Up) {
+                continue;
+            }
+            let (k, nn) = if up { (d, f) } else { (f, d) };
+            let proj = Projection { up, k, n: nn };
+            let tiles: Vec<MmaTile> = match force[usize::from(!up)] {
+                Some(t) => vec![t],
+                None => table[usize::from(!up)].clone(),
+            };
+            let bufs = if up {
+                MmaIo {
+                    a: (c.batch, (c.rows * d * 2) as u64),
+                    amax: xmax.as_ref().map_or((&dummy_r, 16), |x| (x, (n * 4) as u64)),
+                    out: (&inter, (n * f * 4) as u64),
+                    omax: (&hmax, (n * 4) as u64),
+                }
+            } else {
+                MmaIo {
+                    a: (&inter, (n * f * 4) as u64),
+                    amax: (&hmax, (n * 4) as u64),
+                    out: (c.out, (c.rows * d * 2) as u64),
+                    omax: (&dummy_w, 16),
+                }
+            };
+            for s in 0..dev.shards.len() {
+                for (tile, rows) in bucket_tiles(dev, s, c, &tiles, decode_max) {
+                    launches.push(self.mma_launch(dev, s, c, &proj, tile, &rows, &bufs, scratch)?);
+                }
+            }
+            if let Some(part) = &part {
+                let io = Io {
+                    a: bufs.a,
+                    w: (&dev.shards[0].gate, &dev.shards[0].gate, 0),
+                    part: (part, part.size()),
+                    out: bufs.out,
+                    reduce_out: if up { DType::F32 } else { c.act },
+                };
+                for t in &decode {
+                    let shard = &dev.shards[t.shard];
+                    let mut p = dev.params(shard, &proj)?;
+                    let (a_base, o_base) = if up { (0, c.c0) } else { (c.c0, 0) };
+                    p.a_base = a_base as u32;
+                    p.o_base = o_base as u32;
+                    p.chunks = portable::chunks(k) as u32;
+                    p.prows = prows as u32;
+                    let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
+                    let io = Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), ..io };
+                    self.portable_launches(dev, c.act, t, &proj, &p, &io, scratch, &mut launches)?;
+                }
+            }
+        }
+        encode_pass(enc, &launches);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mma_launch(
+        &self,
+        dev: &DeviceExperts,
+        s: usize,
+        c: &Chunk<'_>,
+        proj: &Projection,
+        tile: MmaTile,
+        tiles: &[[u32; 4]],
+        io: &MmaIo<'_>,
+        scratch: &mut Vec<wgpu::Buffer>,
+    ) -> Result<crate::ops::Launch> {
+        let max_dim = self.limits().max_compute_workgroups_per_dimension as usize;
+        let cols = proj.n.div_ceil(tile.bn as usize);
+        if tiles.len() > max_dim || cols > max_dim {
+            return Err(backend_error(format!(
+                "{} row tiles of {} rows x {cols} column blocks exceed {max_dim} workgroups; split the batch",
+                tiles.len(),
+                tile.bm
+            )));
+        }
+        let shard = &dev.shards[s];
+        let mut p = dev.params(shard, proj)?;
+        if proj.up {
+            (p.a_base, p.o_base, p.m_base) = (0, c.c0 as u32, c.c0 as u32);
+        } else {
+            (p.a_base, p.o_base, p.m_base) = (c.c0 as u32, 0, c.c0 as u32);
+        }
+        let table = self.tile_table(tiles, scratch)?;
+        let (w0, w1) = if proj.up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
+        let wb = shard.count as u64 * (dev.intermediate * dev.hidden * 2) as u64;
+        let v = Variant::ffn_mma(proj.up, c.act, tile, dev.epilogue());
+        // SAFETY: row tiles come from validated offsets: rows within the chunk (A, out, the
+        // maxima at row - base), experts below the shard's count (weights at expert * matrix);
+        // the kernel reads A and weights only below K and N (zeros past them), writes only rows
+        // below the tile's end and columns below N, vectors at expert * vec_stride + offset + n.
+        Ok(unsafe {
+            self.ffn_launch(
+                v,
+                &p.words(),
+                &[
+                    (&table, tiles.len() as u64 * 16),
+                    io.a,
+                    io.amax,
+                    (w0, wb),
+                    (w1, wb),
+                    (&shard.vecs, shard.vecs.size()),
+                    io.out,
+                    io.omax,
+                ],
+                (cols as u32, tiles.len() as u32, 1),
+            )
+        })
+    }
+}
+
+/// Buffers (and bytes bound) of one projection's cooperative launches.
+struct MmaIo<'a> {
+    a: (&'a wgpu::Buffer, u64),
+    amax: (&'a wgpu::Buffer, u64),
+    out: (&'a wgpu::Buffer, u64),
+    omax: (&'a wgpu::Buffer, u64),
+}
