@@ -489,6 +489,8 @@ impl<G: Group> MoeLayer<G> {
             routing.as_ref().map_err(Clone::clone),
         )?;
 
+        // Peers wait on this rank's experts: heartbeats while they compute (Group::working).
+        let busy = self.group.working();
         let t = Instant::now();
         let mut out = self.ws.take(cfg.act_dtype, d.batch.rows(), cfg.hidden);
         let ffn = {
@@ -508,6 +510,7 @@ impl<G: Group> MoeLayer<G> {
             (_, r) => (r, None),
         };
         let shared_time = t.elapsed().as_secs_f64();
+        drop(busy);
 
         self.ws.recycle(d.batch);
         let extra = shared_out.as_ref().map(|(o, scale)| (o, scale.as_slice()));

@@ -299,7 +299,9 @@ impl<G: Group> TpLayer<G> {
 
         // 2.-3. Route, compute the partials, then the reduce-scatter (a failure here travels
         // through the status round before it, so no rank waits on a failed one).
+        let busy = self.group.working(); // heartbeats while the peers wait on this compute
         let partial = self.partial(&x_all, &mut stats).map_err(|e| e.on_rank(rank));
+        drop(busy);
         self.ws.recycle(x_all);
         let status = self.group.all_gather_u64(&[partial.is_err() as u64])?;
         let partial = partial?;

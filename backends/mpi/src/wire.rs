@@ -71,7 +71,7 @@ impl Header {
             ));
         }
         if self.len != want as u64 {
-            return Some(format!("it sends {} bytes, this rank expects {want}", self.len));
+            return Some(format!("it sent {} bytes, this rank expects {want}", self.len));
         }
         None
     }
