@@ -21,8 +21,9 @@ pub enum Scenario {
     /// The last rank's `all_to_all` chunks are 6 bytes where the others' are 4: a mismatch on
     /// every rank naming the sizes.
     SizeMismatch,
-    /// The last rank passes one `send_counts` entry too many: its own invalid-input error, a
-    /// `PeerFailed` naming it on every peer in the same call, then a poisoned group everywhere.
+    /// The last rank passes one `send_counts` entry too many: its own invalid-input error, an
+    /// error naming it on every peer in the same call (`PeerFailed`, or `PeerReported` when a
+    /// peer heard it from another first), then a poisoned group everywhere.
     BadArguments,
     /// The last rank sleeps three timeouts between two calls, outside any `working` guard: its
     /// peers time out on it, and it fails in that same call, told that it was the one.
@@ -171,7 +172,11 @@ fn bad_arguments<G: Group>(g: &G) -> Result<(), String> {
     match (me == odd, r) {
         (true, Err(e @ Error::InvalidInput { rank: Some(r), .. }))
             if r == me && e.to_string().contains(&format!("send_counts has {} entries", n + 1)) => {}
-        (false, Err(Error::PeerFailed { rank, op: "exchange_v", peer })) if rank == me && peer == odd => {}
+        // First-hand from the bad rank, or from a peer that heard it first.
+        (
+            false,
+            Err(e @ (Error::PeerFailed { op: "exchange_v", .. } | Error::PeerReported { op: "exchange_v", .. })),
+        ) if blames(&e, me, Some(odd)) => {}
         (_, other) => return Err(format!("unexpected outcome {other:?}")),
     }
     poisoned_after(g)

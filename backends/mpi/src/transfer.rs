@@ -164,7 +164,15 @@ impl MpiGroup {
             let progress = {
                 let _mpi = self.mpi();
                 let data = self.test_data(op, seq, recvs, s, &mut alive)?;
-                self.poll_ctrl(op, &mut alive)? || data
+                match self.poll_ctrl(op, &mut alive) {
+                    Ok(beat) => beat || data,
+                    // What this rank sees itself comes before what it hears: the progress that
+                    // brought the notice may have brought a peer's mismatching header too.
+                    Err(notice) => {
+                        self.test_data(op, seq, recvs, s, &mut alive)?;
+                        return Err(notice);
+                    }
+                }
             };
             if progress {
                 idle.reset();
