@@ -95,3 +95,16 @@ fn moe_run_over_mpi_processes() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--iters 0` (nothing to time) is refused as a usage error, not a panic.
+#[test]
+fn moe_run_refuses_zero_iterations() {
+    let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .args(["--checkpoint", "/nonexistent", "--layer", "1", "--iters", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid value '0' for '--iters"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
