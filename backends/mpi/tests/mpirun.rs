@@ -19,8 +19,13 @@ fn suite_exe() -> PathBuf {
     p
 }
 
+/// The launcher: `$MPIRUN` (e.g. `mpirun.mpich` for a build against MPICH), else `mpirun`.
+fn launcher() -> String {
+    std::env::var("MPIRUN").unwrap_or_else(|_| "mpirun".into())
+}
+
 fn is_open_mpi() -> bool {
-    let version = Command::new("mpirun").arg("--version").output().expect(
+    let version = Command::new(launcher()).arg("--version").output().expect(
         "mpirun not found: install MPI (apt-get install openmpi-bin libopenmpi-dev), or run scripts/test.sh, which does",
     );
     String::from_utf8_lossy(&version.stdout).contains("Open MPI")
@@ -32,7 +37,7 @@ fn mpirun(n: usize, scenario: &str) -> (Output, Duration) {
 }
 
 fn mpirun_with(n: usize, scenario: &str, extra: &[&str]) -> (Output, Duration) {
-    let mut cmd = Command::new("mpirun");
+    let mut cmd = Command::new(launcher());
     // Open MPI refuses root without this flag and more ranks than cores without the other;
     // MPICH's mpirun knows neither, so only pass them to Open MPI.
     if is_open_mpi() {
