@@ -84,7 +84,7 @@ proptest! {
         rank in dim(),
         experts in prop_oneof![5 => 0usize..20, 1 => Just(MAX_EXPERTS + 1), 1 => Just(usize::MAX)],
     ) {
-        let valid = world >= 1 && world <= MAX_WORLD && !owner.is_empty() && owner.iter().all(|&r| r < world);
+        let valid = (1..=MAX_WORLD).contains(&world) && !owner.is_empty() && owner.iter().all(|&r| r < world);
         let p = Placement::from_map(owner.clone(), world);
         prop_assert_eq!(p.is_ok(), valid);
         if let Ok(p) = p {
@@ -153,7 +153,7 @@ proptest! {
         let x = moe_ep::random::uniform(DType::F32, n, d, 1.0, 3, 1);
         let gate = moe_ep::random::uniform(DType::BF16, e, d + dd, 1.0, 3, 2);
         let r = router::route(&x, &gate, k, renorm);
-        let valid = dd == 0 && e >= 1 && k >= 1 && k <= 16 && k <= e;
+        let valid = dd == 0 && e >= 1 && (1..=16).contains(&k) && k <= e;
         prop_assert_eq!(r.is_ok(), valid, "n {} d {} e {} gate cols {} k {}: {:?}", n, d, e, d + dd, k, r.as_ref().err());
         if let Ok(r) = r {
             prop_assert_eq!((r.n, r.k, r.ids.len(), r.weights.len()), (n, k, n * k, n * k));
