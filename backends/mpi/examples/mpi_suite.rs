@@ -90,7 +90,7 @@ fn failure_scenario(name: &str) -> ! {
     let g = MpiGroup::init(s.timeout()).expect("MPI init");
     let rank = g.rank();
     let lose = |g: MpiGroup| {
-        eprintln!("rank {}: aborting itself", g.rank());
+        eprintln!("rank {}: aborting itself (pid {})", g.rank(), std::process::id());
         std::process::abort();
     };
     let code = match s.run(g, lose) {
@@ -129,7 +129,7 @@ fn kill(mut g: MpiGroup) -> moe_ep::Result<MpiGroup> {
     g.set_timeout(Duration::from_secs(5));
     group_ops(&g, 3, 100)?;
     if g.rank() == g.size() - 1 {
-        eprintln!("rank {}: aborting itself", g.rank());
+        eprintln!("rank {}: aborting itself (pid {})", g.rank(), std::process::id());
         std::process::abort();
     }
     for i in 0..100 {

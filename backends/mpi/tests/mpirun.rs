@@ -74,31 +74,39 @@ fn a_killed_peer_ends_the_job_with_its_name() {
     let (out, t) = mpirun(n, "kill");
     let all = text(&out);
     assert!(!out.status.success(), "the job should fail:\n{all}");
-    assert!(all.contains(&format!("rank {}: aborting itself", n - 1)), "{all}");
-    // Open MPI: "mpirun noticed that process rank 2 ..."; MPICH: "... RANK 2 PID ...".
-    let lower = all.to_lowercase();
-    assert!(
-        lower.contains(&format!("process rank {}", n - 1)) || lower.contains(&format!("rank {} pid", n - 1)),
-        "MPI's report does not name rank {}:\n{all}",
-        n - 1
-    );
+    let said = format!("rank {}: aborting itself (pid ", n - 1);
+    let at = all.find(&said).unwrap_or_else(|| panic!("rank {} did not abort:\n{all}", n - 1)) + said.len();
+    let pid: String = all[at..].chars().take_while(char::is_ascii_digit).collect();
+    // Open MPI: "mpirun noticed that process rank 2 ...". MPICH 4's report ("PID 1234 RUNNING
+    // AT ...") names whichever process it saw end first, often a peer it killed itself.
+    if is_open_mpi() {
+        assert!(
+            all.to_lowercase().contains(&format!("process rank {}", n - 1)),
+            "MPI's report does not name rank {} (pid {pid}):\n{all}",
+            n - 1
+        );
+    } else {
+        let why = format!("this MPI's report names a pid it saw end, not the dead rank (pid {pid})");
+        moe_ep::testing::skip("mpirun's report naming the dead rank", &why);
+    }
     for r in 0..n - 1 {
         assert!(!all.contains(&format!("rank {r}: kill ok")), "rank {r} finished despite the dead peer:\n{all}");
     }
     assert!(t < Duration::from_secs(30), "the job took {t:?}:\n{all}");
 }
 
-/// Flags that keep the survivors of a dead rank running (Open MPI's `--enable-recovery`,
-/// MPICH's `-disable-auto-cleanup`), so they can report it.
-fn recovery_flags() -> &'static [&'static str] {
-    if is_open_mpi() { &["--enable-recovery"] } else { &["-disable-auto-cleanup"] }
-}
-
 /// One scenario of moe_ep::testing::group_suite (the thread ranks run it in tests/failures.rs)
 /// at 2 and 3 processes: every rank must print that it saw what the scenario expects.
 fn scenario(s: Scenario) {
+    if s == Scenario::LostPeer && !is_open_mpi() {
+        // MPICH 4.0 ends the job when a rank dies, -disable-auto-cleanup notwithstanding (and
+        // its MPIR_CVAR_ENABLE_FT=1 fails an internal assertion), so no survivor can report.
+        moe_ep::testing::skip("lost-peer over this MPI", "only Open MPI's --enable-recovery keeps survivors running");
+        return;
+    }
     for n in [2, 3] {
-        let extra = if s == Scenario::LostPeer { recovery_flags() } else { &[] };
+        // Open MPI's --enable-recovery keeps the survivors of a dead rank running.
+        let extra: &[&str] = if s == Scenario::LostPeer { &["--enable-recovery"] } else { &[] };
         let (out, t) = mpirun_with(n, &format!("scenario {}", s.name()), extra);
         let all = text(&out);
         for r in 0..n {
