@@ -84,20 +84,22 @@ impl std::fmt::Debug for MpiGroup {
     }
 }
 
-/// MPI's message for `code`, as an error on `rank`.
-pub(crate) fn mpi_error(rank: usize, what: &str, code: c_int) -> Error {
-    // MPI_MAX_ERROR_STRING is the MPI's own (256 in Open MPI, 1024 in MPICH); one more for the
-    // terminating zero some implementations write past it.
+/// MPI's own text for an error code that MPI returned (`MPI_Error_string`): at most
+/// `MPI_MAX_ERROR_STRING` bytes, the MPI's own limit (256 in Open MPI, 1024 in MPICH). Not
+/// public: MPI's default handler makes an unknown code a fatal error.
+pub(crate) fn error_string(code: c_int) -> String {
+    // One byte more for the terminating zero some implementations write past the limit.
     let mut buf = vec![0u8; ffi::MPI_MAX_ERROR_STRING as usize + 1];
     let mut len: c_int = 0;
     // SAFETY: the buffer holds MPI_MAX_ERROR_STRING characters and a zero, as the standard asks.
     unsafe { ffi::MPI_Error_string(code, buf.as_mut_ptr() as *mut _, &mut len) };
     buf.truncate((len.max(0) as usize).min(ffi::MPI_MAX_ERROR_STRING as usize));
-    Error::Backend {
-        rank: Some(rank),
-        backend: "mpi",
-        what: format!("{what}: {} (code {code})", String::from_utf8_lossy(&buf)),
-    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// MPI's message for `code`, as an error on `rank`.
+pub(crate) fn mpi_error(rank: usize, what: &str, code: c_int) -> Error {
+    Error::Backend { rank: Some(rank), backend: "mpi", what: format!("{what}: {} (code {code})", error_string(code)) }
 }
 
 impl MpiGroup {
@@ -385,5 +387,37 @@ impl Drop for MpiGroup {
             ManuallyDrop::drop(&mut self.comm);
             ManuallyDrop::drop(&mut self.universe);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MPI's error strings (MPICH's are up to 1024 bytes) fit the buffer, for every standard
+    /// error class. A singleton MPI process (no mpirun).
+    #[test]
+    fn error_strings_fit_the_buffer_mpi_asks_for() {
+        let g = MpiGroup::init(Duration::from_secs(10)).expect("MPI init");
+        let classes = [
+            ffi::MPI_ERR_BUFFER,
+            ffi::MPI_ERR_COUNT,
+            ffi::MPI_ERR_TYPE,
+            ffi::MPI_ERR_TAG,
+            ffi::MPI_ERR_COMM,
+            ffi::MPI_ERR_RANK,
+            ffi::MPI_ERR_REQUEST,
+            ffi::MPI_ERR_TRUNCATE,
+            ffi::MPI_ERR_OTHER,
+            ffi::MPI_ERR_INTERN,
+            ffi::MPI_ERR_IN_STATUS,
+        ];
+        for c in classes {
+            let s = error_string(c as c_int);
+            assert!(!s.is_empty() && s.len() <= ffi::MPI_MAX_ERROR_STRING as usize, "class {c}: {s:?}");
+        }
+        let e = mpi_error(0, "MPI_Irecv", ffi::MPI_ERR_TRUNCATE as c_int).to_string();
+        assert!(e.to_lowercase().contains("truncated"), "{e}");
+        drop(g);
     }
 }
