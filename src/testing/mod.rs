@@ -1,5 +1,5 @@
 //! Test and benchmark support, behind the `testing` feature: random data ([`random`]), the
-//! f64 reference MoE ([`reference`]), a checkpoint writer ([`checkpoint_writer`]) and the
+//! f64 reference MoE ([`reference`](mod@reference)), a checkpoint writer ([`checkpoint_writer`]) and the
 //! hardware floors benchmarks print beside their figures ([`floor`]), the failure-injection
 //! suite every group engine passes ([`group_suite`]), and [`skip()`], which tells CI's log that
 //! a test did not run a variant.
