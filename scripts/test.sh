@@ -58,6 +58,13 @@ apt-get install mesa-vulkan-drivers libvulkan1 (Debian/Ubuntu, as root), or your
   echo "Vulkan drivers: $( (compgen -G '/usr/share/vulkan/icd.d/*.json'; compgen -G '/etc/vulkan/icd.d/*.json') | tr '\n' ' ')"
 fi
 
+# CI (CI=true) builds every crate once per mode, from clean: line tables are enough for a
+# failing test's backtrace, and full debug info makes every test binary's compile and link
+# (wgpu's above all) several times slower. Local runs keep the developers' profiles.
+if [ -n "${CI:-}" ]; then
+  export CARGO_PROFILE_DEV_DEBUG=line-tables-only CARGO_PROFILE_TEST_DEBUG=line-tables-only
+fi
+
 say "format and lints"
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check || die "code is not formatted: run cargo fmt --all"
@@ -80,12 +87,23 @@ else
 fi
 
 say "benches compile"
-cargo bench --workspace --all-features --locked --no-run
+# In the test profile, beside the tests: clippy --all-targets has type-checked them already, and
+# a release build of the whole workspace (wgpu included) only for this took a third of CI.
+# (`cargo bench --bench layer` builds and runs them in release, as BENCHMARKS.md says.)
+cargo test --workspace --all-features --locked --benches --no-run
 
 say "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --all-features --locked 2>&1 | tee "$log"
+status=0
+cargo test --workspace --all-features --locked 2>&1 | tee "$log" || status=$?
+# Variants that a test could not run (moe_ep::testing::skip writes "SKIPPED <variant>: <reason>"
+# past libtest's capture): repeated here so that no log reader misses them.
+if grep -q 'SKIPPED ' "$log"; then
+  say "variants not run"
+  grep -o 'SKIPPED .*' "$log" | sort | uniq -c
+fi
 # One closing line over every test binary: "tests: N passed, M failed".
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "\ntests: %d passed, %d failed\n", p, f; if (p == 0) { print "scripts/test.sh: no test ran" > "/dev/stderr"; exit 1 } }' "$log"
+exit "$status"

@@ -35,8 +35,10 @@ pub enum Error {
     #[error("rank {rank}: {op}: rank {peer} failed on its side (its own error says why)")]
     PeerFailed { rank: usize, op: &'static str, peer: usize },
 
-    /// A peer gave up on this collective because of another rank, which it names.
-    #[error("rank {rank}: {op}: rank {via} reports that rank {peer} failed, stalled or is gone")]
+    /// A peer gave up on this collective because of another rank, which it names. When that
+    /// rank is this one (`peer == rank`), this rank is the one that stalled (or failed) in the
+    /// peer's eyes: it arrived after the peer's timeout.
+    #[error("rank {rank}: {op}: {}", reported(*rank, *peer, *via))]
     PeerReported { rank: usize, op: &'static str, peer: usize, via: usize },
 
     /// An earlier collective failed, so the group's message streams can no longer be trusted.
@@ -46,6 +48,14 @@ pub enum Error {
     /// A compute backend (GPU device, driver) failed.
     #[error("{}backend {backend}: {what}", rank_prefix(*rank))]
     Backend { rank: Option<usize>, backend: &'static str, what: String },
+}
+
+fn reported(rank: usize, peer: usize, via: usize) -> String {
+    if peer == rank {
+        format!("rank {via} gave up on this rank: this rank stalled past the group's timeout (or failed) in its eyes")
+    } else {
+        format!("rank {via} reports that rank {peer} failed, stalled or is gone")
+    }
 }
 
 fn rank_prefix(rank: Option<usize>) -> String {

@@ -143,3 +143,50 @@ fn shared_group_suite_on_thread_ranks() {
         }
     }
 }
+
+/// The trait's helpers take part in their call even when this rank's arguments are bad, so
+/// the peers fail in the same call instead of waiting out the timeout.
+#[test]
+fn helpers_with_bad_arguments_fail_on_every_rank() {
+    let start = std::time::Instant::now();
+    let outs = LocalGroup::run(3, Duration::from_secs(30), |g| {
+        let counts = if g.rank() == 1 { vec![1, 2] } else { vec![0; 3] };
+        g.exchange_counts(&counts)
+    })
+    .unwrap();
+    for (r, o) in outs.into_iter().enumerate() {
+        let e = o.unwrap().unwrap_err();
+        if r == 1 {
+            assert!(e.to_string().contains("exchange_counts: send_counts has 2 entries, the group has 3"), "{e}");
+        } else {
+            assert!(matches!(e, Error::PeerFailed { op: "all_to_all", peer: 1, .. }), "rank {r}: {e}");
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "the peers waited for the timeout");
+}
+
+/// A timeout too large for an `Instant` (`Duration::MAX` and the like) means none: calls work,
+/// a late rank is waited for, and `working` is harmless.
+#[test]
+fn a_timeout_too_large_for_an_instant_is_no_timeout() {
+    for timeout in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+        let outs = LocalGroup::run(3, timeout, |g| {
+            let _busy = g.working();
+            if g.rank() == 2 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            common::group_ops(&g, 9, 20)
+        })
+        .unwrap();
+        for o in outs {
+            o.unwrap().unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_local_group_has_one_to_max_local_ranks() {
+    assert!(LocalGroup::world(0, TIMEOUT).is_err());
+    let e = LocalGroup::world(moe_ep::exchange::group::MAX_LOCAL_RANKS + 1, TIMEOUT).unwrap_err();
+    assert!(e.to_string().contains("1 to 1024 ranks"), "{e}");
+}

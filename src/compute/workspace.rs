@@ -4,6 +4,7 @@
 use std::sync::Mutex;
 
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Most buffers a workspace keeps by default; more are dropped when returned.
@@ -33,15 +34,19 @@ impl Workspace {
     }
 
     /// A `[rows, cols]` tensor of `dtype` whose contents are unspecified (stale data from an
-    /// earlier call, or zeros). Callers must overwrite every element.
-    pub fn take(&self, dtype: DType, rows: usize, cols: usize) -> Tensor {
-        let n = rows * cols;
+    /// earlier call, or zeros). Callers must overwrite every element. Errors (never an abort)
+    /// when the shape is too large for any allocation or the allocation fails.
+    pub fn take(&self, dtype: DType, rows: usize, cols: usize) -> Result<Tensor> {
+        let n = rows
+            .checked_mul(cols)
+            .filter(|n| n.checked_mul(dtype.size()).is_some_and(|b| b <= isize::MAX as usize))
+            .ok_or_else(|| Error::invalid(format!("[{rows}, {cols}] {dtype} does not fit in memory")))?;
         if n == 0 {
-            return Tensor::zeros(dtype, rows, cols);
+            return Tensor::try_zeros(dtype, rows, cols);
         }
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         // Smallest buffer already that long (no writes), else the smallest whose allocation
-        // fits, else the largest of the dtype (it grows once).
+        // fits (it is reshaped in place); else a new one.
         let fit = free
             .iter()
             .enumerate()
@@ -53,11 +58,13 @@ impl Workspace {
                     .filter(|(_, t)| t.dtype() == dtype && t.capacity() >= n)
                     .min_by_key(|(_, t)| t.capacity())
             })
-            .or_else(|| free.iter().enumerate().filter(|(_, t)| t.dtype() == dtype).max_by_key(|(_, t)| t.capacity()))
             .map(|(i, _)| i);
         match fit {
-            Some(i) => free.swap_remove(i).reshaped(rows, cols),
-            None => Tensor::zeros(dtype, rows, cols),
+            Some(i) => Ok(free.swap_remove(i).reshaped(rows, cols)),
+            None => {
+                drop(free);
+                Tensor::try_zeros(dtype, rows, cols)
+            }
         }
     }
 

@@ -1,8 +1,6 @@
 //! The agreement round of collective constructors: every rank's status and the fields that must
 //! be equal on every rank (config numbers, hashes of replicated weights), gathered once.
 
-use std::hash::{Hash, Hasher};
-
 use crate::error::{Error, Result};
 use crate::exchange::group::Group;
 
@@ -19,19 +17,10 @@ impl Field {
         Field { name, value, hashed: false }
     }
 
-    /// A hash of `parts` (one after another).
+    /// A hash of `parts` (one after another): see [`stable_hash`].
     pub fn hash(name: &'static str, parts: &[&[u8]]) -> Self {
-        Field { name, value: hash_bytes(parts), hashed: true }
+        Field { name, value: stable_hash(parts), hashed: true }
     }
-}
-
-/// A hash of `parts` (one after another, each with its length), the same on every rank.
-pub(crate) fn hash_bytes(parts: &[&[u8]]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    for p in parts {
-        p.hash(&mut h);
-    }
-    h.finish()
 }
 
 /// A fresh random 64-bit value (the identity of a layer or of a call, taken from rank 0).
@@ -71,4 +60,30 @@ pub(crate) fn agree<G: Group + ?Sized>(group: &G, op: &'static str, failed: bool
         }
     }
     Ok(all[1])
+}
+
+/// XXH3-64 (seed 0) of `parts`, each preceded by its length as a little-endian u64, so that
+/// ranks built by any compiler or release agree, and `["ab", "c"]` differs from `["a", "bc"]`.
+pub(crate) fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    h.digest()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stable_hash;
+
+    /// The values are XXH3-64 of the framed bytes as the reference implementation computes them
+    /// (Python's `xxhash.xxh3_64_intdigest`), so a change of algorithm or framing shows here.
+    #[test]
+    fn the_agreement_hash_is_pinned() {
+        assert_eq!(stable_hash(&[]), 0x2d06800538d394c2);
+        assert_eq!(stable_hash(&[b"moe-ep"]), 0xa60e5209e188ee01);
+        assert_eq!(stable_hash(&[b"router", &[0, 1, 2, 3, 255]]), 0x100aec01954a81a5);
+        assert_ne!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"a", b"bc"]));
+    }
 }

@@ -21,7 +21,7 @@ use crate::compute::session::{Buf, Session, Weights};
 use crate::compute::workspace::Workspace;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::exchange::agree::{hash_bytes, nonce};
+use crate::exchange::agree::{nonce, stable_hash};
 use crate::exchange::group::Group;
 use crate::exchange::layout::{DispatchLayout, STATUS_BYTES};
 use crate::exchange::plan::RoutePlan;
@@ -75,7 +75,7 @@ impl CombineHandle {
 /// The identity of a placement, compared in the counts round.
 pub(crate) fn placement_hash(placement: &Placement) -> u64 {
     let owners: Vec<u64> = placement.owners().iter().map(|&r| r as u64).collect();
-    hash_bytes(&[bytemuck::cast_slice(&owners)])
+    stable_hash(&[bytemuck::cast_slice(&owners)])
 }
 
 /// Plan `routing` of `x`'s rows under `placement` (local checks only). Errors name `rank`.

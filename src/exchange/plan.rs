@@ -40,65 +40,24 @@ pub struct RoutePlan {
 impl RoutePlan {
     /// Plan `routing` for `rank` under `placement` and `capacity`.
     ///
-    /// Errors (naming `rank`) when an expert id is out of range. Capacity drops are taken
-    /// first-choice-first: every slot-0 assignment is admitted before any slot-1, tokens in order.
+    /// Errors (naming `rank`) when `rank` is outside the placement's world, the routing's ids
+    /// or weights are not `n * k`, there are 2^32 - 1 or more of them (rows travel as u32), or
+    /// an expert id is out of range. Capacity drops are taken first-choice-first: every slot-0
+    /// assignment is admitted before any slot-1, tokens in order.
     pub fn new(rank: usize, routing: &Routing, placement: &Placement, capacity: Capacity) -> Result<Self> {
+        check(rank, routing, placement)?;
         let (n, k, e_total, world) = (routing.n, routing.k, placement.num_experts(), placement.world());
-        if rank >= world {
-            return Err(Error::invalid_on(rank, format!("rank {rank} outside a world of {world}")));
-        }
-        if routing.ids.len() != n * k || routing.weights.len() != n * k {
-            return Err(Error::invalid_on(rank, "routing ids/weights do not have n*k entries"));
-        }
-        if let Some(i) = routing.ids.iter().position(|&e| e as usize >= e_total) {
-            return Err(Error::invalid_on(
-                rank,
-                format!(
-                    "expert id {} at token {}, slot {} is out of range (the layer has {e_total} experts)",
-                    routing.ids[i],
-                    i / k,
-                    i % k
-                ),
-            ));
-        }
-
         let mut assignments_per_expert = vec![0usize; e_total];
         for &e in &routing.ids {
             assignments_per_expert[e as usize] += 1;
         }
-
-        // Admission, slot-major (first choice first).
-        let mut dest = vec![0u32; n * k];
-        let mut dropped_per_expert = vec![0usize; e_total];
-        match capacity.limit(n, k, e_total) {
-            None => {
-                for (d, &e) in dest.iter_mut().zip(&routing.ids) {
-                    *d = placement.owner(e as usize) as u32;
-                }
-            }
-            Some(cap) => {
-                let mut taken = vec![0usize; e_total];
-                for j in 0..k {
-                    for t in 0..n {
-                        let i = t * k + j;
-                        let e = routing.ids[i] as usize;
-                        if taken[e] < cap {
-                            taken[e] += 1;
-                            dest[i] = placement.owner(e) as u32;
-                        } else {
-                            dropped_per_expert[e] += 1;
-                            dest[i] = DROPPED;
-                        }
-                    }
-                }
-            }
-        }
+        let (dest, dropped_per_expert) = admit(routing, placement, capacity);
 
         // Counts per (destination, local expert), then rows in (local expert, token, slot) order.
         let mut counts: Vec<Vec<usize>> = (0..world).map(|d| vec![0usize; placement.experts_of(d).len()]).collect();
         for (i, &d) in dest.iter().enumerate() {
             if d != DROPPED {
-                counts[d as usize][placement.local_index(routing.ids[i] as usize)] += 1;
+                counts[d as usize][placement.local_index_checked(routing.ids[i] as usize)] += 1;
             }
         }
         let mut cursor: Vec<Vec<usize>> = counts.iter().map(|c| offsets(c)).collect();
@@ -109,7 +68,7 @@ impl RoutePlan {
                 row[i] = u32::MAX;
                 continue;
             }
-            let (d, l) = (d as usize, placement.local_index(routing.ids[i] as usize));
+            let (d, l) = (d as usize, placement.local_index_checked(routing.ids[i] as usize));
             let r = cursor[d][l];
             cursor[d][l] += 1;
             row[i] = r as u32;
@@ -119,9 +78,9 @@ impl RoutePlan {
         Ok(RoutePlan { rank, n, k, dest, row, counts, block_tokens, assignments_per_expert, dropped_per_expert })
     }
 
-    /// Rows in the block for rank `d`.
+    /// Rows in the block for rank `d`; 0 for a rank outside the plan's world.
     pub fn rows_to(&self, d: usize) -> usize {
-        self.block_tokens[d].len()
+        self.block_tokens.get(d).map_or(0, Vec::len)
     }
 
     /// Total dropped assignments.
@@ -138,4 +97,69 @@ impl RoutePlan {
     pub fn remote_rows(&self) -> usize {
         (0..self.block_tokens.len()).filter(|&d| d != self.rank).map(|d| self.rows_to(d)).sum()
     }
+}
+
+/// The checks of [`RoutePlan::new`]: rank, lengths (and their product), expert ids.
+fn check(rank: usize, routing: &Routing, placement: &Placement) -> Result<()> {
+    let (n, k, e_total, world) = (routing.n, routing.k, placement.num_experts(), placement.world());
+    if rank >= world {
+        return Err(Error::invalid_on(rank, format!("rank {rank} outside a world of {world}")));
+    }
+    let Some(nk) = n.checked_mul(k).filter(|&nk| nk < u32::MAX as usize) else {
+        return Err(Error::invalid_on(rank, format!("routing of {n} tokens x {k} slots exceeds 2^32 - 1 rows")));
+    };
+    if routing.ids.len() != nk || routing.weights.len() != nk {
+        return Err(Error::invalid_on(
+            rank,
+            format!(
+                "routing has {} ids and {} weights for {n} tokens x {k} slots",
+                routing.ids.len(),
+                routing.weights.len()
+            ),
+        ));
+    }
+    if let Some(i) = routing.ids.iter().position(|&e| e as usize >= e_total) {
+        return Err(Error::invalid_on(
+            rank,
+            format!(
+                "expert id {} at token {}, slot {} is out of range (the layer has {e_total} experts)",
+                routing.ids[i],
+                i / k,
+                i % k
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Admission, slot-major (first choice first): the destination rank of each (token, slot), or
+/// [`DROPPED`], and the drops per expert. Ids and `n * k` were checked.
+fn admit(routing: &Routing, placement: &Placement, capacity: Capacity) -> (Vec<u32>, Vec<usize>) {
+    let (n, k, e_total) = (routing.n, routing.k, placement.num_experts());
+    let mut dest = vec![0u32; n * k];
+    let mut dropped_per_expert = vec![0usize; e_total];
+    match capacity.limit(n, k, e_total) {
+        None => {
+            for (d, &e) in dest.iter_mut().zip(&routing.ids) {
+                *d = placement.owner_of_checked(e as usize) as u32;
+            }
+        }
+        Some(cap) => {
+            let mut taken = vec![0usize; e_total];
+            for j in 0..k {
+                for t in 0..n {
+                    let i = t * k + j;
+                    let e = routing.ids[i] as usize;
+                    if taken[e] < cap {
+                        taken[e] += 1;
+                        dest[i] = placement.owner_of_checked(e) as u32;
+                    } else {
+                        dropped_per_expert[e] += 1;
+                        dest[i] = DROPPED;
+                    }
+                }
+            }
+        }
+    }
+    (dest, dropped_per_expert)
 }

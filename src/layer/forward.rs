@@ -179,6 +179,10 @@ impl<'a, G: Group> Run<'a, G> {
     /// Run `f` for `stage`; on a device error with a fallback, hand the call to the CPU and run
     /// it again there.
     fn stage<T>(&mut self, stage: Stage, f: impl Fn(&mut Self) -> Result<T>) -> Result<T> {
+        // Heartbeats while this rank computes: its peers, waiting in the next exchange, do not
+        // take a long stretch (a prefill, a lopsided placement) for a stall (Group::working).
+        let group = self.p.group;
+        let _busy = group.working();
         match f(self) {
             Err(e) if self.fallback.is_some() && is_device_error(&e) => {
                 self.fall_back(stage, &e)?;

@@ -298,7 +298,9 @@ impl<G: Group> TpLayer<G> {
         // 2.-3. Route, compute the partials, then the reduce-scatter (a failure here travels
         // through the status round before it, so no rank waits on a failed one).
         let mut s = engine.session().map_err(|e| e.on_rank(rank))?;
+        let busy = self.group.working(); // heartbeats while the peers wait on this compute
         let partial = self.partial(s.as_mut(), x_all, &mut stats).map_err(|e| e.on_rank(rank));
+        drop(busy);
         let status = self.group.all_gather_u64(&[partial.is_err() as u64])?;
         let partial = partial?;
         if let Some(peer) = (0..world).find(|&p| status[p] != 0) {
@@ -317,7 +319,10 @@ impl<G: Group> TpLayer<G> {
         )?;
         stats.times.exchange_back = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let y = self.sum_over_ranks(s.as_mut(), recv, n, device_out).map_err(|e| e.on_rank(rank))?;
+        let busy = self.group.working();
+        let y = self.sum_over_ranks(s.as_mut(), recv, n, device_out).map_err(|e| e.on_rank(rank));
+        drop(busy);
+        let y = y?;
         stats.times.combine = t.elapsed().as_secs_f64();
         crate::exchange::dispatch::add_traffic(&mut stats, s.traffic());
         Ok((y, stats))

@@ -28,10 +28,11 @@ impl Routing {
         if k == 0 || k > MAX_TOP_K {
             return Err(Error::invalid(format!("top-k {k} must be in 1..={MAX_TOP_K}")));
         }
-        if ids.len() != n * k || weights.len() != n * k {
+        let nk =
+            n.checked_mul(k).ok_or_else(|| Error::invalid(format!("routing of {n} tokens x {k} slots overflows")))?;
+        if ids.len() != nk || weights.len() != nk {
             return Err(Error::invalid(format!(
-                "routing for {n} tokens x {k} slots needs {} ids and weights, got {} and {}",
-                n * k,
+                "routing for {n} tokens x {k} slots needs {nk} ids and weights, got {} and {}",
                 ids.len(),
                 weights.len()
             )));
@@ -58,7 +59,11 @@ pub fn router_logits(x: &Tensor, gate: &Tensor) -> Result<Vec<f32>> {
         )));
     }
     let (n, d, e) = (x.rows(), x.cols(), gate.rows());
-    let mut logits = vec![0f32; n * e];
+    let mut logits = Vec::new();
+    match n.checked_mul(e) {
+        Some(len) if logits.try_reserve_exact(len).is_ok() => logits.resize(len, 0f32),
+        _ => return Err(Error::invalid(format!("router: {n} tokens x {e} experts of logits cannot be allocated"))),
+    }
     if n == 0 {
         return Ok(logits);
     }

@@ -10,10 +10,15 @@
 //! What MPI itself does when a rank crashes: with Open MPI (`mpirun`), a rank that is killed
 //! or exits without `MPI_Finalize` makes mpirun terminate every other rank of the job, so a
 //! crash ends the job in seconds whatever this library does. A rank that stalls (stopped,
-//! deadlocked, far slower) is what the deadlines here are for: its peers return
-//! [`moe_ep::Error::Timeout`] naming it within the group's timeout.
+//! deadlocked) is what the deadlines here are for: its peers return [`moe_ep::Error::Timeout`]
+//! naming it within the group's timeout, and it is told, in its next call, that it stalled.
+//! A rank that is merely slow because it computes holds a [`moe_ep::Group::working`] guard and
+//! is not timed out. MPICH works as well as Open MPI; see the README for running under both.
 
+mod control;
 mod group;
+mod transfer;
+mod wire;
 
 pub use group::{MAX_MESSAGE, MpiGroup};
 pub use mpi::Threading;

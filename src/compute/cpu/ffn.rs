@@ -145,7 +145,7 @@ fn write_out(active: &[usize], offsets: &[usize], y_tiles: &[Vec<f32>], d: usize
     let tiles = |n: usize| (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)));
     let ntiles = d.div_ceil(TILE);
     with_storage!(out.storage_mut(), o => {
-        let mut rest: &mut [_] = o.as_mut_slice();
+        let mut rest: &mut [_] = o;
         let mut chunks = Vec::with_capacity(active.len());
         let mut at = 0;
         for &l in active {

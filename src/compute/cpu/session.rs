@@ -162,10 +162,8 @@ impl<'a> Session<'a> for CpuSession<'a> {
     }
 
     fn alloc(&mut self, dtype: DType, rows: usize, cols: usize) -> Result<Buf> {
-        rows.checked_mul(cols)
-            .and_then(|n| n.checked_mul(dtype.size()))
-            .ok_or_else(|| Error::invalid(format!("[{rows}, {cols}] {dtype} does not fit in memory")))?;
-        self.push(Slot::Owned(pool().take(dtype, rows, cols)), dtype, rows, cols)
+        let t = pool().take(dtype, rows, cols)?;
+        self.push(Slot::Owned(t), dtype, rows, cols)
     }
 
     fn alloc_send(&mut self, dtype: DType, rows: usize, cols: usize) -> Result<Buf> {

@@ -44,8 +44,9 @@ struct Args {
     /// cpu, gpu (every call on wgpu's adapter) or auto (the layer's measured crossover).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "gpu", "auto"])]
     backend: String,
-    #[arg(long, default_value_t = 10)]
-    iters: usize,
+    /// Timed forward calls (at least one).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    iters: u64,
 }
 
 fn main() {
@@ -93,7 +94,7 @@ fn run_rank<G: Group>(g: G, a: &Args, cfg: &MoeConfig, placement: &Placement) ->
     };
     layer.warm_up()?;
     let x = random::input(cfg, a.tokens, 7, rank);
-    let mut runs = Vec::with_capacity(a.iters);
+    let mut runs = Vec::new();
     for _ in 0..a.iters {
         layer.group().barrier()?;
         let t = Instant::now();
