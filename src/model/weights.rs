@@ -1,8 +1,114 @@
 //! Expert weights.
 
 use crate::error::{Error, Result};
+use crate::dtype::DType;
 use crate::model::config::{Activation, MoeConfig};
+use crate::model::quant::{PackedMatrix, WeightKind};
 use crate::tensor::Tensor;
+
+/// One weight matrix `[out, in]`: plain values ([`Tensor`] of f32, f16 or bf16) or packed
+/// ([`PackedMatrix`]: MLX affine, MXFP4, FP8), kept as the files store it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Weight {
+    Dense(Tensor),
+    Packed(PackedMatrix),
+}
+
+impl Weight {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.rows(),
+            Weight::Packed(p) => p.rows(),
+        }
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.cols(),
+            Weight::Packed(p) => p.cols(),
+        }
+    }
+
+    /// The dtype or packed format.
+    pub fn kind(&self) -> WeightKind {
+        match self {
+            Weight::Dense(t) => WeightKind::Dense(t.dtype()),
+            Weight::Packed(p) => WeightKind::Packed(p.format()),
+        }
+    }
+
+    /// The plain values, `None` when packed.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Packed(_) => None,
+        }
+    }
+
+    /// The packed matrix, `None` when dense.
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        match self {
+            Weight::Packed(p) => Some(p),
+            Weight::Dense(_) => None,
+        }
+    }
+
+    /// The plain values, or an error naming `what` for a packed matrix (for code that
+    /// computes on dense weights only).
+    pub fn dense_or_err(&self, what: &str) -> Result<&Tensor> {
+        self.dense().ok_or_else(|| {
+            Error::invalid(format!("{what} is packed ({}); this path takes dense weights", self.kind()))
+        })
+    }
+
+    /// Bytes as held (packed: values and scales).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.as_bytes().len(),
+            Weight::Packed(p) => p.bytes(),
+        }
+    }
+
+    /// Every value as f32, row-major (packed ones decoded).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            Weight::Dense(t) => t.to_f32_vec(),
+            Weight::Packed(p) => p.to_tensor(DType::F32).to_f32_vec(),
+        }
+    }
+
+    /// Check the shape (`[rows, cols]`) and kind, with a message naming `what`.
+    pub fn expect(&self, what: &str, kind: WeightKind, rows: usize, cols: usize) -> Result<()> {
+        if let (Weight::Dense(t), WeightKind::Dense(dt)) = (self, kind) {
+            return t.expect(what, dt, Some(rows), cols);
+        }
+        if self.kind() != kind {
+            return Err(Error::invalid(format!("{what} is {}, expected {kind}", self.kind())));
+        }
+        if self.rows() != rows || self.cols() != cols {
+            return Err(Error::invalid(format!(
+                "{what} has shape [{}, {}], expected [{rows}, {cols}]",
+                self.rows(),
+                self.cols()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl From<Tensor> for Weight {
+    fn from(t: Tensor) -> Self {
+        Weight::Dense(t)
+    }
+}
+
+impl From<PackedMatrix> for Weight {
+    fn from(p: PackedMatrix) -> Self {
+        Weight::Packed(p)
+    }
+}
 
 /// The three matrices of one SwiGLU expert, in Hugging Face layout `[out, in]`:
 /// `out = down( silu(gate · h) * (up · h) )`.

@@ -6,6 +6,7 @@
 
 pub mod checkpoint_fuzz;
 pub mod checkpoint_writer;
+pub mod dequant_ref;
 pub mod floor;
 pub mod group_suite;
 pub mod random;
