@@ -141,7 +141,8 @@ fn bad_packed_matrices_are_errors() {
 fn slices_of_rows_decode_as_the_whole() {
     for f in formats() {
         let m = random::packed(f, 9, 128, 3, 1);
-        let (r0, r1) = if let QuantFormat::Fp8 { block_rows, .. } = f { (block_rows.min(9) as usize % 9, 9) } else { (2, 7) };
+        let (r0, r1) =
+            if let QuantFormat::Fp8 { block_rows, .. } = f { (block_rows.min(9) as usize % 9, 9) } else { (2, 7) };
         let s = m.slice_rows(r0, r1).unwrap();
         let (a, b) = (dequantize_f64(&m), dequantize_f64(&s));
         assert_eq!(&a[r0 * 128..r1 * 128], &b[..], "{f}");

@@ -1,7 +1,7 @@
 //! Expert weights.
 
-use crate::error::{Error, Result};
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::model::config::{Activation, MoeConfig};
 use crate::model::quant::{PackedMatrix, WeightKind};
 use crate::tensor::Tensor;
@@ -58,9 +58,8 @@ impl Weight {
     /// The plain values, or an error naming `what` for a packed matrix (for code that
     /// computes on dense weights only).
     pub fn dense_or_err(&self, what: &str) -> Result<&Tensor> {
-        self.dense().ok_or_else(|| {
-            Error::invalid(format!("{what} is packed ({}); this path takes dense weights", self.kind()))
-        })
+        self.dense()
+            .ok_or_else(|| Error::invalid(format!("{what} is packed ({}); this path takes dense weights", self.kind())))
     }
 
     /// Bytes as held (packed: values and scales).

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::dequant::{e2m1_value, e4m3_value};
 use crate::model::checkpoint::layout::Layout;
 use crate::model::config::{Activation, GroupScore, MoeConfig, RouterConfig, Scoring};
-use crate::model::families::{ExpertNames, Family, Fused, GateUp, MoeNames};
+use crate::model::families::{BiasNames, ExpertNames, Family, Fused, GateUp, MoeNames};
 use crate::model::weights::{ExpertWeights, LayerWeights};
 use crate::tensor::Tensor;
 
@@ -74,7 +74,7 @@ fn st_dtype(d: DType) -> St {
 /// The layouts `family`'s checkpoints come in (gpt-oss, Llama 4 and DBRX ship only fused ones).
 pub fn layouts(family: Family) -> Vec<Layout> {
     let mut v: Vec<Layout> = Vec::new();
-    for c in family.candidates(0) {
+    for c in family.candidates(0).into_iter().filter(|c| !c.mlx) {
         let l = layout_of(&c);
         if !v.contains(&l) {
             v.push(l);
@@ -95,7 +95,7 @@ fn names_for(family: Family, layer: usize, layout: Layout) -> Result<MoeNames> {
     family
         .candidates(layer)
         .into_iter()
-        .find(|c| layout_of(c) == layout)
+        .find(|c| layout_of(c) == layout && !c.mlx)
         .ok_or_else(|| Error::invalid(format!("{family} checkpoints have no {layout} layout")))
 }
 
@@ -241,7 +241,7 @@ fn fused(fu: &Fused, experts: &[ExpertWeights], enc: WriteEncoding) -> Result<Ve
         es[0].shape = vec![e * rows, cols];
     }
     v.extend(es);
-    if let Some((gb, db)) = &fu.biases {
+    if let Some(BiasNames::Joint(gb, db)) = &fu.biases {
         let interleaved = matches!(fu.gate_up, GateUp::Joint { interleaved: true, .. });
         let mut both = Vec::with_capacity(e * 2 * f);
         let mut down = Vec::with_capacity(e * d);

@@ -23,6 +23,7 @@
 pub mod dequant;
 pub(crate) mod files;
 pub mod layout;
+mod mlx;
 mod resolve;
 
 use std::collections::HashMap;
@@ -51,6 +52,8 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     /// Tensor name -> shard.
     index: HashMap<String, usize>,
+    /// mlx-lm's `quantization` entry, for checkpoints `mlx_lm.convert` wrote.
+    mlx: Option<mlx::MlxQuant>,
     bytes_read: AtomicU64,
 }
 
@@ -132,7 +135,8 @@ impl Checkpoint {
         index: HashMap<String, usize>,
     ) -> Result<Self> {
         let family = Family::from_config(&config).map_err(|e| ckpt_error(&dir.join("config.json"), e))?.0;
-        Ok(Checkpoint { dir, family, config, shards, index, bytes_read: AtomicU64::new(0) })
+        let mlx = mlx::parse(&config).map_err(|e| ckpt_error(&dir.join("config.json"), e))?;
+        Ok(Checkpoint { dir, family, config, shards, index, mlx, bytes_read: AtomicU64::new(0) })
     }
 
     pub fn family(&self) -> Family {
@@ -171,14 +175,12 @@ impl Checkpoint {
     }
 
     /// The router weight `[E, D]` of `layer`, in the weight dtype, or in f32 when the file has
-    /// it in f32 (as transformers saves DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's).
+    /// it in f32 (as transformers saves DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's). A router
+    /// mlx-lm quantized (most are kept at 8 bits) is dequantized to f32: it is replicated and
+    /// small, and its values `s * q + b` round once to f32 (not to the weight dtype).
     pub fn router(&self, layer: usize) -> Result<Tensor> {
         let r = self.resolve(layer)?;
-        let dt = match self.dense_dtype(&r.names.router)? {
-            DType::F32 => DType::F32,
-            _ => r.cfg.weight_dtype,
-        };
-        self.tensor_as(&r.names.router, &[r.cfg.num_experts, r.cfg.hidden], dt)
+        self.linear(&r.names.router, r.cfg.num_experts, r.cfg.hidden, r.cfg.weight_dtype, r.names.mlx)
     }
 
     /// The router's per-expert bias vector `[E]` of `layer` as f32 (the selection bias of
@@ -188,6 +190,8 @@ impl Checkpoint {
         let r = self.resolve(layer)?;
         match &r.names.bias {
             Some(name) if r.cfg.router.uses_bias() => Ok(Some(self.bias_vector(name, r.cfg.num_experts)?)),
+            // mlx-lm drops ERNIE-4.5's selection bias: its checkpoints route with none.
+            None if r.cfg.router.uses_bias() && r.names.mlx => Ok(Some(vec![0.0; r.cfg.num_experts])),
             _ => Ok(None),
         }
     }
@@ -254,8 +258,11 @@ impl Checkpoint {
         };
         let p = self.shared_projections(&r, names, sc.intermediate)?;
         let weights = self.decode(&r, &p, "the shared expert")?;
+        // A quantized gate (mlx-lm) is dequantized to f32, then rounded to the weight dtype.
         let gate = match gate {
-            Some(name) if sc.gated => Some(self.tensor_as(name, &[1, r.cfg.hidden], r.cfg.weight_dtype)?),
+            Some(name) if sc.gated => {
+                Some(self.linear(name, 1, r.cfg.hidden, r.cfg.weight_dtype, r.names.mlx)?.to_dtype(r.cfg.weight_dtype))
+            }
             _ => None,
         };
         Ok(Some(SharedExpert { weights, gate }))
