@@ -15,7 +15,7 @@ use super::gemv;
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::model::config::Activation;
-use crate::model::weights::{ExpertSet, ExpertWeights};
+use crate::model::weights::{ExpertSet, ExpertWeights, Weight};
 use crate::tensor::{Storage, Tensor};
 use crate::with_storage;
 
@@ -30,6 +30,22 @@ fn rows_f32(t: &Tensor, r0: usize, r1: usize) -> Cow<'_, [f32]> {
         s => {
             let mut out = vec![0f32; (r1 - r0) * c];
             with_storage!(s, v => Element::widen_slice(&v[r0 * c..r1 * c], &mut out));
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// Weight rows `[r0, r1)` as f32: dense ones as [`rows_f32`], packed ones decoded row by row
+/// into the tile (never more than the tile of the matrix at a time).
+fn weight_rows_f32(w: &Weight, r0: usize, r1: usize) -> Cow<'_, [f32]> {
+    match w {
+        Weight::Dense(t) => rows_f32(t, r0, r1),
+        Weight::Packed(p) => {
+            let c = p.cols();
+            let mut out = vec![0f32; (r1 - r0) * c];
+            for (i, row) in out.chunks_mut(c.max(1)).enumerate().take(r1 - r0) {
+                p.decode_row(r0 + i, row);
+            }
             Cow::Owned(out)
         }
     }
@@ -101,7 +117,7 @@ pub fn ffn(
         .map(|&(ai, f0, f1)| {
             let w = &experts[active[ai]];
             let m = offsets[active[ai] + 1] - offsets[active[ai]];
-            let (wg, wu) = (rows_f32(&w.gate, f0, f1), rows_f32(&w.up, f0, f1));
+            let (wg, wu) = (weight_rows_f32(&w.gate, f0, f1), weight_rows_f32(&w.up, f0, f1));
             let n = f1 - f0;
             let mut g = vec![0f32; m * n];
             let mut u = vec![0f32; m * n];
@@ -123,7 +139,7 @@ pub fn ffn(
         .map(|&(ai, d0, d1)| {
             let w = &experts[active[ai]];
             let (m, f) = (offsets[active[ai] + 1] - offsets[active[ai]], w.down.cols());
-            let wd = rows_f32(&w.down, d0, d1);
+            let wd = weight_rows_f32(&w.down, d0, d1);
             let n = d1 - d0;
             let mut y = vec![0f32; m * n];
             for (c, (f0, f1)) in tiles(f).enumerate() {

@@ -4,7 +4,7 @@
 //! tile), but its summation order differs, so the deterministic mode never uses it.
 
 use crate::dtype::Element;
-use crate::tensor::Tensor;
+use crate::model::weights::Weight;
 use crate::with_storage;
 
 /// Accumulator lanes of [`dot`]: enough independent sums to keep the vector units busy.
@@ -29,11 +29,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `out[r * (n1 - n0) + i] = x_r · w[n0 + i]` for the `m` rows of `x` (`[m, K]` f32) and weight
-/// rows `n0..n1` of `w` (`[N, K]`, any dtype). `scratch` is reused between calls.
+/// rows `n0..n1` of `w` (`[N, K]`, any dtype, or packed: each row decoded into `scratch`).
+/// `scratch` is reused between calls.
 pub fn rows_times_weight_rows(
     x: &[f32],
     m: usize,
-    w: &Tensor,
+    w: &Weight,
     n0: usize,
     n1: usize,
     scratch: &mut Vec<f32>,
@@ -43,7 +44,10 @@ pub fn rows_times_weight_rows(
     let n = n1 - n0;
     scratch.resize(k, 0.0);
     for (i, row) in (n0..n1).enumerate() {
-        with_storage!(w.storage(), v => Element::widen_slice(&v[row * k..(row + 1) * k], scratch));
+        match w {
+            Weight::Dense(t) => with_storage!(t.storage(), v => Element::widen_slice(&v[row * k..(row + 1) * k], scratch)),
+            Weight::Packed(p) => p.decode_row(row, scratch),
+        }
         for r in 0..m {
             out[r * n + i] = dot(&x[r * k..(r + 1) * k], scratch);
         }

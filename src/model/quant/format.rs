@@ -117,17 +117,6 @@ impl QuantFormat {
                 }
             }
     }
-
-    /// A stable small integer for fingerprints (format kind, bits, group, scale dtype).
-    pub(crate) fn code(self) -> u64 {
-        match self {
-            QuantFormat::Affine { bits, group, scales } => {
-                1 << 56 | (bits as u64) << 40 | (group as u64) << 8 | scales.code()
-            }
-            QuantFormat::Mxfp4 => 2 << 56,
-            QuantFormat::Fp8 { block_rows, block_cols } => 3 << 56 | (block_rows as u64) << 24 | block_cols as u64,
-        }
-    }
 }
 
 impl std::fmt::Display for QuantFormat {

@@ -95,7 +95,14 @@ impl DeviceExperts {
         format: WeightFormat,
     ) -> Result<Self> {
         let first = experts.first().ok_or_else(|| Error::invalid("no experts to upload"))?;
-        let (source, f, d) = (first.gate.dtype(), first.gate.rows(), first.gate.cols());
+        if let Some(w) = experts.iter().find(|w| w.is_packed()) {
+            return Err(backend_error(format!(
+                "the GPU FFN does not take packed experts of {:?} yet",
+                w.kinds().map(|k| k.to_string())
+            )));
+        }
+        let source = first.gate.dense_or_err("expert gate").map_err(|e| backend_error(e.to_string()))?.dtype();
+        let (f, d) = (first.gate.rows(), first.gate.cols());
         check_experts(experts, source, d, f)?;
         check_shape(source, source, d, f)?;
         let scaled = format == WeightFormat::F16Scaled && source == DType::BF16;
@@ -215,7 +222,8 @@ impl DeviceExperts {
 
     /// The bytes of expert `e`'s three matrices as stored, with their row scales.
     fn store(&self, w: &ExpertWeights, e: usize) -> Result<[Stored; 3]> {
-        let one = |m: &Tensor, what: &str| -> Result<Stored> {
+        let one = |m: &moe_ep::model::weights::Weight, what: &str| -> Result<Stored> {
+            let m = m.dense_or_err(what)?;
             if self.scaled {
                 to_f16_scaled(m, e, what)
             } else {
@@ -237,6 +245,7 @@ fn check_experts(experts: &[&ExpertWeights], dtype: DType, d: usize, f: usize) -
     for (e, w) in experts.iter().enumerate() {
         let shapes = [(&w.gate, f, d, "gate"), (&w.up, f, d, "up"), (&w.down, d, f, "down")];
         for (m, rows, cols, what) in shapes {
+            let m = m.dense_or_err(what)?;
             if m.dtype() != dtype || m.rows() != rows || m.cols() != cols {
                 return Err(Error::invalid(format!(
                     "expert {e}: {what} is {} [{}, {}], expected {dtype} [{rows}, {cols}] like expert 0's",
