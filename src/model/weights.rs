@@ -78,7 +78,9 @@ impl Weight {
             Weight::Packed(p) => {
                 let mut v: Vec<&[u8]> = vec![bytemuck::cast_slice(p.words())];
                 match p.scales() {
-                    crate::model::quant::Scales::Affine { scales, biases } => v.extend([scales.as_bytes(), biases.as_bytes()]),
+                    crate::model::quant::Scales::Affine { scales, biases } => {
+                        v.extend([scales.as_bytes(), biases.as_bytes()])
+                    }
                     crate::model::quant::Scales::E8m0(s) => v.push(s),
                     crate::model::quant::Scales::Block(s) => v.push(bytemuck::cast_slice(s)),
                 }

@@ -63,7 +63,12 @@ fn linear(name: &str, t: &Tensor, e: usize, q: Option<(u32, u32, bool)>) -> Resu
     let lead = |last: usize| if e > 1 { vec![e, rows, last] } else { vec![rows, last] };
     let stem = name.strip_suffix(".weight").unwrap_or(name);
     let Some((bits, group, mx)) = q.filter(|&(_, g, _)| cols % g as usize == 0) else {
-        return Ok(vec![Entry { name: name.into(), dtype: st(t.dtype()), shape: lead(cols), bytes: t.as_bytes().to_vec() }]);
+        return Ok(vec![Entry {
+            name: name.into(),
+            dtype: st(t.dtype()),
+            shape: lead(cols),
+            bytes: t.as_bytes().to_vec(),
+        }]);
     };
     if mx {
         let (blocks, scales) = mxfp4_encode(&t.to_f32_vec(), t.rows(), cols)?;
@@ -78,8 +83,18 @@ fn linear(name: &str, t: &Tensor, e: usize, q: Option<(u32, u32, bool)>) -> Resu
     let g = cols / group as usize;
     Ok(vec![
         Entry { name: name.into(), dtype: St::U32, shape: lead(cols * bits as usize / 32), bytes: words },
-        Entry { name: format!("{stem}.scales"), dtype: st(scales.dtype()), shape: lead(g), bytes: scales.as_bytes().to_vec() },
-        Entry { name: format!("{stem}.biases"), dtype: st(biases.dtype()), shape: lead(g), bytes: biases.as_bytes().to_vec() },
+        Entry {
+            name: format!("{stem}.scales"),
+            dtype: st(scales.dtype()),
+            shape: lead(g),
+            bytes: scales.as_bytes().to_vec(),
+        },
+        Entry {
+            name: format!("{stem}.biases"),
+            dtype: st(biases.dtype()),
+            shape: lead(g),
+            bytes: biases.as_bytes().to_vec(),
+        },
     ])
 }
 
@@ -126,7 +141,12 @@ pub(crate) fn mlx_entries(family: Family, n: &MoeNames, w: &LayerWeights, mw: Ml
     let mut v = small(&n.router, &w.router)?;
     if let (Some(b), Some(name)) = (&w.selection_bias, &n.bias) {
         let e = b.len();
-        v.push(Entry { name: name.clone(), dtype: St::F32, shape: vec![e], bytes: b.iter().flat_map(|x| x.to_le_bytes()).collect() });
+        v.push(Entry {
+            name: name.clone(),
+            dtype: St::F32,
+            shape: vec![e],
+            bytes: b.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        });
     }
     let e = w.experts.len();
     match &n.experts {
@@ -151,7 +171,12 @@ pub(crate) fn mlx_entries(family: Family, n: &MoeNames, w: &LayerWeights, mw: Ml
                         })
                         .collect();
                     let t = Tensor::from_f32(DType::F32, e, vals.len() / e, &vals)?;
-                    v.push(Entry { name: name.clone(), dtype: st(t.dtype()), shape: vec![e, t.cols()], bytes: t.as_bytes().to_vec() });
+                    v.push(Entry {
+                        name: name.clone(),
+                        dtype: st(t.dtype()),
+                        shape: vec![e, t.cols()],
+                        bytes: t.as_bytes().to_vec(),
+                    });
                 }
             }
         }

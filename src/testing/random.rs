@@ -161,3 +161,24 @@ pub fn packed(format: QuantFormat, rows: usize, cols: usize, seed: u64, stream: 
     let words = crate::model::quant::words_of_bytes(&bytes);
     PackedMatrix::new(format, rows, cols, words, scales).expect("random packed matrix is valid")
 }
+
+/// Expert `e`'s weights with every projection a random [`packed`] matrix of `format` (its
+/// biases as [`expert`]'s when `cfg.expert_bias`); `e` picks the streams, so every rank agrees.
+pub fn packed_expert(cfg: &MoeConfig, format: QuantFormat, seed: u64, e: usize) -> ExpertWeights {
+    let (d, f) = (cfg.hidden, cfg.intermediate);
+    let s = 3 * e as u64;
+    let w = ExpertWeights::new(
+        packed(format, f, d, seed, s),
+        packed(format, f, d, seed, s + 1),
+        packed(format, d, f, seed, s + 2),
+    );
+    match expert(cfg, seed, e).bias {
+        Some(b) => w.with_bias(b),
+        None => w,
+    }
+}
+
+/// [`packed_expert`] of each listed expert, in the order given.
+pub fn packed_experts(cfg: &MoeConfig, format: QuantFormat, seed: u64, ids: &[usize]) -> Vec<ExpertWeights> {
+    ids.iter().map(|&e| packed_expert(cfg, format, seed, e)).collect()
+}

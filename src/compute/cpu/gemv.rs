@@ -45,7 +45,9 @@ pub fn rows_times_weight_rows(
     scratch.resize(k, 0.0);
     for (i, row) in (n0..n1).enumerate() {
         match w {
-            Weight::Dense(t) => with_storage!(t.storage(), v => Element::widen_slice(&v[row * k..(row + 1) * k], scratch)),
+            Weight::Dense(t) => {
+                with_storage!(t.storage(), v => Element::widen_slice(&v[row * k..(row + 1) * k], scratch))
+            }
             Weight::Packed(p) => p.decode_row(row, scratch),
         }
         for r in 0..m {
