@@ -268,7 +268,7 @@ impl Checkpoint {
         }
         let mut seen: Vec<(*const u8, usize)> = Vec::new();
         for proj in p {
-            for s in [Some(proj.data), proj.scales].into_iter().flatten() {
+            for s in [Some(proj.data), proj.scales, proj.biases].into_iter().flatten() {
                 if !seen.contains(&(s.as_ptr(), s.len())) {
                     seen.push((s.as_ptr(), s.len()));
                     self.bytes_read.fetch_add(s.len() as u64, Ordering::Relaxed);

@@ -311,15 +311,18 @@ impl Checkpoint {
         // The router keeps its dtype when it is f32 (transformers keeps DeepSeek-V3's, GLM's and
         // ERNIE's in f32) or the experts'; other mixes widen everything to f32 (exactly).
         let mut dt = if router_dt == DType::F32 { r.enc.decoded() } else { widest(router_dt, r.enc.decoded()) };
-        // Every expert's tensors (headers only) and their encodings.
+        // Every expert's tensors (headers only) and their encodings: each projection as expert
+        // 0's (dense dtypes may differ: they widen), expert 0's gate as the layer's.
+        let first = self.projections(r, 0).map_err(|err| counts(err, &r.cfg))?.map(|q| q.encoding);
         for x in 0..e {
             let p = self.projections(r, x).map_err(|err| counts(err, &r.cfg))?;
-            if let Some(q) = p.iter().find(|q| q.encoding != r.enc) {
+            let same = |a: Encoding, b: Encoding| a == b || (a.format().is_none() && b.format().is_none());
+            if let Some((q, want)) = p.iter().zip(first.iter().chain([&r.enc])).find(|(q, w)| !same(q.encoding, **w)) {
                 return Err(Error::invalid(format!(
                     "checkpoint {}: expert {x} is {} where expert 0 is {}",
                     self.dir.display(),
                     q.encoding,
-                    r.enc
+                    want
                 )));
             }
         }
@@ -366,10 +369,13 @@ impl Checkpoint {
         match &r.names.experts {
             ExpertNames::PerExpert { prefix, proj } => {
                 let n = |i: usize| format!("{prefix}{e}.{}.weight", proj[i]);
+                let enc = |i: usize| -> Result<Encoding> {
+                    if mlx { self.mlx_encoding(&n(i))?.ok_or_else(|| self.missing(&n(i))) } else { Ok(r.enc) }
+                };
                 Ok([
-                    self.whole(&n(0), r.enc, f, d, mlx)?,
-                    self.whole(&n(1), r.enc, f, d, mlx)?,
-                    self.whole(&n(2), r.enc, d, f, mlx)?,
+                    self.whole(&n(0), enc(0)?, f, d, mlx)?,
+                    self.whole(&n(1), enc(1)?, f, d, mlx)?,
+                    self.whole(&n(2), enc(2)?, d, f, mlx)?,
                 ])
             }
             ExpertNames::Fused(fu) => self.fused(r, fu, e),
@@ -502,7 +508,12 @@ impl Checkpoint {
     /// Gate, up, down of expert `e` from fused tensors.
     fn fused(&self, r: &Resolved, fu: &Fused, e: usize) -> Result<[RawProjection<'_>; 3]> {
         let (n, d, f, enc, mlx) = (r.cfg.num_experts, r.cfg.hidden, r.cfg.intermediate, r.enc, r.names.mlx);
+        // mlx-lm's projections each have their own encoding (one left dense when its inputs
+        // are not whole groups).
         let dense_enc = |name: &str| -> Result<Encoding> {
+            if mlx {
+                return self.mlx_encoding(name)?.ok_or_else(|| self.missing(name));
+            }
             Ok(match enc {
                 Encoding::Dense(_) => Encoding::Dense(self.dense_dtype(name)?),
                 other => other,
