@@ -36,3 +36,8 @@ done
 echo "== world 2: two thread ranks, one context each, one GPU" | tee -a "$log"
 timeout 120 ./ep-bench --config deepseek-v3-scaled --world 2 --tokens 1,8,64,512 --backend wgpu --iters 10 \
     --warmup 3 --json "$OUT/ep-deepseek-v3-scaled-w2-gpu.json" 2>&1 | tail -20 | tee -a "$log"
+
+echo "== host-side profile: Mixtral-8x7B world 1, N=1 (span busy times of the last forward)" | tee -a "$log"
+MOE_EP_SPANS=1 RUST_LOG=moe_ep=debug,moe_ep_wgpu=debug timeout 60 ./ep-bench --config mixtral-8x7b --world 1 \
+    --tokens 1 --backend wgpu --iters 5 --warmup 2 2>"$OUT/spans.txt" >/dev/null
+grep " close " "$OUT/spans.txt" | tail -14 | sed 's/^.*: \([a-z_]*{\?[^}]*}\?\)[^:]*: [a-z_:]*: close/\1 close/' | tee -a "$log"

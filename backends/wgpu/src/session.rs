@@ -716,6 +716,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
         if self.enc.is_none() && self.reads.is_empty() {
             return Ok(());
         }
+        let _span = tracing::debug_span!("gpu_sync", reads = self.reads.len()).entered();
         let maps = self.stage_reads()?;
         let stamps = self.stage_stamps();
         let enc = self.enc.take().unwrap_or_else(|| self.ctx.encoder("moe-ep session"));
@@ -730,7 +731,10 @@ impl<'a> Session<'a> for GpuSession<'a> {
             });
         }
         drop(tx);
-        let waited = self.ctx.wait();
+        let waited = {
+            let _w = tracing::debug_span!("gpu_wait").entered();
+            self.ctx.wait()
+        };
         self.traffic.waits += 1;
         for st in self.staged.drain(..) {
             self.ctx.restage(st);
