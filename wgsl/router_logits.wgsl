@@ -5,8 +5,8 @@
 // (wid.y + wid.z * groups_y) * TT. Its WGS threads walk the features in pairs, thread l taking
 // pairs l, l + WGS, ... (so a warp's loads of a weight row are contiguous), each summing its
 // pairs in order for every (expert, token); the WGS partial sums of an output are then added
-// by a fixed tree in workgroup memory. So an output's sum depends on D only, never on which
-// other tokens share the call.
+// in thread order by one thread, through workgroup memory. So an output's sum depends on D
+// only, never on which other tokens share the call.
 //
 // Prelude (added by the loader): XT and WT, the dtypes of x and w (0 = f32, 1 = f16,
 // 2 = bf16); SIGMOID; widen_f16(word, h); `wgsl/convert.wgsl` precedes this file.
@@ -31,7 +31,7 @@ const WGS: u32 = 128u;
 @group(0) @binding(2) var<storage, read> w: array<u32>;
 @group(0) @binding(3) var<storage, read_write> logits: array<f32>;
 
-var<workgroup> red: array<f32, WGS>;
+var<workgroup> red: array<f32, TE * TT * WGS>;
 
 fn widen(word: u32, h: u32, dt: u32) -> f32 {
     if dt == 2u {
@@ -89,23 +89,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     for (var a = 0u; a < TE * TT; a++) {
-        red[lid] = acc[a];
-        workgroupBarrier();
-        for (var s = WGS / 2u; s > 0u; s = s / 2u) {
-            if lid < s {
-                red[lid] = red[lid] + red[lid + s];
+        red[a * WGS + lid] = acc[a];
+    }
+    workgroupBarrier();
+    if lid < TE * TT {
+        let j = lid / TT;
+        let t = lid % TT;
+        if e0 + j < p.e && t0 + t < p.n {
+            var sum = z;
+            for (var q = 0u; q < WGS; q++) {
+                sum = sum + red[lid * WGS + q];
             }
-            workgroupBarrier();
-        }
-        let j = a / TT;
-        let t = a % TT;
-        if lid == 0u && e0 + j < p.e && t0 + t < p.n {
-            var sum = red[0];
             if SIGMOID {
                 sum = 1.0 / (1.0 + exp(-sum));
             }
             logits[(t0 + t) * p.e + e0 + j] = sum;
         }
-        workgroupBarrier();
     }
 }
