@@ -9,10 +9,11 @@ out=$(cargo test --release --locked -p moe-ep-wgpu --no-run 2>&1)
 rm -rf .devbin && mkdir -p .devbin
 cp target/release/gpu-bench target/release/ep-bench target/release/ffn-bench target/release/ep-vs-tp target/release/moe-run .devbin/
 cp tools/scripts/*.py .devbin/
-for t in kernels ep ffn policy; do
+for t in kernels ep ffn policy resident; do
     exe=$(grep -o "tests/$t.rs ([^)]*)" <<<"$out" | sed 's/.*(\(.*\))/\1/')
     cp "$exe" ".devbin/test-$t"
 done
 strip .devbin/*-bench .devbin/ep-vs-tp .devbin/moe-run .devbin/test-*
+gzip -f .devbin/*-bench .devbin/ep-vs-tp .devbin/moe-run .devbin/test-*
 grep -qx '/.devbin/' .git/info/exclude 2>/dev/null || echo /.devbin/ >>.git/info/exclude
 ls -la .devbin

@@ -135,7 +135,10 @@ pub(crate) fn run<'a, G: Group>(
     let fallback = fallback.filter(|_| !p.config.deterministic);
     let s = engine.session().map_err(|e| e.on_rank(rank))?;
     let mut r = Run { p, x, engine, fallback, device, s, b: Bufs::default(), routing: None, stats };
-    let y = r.forward(device_out);
+    let y = {
+        let _span = tracing::debug_span!("forward", rank, tokens = r.stats.tokens).entered();
+        r.forward(device_out)
+    };
     add_traffic(&mut r.stats, r.s.traffic());
     r.stats.gpu_times = r.s.gpu_times();
     Ok((y?, r.stats))
@@ -183,6 +186,7 @@ impl<'a, G: Group> Run<'a, G> {
         // take a long stretch (a prefill, a lopsided placement) for a stall (Group::working).
         let group = self.p.group;
         let _busy = group.working();
+        let _span = tracing::debug_span!("stage", stage = stage_name(stage), rank = group.rank()).entered();
         match f(self) {
             Err(e) if self.fallback.is_some() && is_device_error(&e) => {
                 self.fall_back(stage, &e)?;

@@ -132,9 +132,18 @@ pub fn fmt_time(secs: f64) -> String {
 }
 
 /// Install a `tracing` subscriber that honours `RUST_LOG` (off by default).
+/// `RUST_LOG` filters (default `warn`); `MOE_EP_SPANS=1` also prints each span's busy and idle
+/// time when it closes (a host-side profile of a call's stages).
 pub fn init_tracing() {
+    let spans = if std::env::var_os("MOE_EP_SPANS").is_some() {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_span_events(spans)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

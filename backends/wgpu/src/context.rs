@@ -90,6 +90,9 @@ pub struct GpuContext {
     timestamps: bool,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: BufferPool,
+    /// Upload staging buffers (MAP_WRITE | COPY_SRC) that are mapped and ready to be written,
+    /// by size; a used one comes back once the GPU has copied out of it and it is mapped again.
+    staging: Arc<Mutex<Vec<wgpu::Buffer>>>,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
@@ -220,6 +223,7 @@ impl GpuContext {
             timestamps: opts.timestamps,
             pipelines: PipelineCache::default(),
             pool: BufferPool::default(),
+            staging: Arc::default(),
             errors,
         })
     }
@@ -315,6 +319,39 @@ impl GpuContext {
             self.queue.write_buffer(&b, 0, data);
         }
         Ok(b)
+    }
+
+    /// A mapped upload staging buffer of at least `bytes` (a size class), from the pool of
+    /// those already mapped, else new (mapped at creation). Write it, unmap it, copy from it in
+    /// a submit, then hand it to [`GpuContext::restage`] after that submit.
+    pub(crate) fn take_staging(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = class_of(bytes);
+        {
+            let mut free = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = free.iter().position(|b| b.size() == size) {
+                return Ok(free.swap_remove(i));
+            }
+        }
+        self.check_binding("upload staging", size)?;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("upload staging"),
+            size,
+            usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        }))
+    }
+
+    /// Map a used staging buffer again (after the submit that copies out of it); it joins the
+    /// pool when the mapping completes (at a later poll). At most a few are kept.
+    pub(crate) fn restage(&self, b: wgpu::Buffer) {
+        let pool = self.staging.clone();
+        let keep = b.clone();
+        b.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+            let mut free = pool.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_ok() && free.len() < 8 {
+                free.push(keep);
+            }
+        });
     }
 
     /// Give a buffer back to the pool.

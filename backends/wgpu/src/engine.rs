@@ -28,6 +28,8 @@ pub struct GpuEngine {
     matrices: Arc<RwLock<HashMap<u64, wgpu::Buffer>>>,
     /// FFN calls still to fail with a device error (a test hook: [`GpuEngine::fail_next_ffns`]).
     failures: Arc<std::sync::atomic::AtomicUsize>,
+    /// Timestamp query sets and their resolve buffers, reused by sessions.
+    stamp_sets: Arc<std::sync::Mutex<Vec<(wgpu::QuerySet, wgpu::Buffer)>>>,
 }
 
 impl GpuEngine {
@@ -44,6 +46,7 @@ impl GpuEngine {
             experts: Arc::default(),
             matrices: Arc::default(),
             failures: Arc::default(),
+            stamp_sets: Arc::default(),
         }
     }
 
@@ -61,6 +64,30 @@ impl GpuEngine {
             return Err(crate::context::backend_error("injected failure (GpuEngine::fail_next_ffns)"));
         }
         Ok(())
+    }
+
+    /// A timestamp query set and its resolve buffer (`count` queries), reused across sessions.
+    pub(crate) fn take_stamp_set(&self, count: u32) -> (wgpu::QuerySet, wgpu::Buffer) {
+        if let Some(s) = self.stamp_sets.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return s;
+        }
+        let set = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("session timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let resolve = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("session timestamps"),
+            size: 8 * u64::from(count),
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        (set, resolve)
+    }
+
+    /// Give a [`GpuEngine::take_stamp_set`] set back.
+    pub(crate) fn give_stamp_set(&self, s: (wgpu::QuerySet, wgpu::Buffer)) {
+        self.stamp_sets.lock().unwrap_or_else(|p| p.into_inner()).push(s);
     }
 
     /// This engine's [`Engine::id`]: the owner of the [`moe_ep::compute::session::DeviceTensor`]s

@@ -445,6 +445,7 @@ impl Variant {
         match self.kernel {
             Kernel::FfnUp | Kernel::FfnDown => self.tile.threads(),
             Kernel::RouterTopK => 64,
+            Kernel::RouterLogits => 128,
             Kernel::FfnMma { .. } => self.mma.threads(),
             _ => WORKGROUP,
         }

@@ -357,7 +357,8 @@ impl GpuContext {
         self.check_holds("router weight", w.0, (e * d * w.1.size()) as u64)?;
         self.check_holds("router logits", out, (n * e * 4) as u64)?;
         let max_dim = self.limits().max_compute_workgroups_per_dimension as usize;
-        let gx = e.div_ceil(16);
+        // Tiles of 4 experts x 8 tokens (`wgsl/router_logits.wgsl`).
+        let gx = e.div_ceil(4);
         let tiles = n.div_ceil(8);
         let gy = tiles.min(max_dim);
         let gz = if gy == 0 { 0 } else { tiles.div_ceil(gy) };

@@ -72,25 +72,10 @@ struct Stamps {
 const MAX_STAMPS: u32 = 64;
 
 impl Stamps {
-    fn new(ctx: &GpuContext) -> Self {
-        let set = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("session timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2 * MAX_STAMPS,
-        });
-        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("session timestamps"),
-            size: 16 * MAX_STAMPS as u64,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        Stamps {
-            set,
-            resolve,
-            pending: Vec::new(),
-            period_ns: f64::from(ctx.queue.get_timestamp_period()),
-            totals: Default::default(),
-        }
+    fn new(eng: &GpuEngine) -> Self {
+        let (set, resolve) = eng.take_stamp_set(2 * MAX_STAMPS);
+        let period_ns = f64::from(eng.context().queue.get_timestamp_period());
+        Stamps { set, resolve, pending: Vec::new(), period_ns, totals: Default::default() }
     }
 
     fn add(&mut self, kind: Kind, seconds: f64) {
@@ -114,6 +99,8 @@ pub(crate) struct GpuSession<'a> {
     scratch: Vec<wgpu::Buffer>,
     /// Slots to read back at the next sync.
     reads: Vec<u32>,
+    /// Upload staging buffers the recorded work copies from, mapped again after the sync.
+    staged: Vec<wgpu::Buffer>,
     traffic: HostTraffic,
     stamps: Option<Stamps>,
     _inputs: PhantomData<&'a Tensor>,
@@ -128,8 +115,9 @@ impl<'a> GpuSession<'a> {
             enc: None,
             scratch: Vec::new(),
             reads: Vec::new(),
+            staged: Vec::new(),
             traffic: HostTraffic::default(),
-            stamps: eng.context().session_timestamps().then(|| Stamps::new(eng.context())),
+            stamps: eng.context().session_timestamps().then(|| Stamps::new(eng)),
             _inputs: PhantomData,
         }
     }
@@ -260,6 +248,34 @@ impl<'a> GpuSession<'a> {
         Ok((all, srcs.iter().map(|s| s.rows()).sum()))
     }
 
+    /// Rows of host bytes into a new device buffer: small ones through the queue, large ones
+    /// through a reused mapped staging buffer and a copy in the recorded work (no allocation
+    /// or page faults per call). Counted as upload bytes.
+    fn upload_rows(&mut self, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        const STAGED_FROM: usize = 1 << 18;
+        self.traffic.upload_bytes += bytes.len() as u64;
+        if bytes.len() < STAGED_FROM {
+            return self.ctx.upload("rows", bytes);
+        }
+        let dst = self.ctx.storage("rows", bytes.len() as u64)?;
+        self.copy_in(&dst, bytes)?;
+        Ok(dst)
+    }
+
+    /// Copy host `bytes` (a multiple of 4) into `dst` from offset 0 through a staging buffer,
+    /// in the recorded work.
+    fn copy_in(&mut self, dst: &wgpu::Buffer, bytes: &[u8]) -> Result<()> {
+        let st = self.ctx.take_staging(bytes.len() as u64)?;
+        {
+            let mut view = st.slice(..bytes.len() as u64).get_mapped_range_mut().map_err(map_error)?;
+            view.copy_from_slice(bytes);
+        }
+        st.unmap();
+        self.encoder().copy_buffer_to_buffer(&st, 0, dst, 0, bytes.len() as u64);
+        self.staged.push(st);
+        Ok(())
+    }
+
     /// An index or weight array for the recorded work (counted as index bytes).
     fn upload_index(&mut self, what: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         let b = self.ctx.upload(what, data)?;
@@ -373,6 +389,9 @@ fn map_error(e: impl std::fmt::Display) -> Error {
 
 impl Drop for GpuSession<'_> {
     fn drop(&mut self) {
+        if let Some(s) = self.stamps.take() {
+            self.eng.give_stamp_set((s.set, s.resolve));
+        }
         for s in self.slots.drain(..) {
             if let Slot::Rows(r) = s {
                 if let Some(m) = r.mapped {
@@ -402,9 +421,7 @@ impl Drop for GpuSession<'_> {
 
 impl<'a> Session<'a> for GpuSession<'a> {
     fn upload(&mut self, t: &'a Tensor) -> Result<Buf> {
-        let buf = self.ctx.upload("rows", t.as_bytes())?;
-        self.traffic.upload_bytes += t.as_bytes().len() as u64;
-        self.push_rows(buf, true, t.dtype(), t.rows(), t.cols())
+        self.upload_ref(t)
     }
 
     fn upload_owned(&mut self, t: Tensor) -> Result<Buf> {
@@ -699,6 +716,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
         if self.enc.is_none() && self.reads.is_empty() {
             return Ok(());
         }
+        let _span = tracing::debug_span!("gpu_sync", reads = self.reads.len()).entered();
         let maps = self.stage_reads()?;
         let stamps = self.stage_stamps();
         let enc = self.enc.take().unwrap_or_else(|| self.ctx.encoder("moe-ep session"));
@@ -713,8 +731,14 @@ impl<'a> Session<'a> for GpuSession<'a> {
             });
         }
         drop(tx);
-        let waited = self.ctx.wait();
+        let waited = {
+            let _w = tracing::debug_span!("gpu_wait").entered();
+            self.ctx.wait()
+        };
         self.traffic.waits += 1;
+        for st in self.staged.drain(..) {
+            self.ctx.restage(st);
+        }
         for b in self.scratch.drain(..) {
             self.ctx.recycle(b);
         }
@@ -784,12 +808,16 @@ impl<'a> Session<'a> for GpuSession<'a> {
         if in_place {
             rows.buf.unmap();
             rows.map_write = false;
-        } else if let Some(h) = &rows.host {
-            if !h.is_empty() {
-                ctx.queue.write_buffer(&rows.buf, 0, h);
+            self.traffic.upload_bytes += rbytes as u64;
+        } else if let Some(h) = rows.host.clone() {
+            let dst = rows.buf.clone();
+            if h.len() >= 1 << 18 {
+                self.copy_in(&dst, &h)?;
+            } else if !h.is_empty() {
+                ctx.queue.write_buffer(&dst, 0, &h);
             }
+            self.traffic.upload_bytes += rbytes as u64;
         }
-        self.traffic.upload_bytes += rbytes as u64;
         result
     }
 
@@ -843,8 +871,7 @@ impl<'a> Session<'a> for GpuSession<'a> {
 
 impl GpuSession<'_> {
     fn upload_ref(&mut self, t: &Tensor) -> Result<Buf> {
-        let buf = self.ctx.upload("rows", t.as_bytes())?;
-        self.traffic.upload_bytes += t.as_bytes().len() as u64;
+        let buf = self.upload_rows(t.as_bytes())?;
         self.push_rows(buf, true, t.dtype(), t.rows(), t.cols())
     }
 }

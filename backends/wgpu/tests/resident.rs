@@ -174,6 +174,22 @@ fn input_scaled_and_gpt_oss_routing_on_the_gpu_match_the_reference() {
     }
 }
 
+/// Rows past the size that goes through the reused upload staging buffers (x, and the
+/// received blocks at world 2): the same results as the CPU layer, in both exchange modes.
+#[test]
+fn large_uploads_through_staging_buffers_match_the_cpu() {
+    for mapped in modes() {
+        let mut case = Case::new(cfg(), 2);
+        case.tokens = vec![2100, 1700];
+        let cpu = case.run();
+        for (r, (y, s)) in run(&case, mapped, false).iter().enumerate() {
+            assert!(s.host_upload_bytes >= 1 << 18, "rank {r}: {} bytes uploaded", s.host_upload_bytes);
+            let err = rel_error(&y.to_f64_vec(), &cpu[r].0.to_f64_vec());
+            assert!(err < 2e-2, "rank {r} mapped {mapped:?}: differs from the CPU layer by {err:.2e}");
+        }
+    }
+}
+
 /// A device input of another engine is an error naming it, on that rank, and its peers fail too.
 #[test]
 fn a_device_tensor_of_another_engine_is_refused() {
