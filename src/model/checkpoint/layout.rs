@@ -70,7 +70,7 @@ impl std::fmt::Display for Encoding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Encoding::Dense(d) => write!(f, "{d}"),
-            Encoding::Fp8E4M3 { block } => write!(f, "fp8-e4m3 ({}x{} block scales) -> bf16", block.0, block.1),
+            Encoding::Fp8E4M3 { block } => write!(f, "fp8-e4m3 ({}x{} block scales)", block.0, block.1),
             Encoding::Mxfp4 => f.write_str("mxfp4 (e2m1, e8m0 scales per 32)"),
             Encoding::Affine { bits, group, scales } => {
                 write!(f, "mlx affine {bits}-bit, groups of {group}, {scales} scales and biases")
