@@ -104,15 +104,79 @@ pub fn rows_times_rows_f32(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [
 
 /// f32 rows times weight rows of any dtype: the best kernel this CPU has.
 fn f32_rows<W: portable::Widen + WideLoad>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx512() {
-        return x86::f32_rows(x, m, w, k, out);
+    static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    let best = *BEST
+        .get_or_init(|| Kernel::available().into_iter().find(|&k| k != Kernel::Bf16Dot).unwrap_or(Kernel::Portable));
+    f32_rows_on(best, x, m, w, k, out);
+}
+
+fn f32_rows_on<W: portable::Widen + WideLoad>(kernel: Kernel, x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => x86::f32_rows(x, m, w, k, out),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => x86::portable_avx2(x, m, w, k, out),
+        _ => portable::rows(x, m, w, k, out),
     }
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2_fma() {
-        return x86::portable_avx2(x, m, w, k, out);
+}
+
+/// A row kernel (for tests and benchmarks that compare them; the library picks the best).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// bf16 rows and weights on AVX-512 BF16 (`vdpbf16ps`).
+    Bf16Dot,
+    /// f32 rows, weights widened in registers, AVX-512F.
+    Avx512,
+    /// The portable kernel compiled for AVX2 + FMA.
+    Avx2,
+    /// The portable kernel compiled for the build's own target features.
+    Portable,
+}
+
+impl Kernel {
+    /// The kernels this CPU runs, fastest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_bf16() {
+                v.push(Kernel::Bf16Dot);
+            }
+            if x86::has_avx512() {
+                v.push(Kernel::Avx512);
+            }
+            if x86::has_avx2_fma() {
+                v.push(Kernel::Avx2);
+            }
+        }
+        v.push(Kernel::Portable);
+        v
     }
-    portable::rows(x, m, w, k, out);
+}
+
+/// [`rows_times_weight_rows`] on a given kernel: [`Kernel::Bf16Dot`] takes [`Lhs::Bf16`] rows
+/// and bf16 weights only, the others f32 rows and any weights. `false` (and nothing written)
+/// when this CPU lacks the kernel or the operands do not fit it.
+pub fn rows_times_weight_rows_on(
+    kernel: Kernel,
+    x: Lhs<'_>,
+    m: usize,
+    w: &Tensor,
+    n0: usize,
+    n1: usize,
+    out: &mut [f32],
+) -> bool {
+    if !Kernel::available().contains(&kernel) || m == 0 || n1 <= n0 || w.cols() == 0 {
+        return false;
+    }
+    let k = w.cols();
+    match (kernel, x, w.storage()) {
+        #[cfg(target_arch = "x86_64")]
+        (Kernel::Bf16Dot, Lhs::Bf16(x), Storage::BF16(wv)) => x86::bf16_rows(x, m, &wv[n0 * k..n1 * k], k, out),
+        (Kernel::Bf16Dot, ..) | (_, Lhs::Bf16(_), _) => return false,
+        (_, Lhs::F32(x), s) => with_storage!(s, wv => f32_rows_on(kernel, x, m, &wv[n0 * k..n1 * k], k, out)),
+    }
+    true
 }
 
 /// A weight element the AVX-512 kernel widens in registers (f32, bf16, f16).
