@@ -27,7 +27,9 @@ mod x86;
 use half::bf16;
 
 use crate::dtype::Element;
-use crate::tensor::{Storage, Tensor};
+#[cfg(target_arch = "x86_64")]
+use crate::tensor::Storage;
+use crate::tensor::Tensor;
 use crate::with_storage;
 
 /// Activation rows handed to [`rows_times_weight_rows`]: `[m, K]` row-major.
