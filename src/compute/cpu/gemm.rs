@@ -9,7 +9,7 @@
 //! strides (so `[out, in]` weights are used transposed without a copy) and accumulates in f32
 //! for every element type.
 
-use half::{bf16, f16};
+pub use half::{bf16, f16};
 
 use crate::dtype::Element;
 
