@@ -21,7 +21,9 @@
 //!   ([`portable`]), vectorised by the compiler for the features it is built for.
 
 mod portable;
+// The AVX-512 intrinsics are stable from Rust 1.89, the crate's rust-version (see clippy.toml).
 #[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
 mod x86;
 
 use half::bf16;
@@ -96,7 +98,7 @@ pub fn rows_times_weight_rows(x: Lhs<'_>, m: usize, w: &Tensor, n0: usize, n1: u
 ///
 /// Panics only on lengths that do not match the dimensions (a bug in the caller).
 pub fn rows_times_rows_f32(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
-    let n = if k == 0 { 0 } else { w.len() / k };
+    let n = w.len().checked_div(k).unwrap_or(0);
     assert!(x.len() >= m * k && out.len() >= m * n, "rows_times_rows_f32: short slices");
     if m == 0 || n == 0 {
         return;
