@@ -144,6 +144,7 @@ unsafe fn bf16_block<const M: usize, const Q: usize>(
         for (q, v) in wv.iter_mut().enumerate() {
             // SAFETY: the masked elements of weight row q lie inside it (caller).
             *v = bh(unsafe { _mm512_maskz_loadu_epi16(mask, w.add(q * k + c).cast()) });
+            prefetch(w.wrapping_add((q + PREFETCH_BLOCKS * Q) * k + c));
         }
         for (r, a) in acc.iter_mut().enumerate() {
             // SAFETY: as above, for row r of x.
@@ -161,6 +162,17 @@ unsafe fn bf16_block<const M: usize, const Q: usize>(
         }
     }
 }
+
+/// A hint to fetch the cache line at `p` (the next weight block's): the weight rows of a block
+/// are short streams (one row of K), so the hardware prefetchers alone leave bandwidth unused
+/// (at N=1 on dev-2c this halved the experts' time). Never faults, whatever `p` is.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    // SAFETY: a prefetch is a hint; it reads nothing architecturally and cannot fault.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+}
+/// How many weight blocks ahead [`prefetch`] reaches.
+const PREFETCH_BLOCKS: usize = 1;
 
 #[inline(always)]
 fn bh(v: __m512i) -> __m512bh {
@@ -195,6 +207,7 @@ unsafe fn fma_block<W: WideLoad, const M: usize, const Q: usize>(
         for (q, v) in wv.iter_mut().enumerate() {
             // SAFETY: the masked elements of weight row q lie inside it (caller).
             *v = unsafe { W::load16(w.add(q * k + c), mask) };
+            prefetch(w.wrapping_add((q + PREFETCH_BLOCKS * Q) * k + c));
         }
         for (r, a) in acc.iter_mut().enumerate() {
             // SAFETY: as above, for row r of x.
