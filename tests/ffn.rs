@@ -141,9 +141,14 @@ fn every_dtype_pair_and_row_mix_matches_the_f64_reference() {
             check_mix(&MIX, 70, 134, act, w, seed);
         }
     }
-    // Vector-sized shapes (no tails), as real models have.
-    check_mix(&[3, 130, 0, 9], 64, 96, DType::BF16, DType::BF16, 7);
-    check_mix(&[3, 130, 0, 9], 64, 96, DType::F32, DType::F32, 8);
+    // Past every dtype's GEMM crossover (bf16 on the bf16 dot product crosses last), and
+    // vector-sized shapes (no tails), as real models have.
+    for (i, dt) in DType::ALL.into_iter().enumerate() {
+        let counts = [3, 300, 0, 9];
+        assert!(counts[1] >= Plan::new(dt, dt, false).gemm_min_rows, "{dt}: 300 rows should take the GEMM");
+        check_mix(&counts, 70, 134, dt, dt, 10 + i as u64);
+        check_mix(&counts, 64, 96, dt, dt, 20 + i as u64);
+    }
 }
 
 /// Deterministic mode: each row's output bits do not depend on the other rows of the call.

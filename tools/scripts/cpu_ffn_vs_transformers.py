@@ -11,7 +11,8 @@ expert: router, dispatch, experts, combine), the command of issue 19's table; it
 is the figure, its experts stage is printed beside it.
 
 Both sides: E=128, D=2048, F=768, k=8, random weights and inputs (so near-uniform routing on
-both), the same thread count, medians of `--iters` calls after `--warmup`. Floors measured in
+both), the same thread count, medians of `--iters` calls after `--warmup`; per N the two
+sides run back to back, so that they see the same machine load. Floors measured in
 the same run: PyTorch's square GEMM rate per dtype (the peer's own best) and ep-bench's memcpy
 and f32 GEMM figures.
 
@@ -80,23 +81,19 @@ def transformers_block(torch, dtype, seed):
     return cfg, block.to(dtype).eval()
 
 
-def time_transformers(torch, dtype, tokens, impls, warmup, iters, seed):
-    """{impl: {N: seconds or None}} and the errors of implementations that failed."""
-    cfg, block = transformers_block(torch, dtype, seed)
+def time_transformers(torch, cfg, block, dtype, n, impls, warmup, iters):
+    """{impl: seconds or None} at N tokens, and the errors of implementations that failed."""
     out, errors = {}, {}
+    x = (torch.rand(1, n, D) * 2 - 1).to(dtype)
     for impl in impls:
         cfg._experts_implementation = impl
-        out[impl] = {}
-        for n in tokens:
-            x = (torch.rand(1, n, D) * 2 - 1).to(dtype)
-            try:
-                with torch.inference_mode():
-                    out[impl][n] = median_time(lambda: block(x), warmup, iters)
-            except Exception as e:  # an implementation this torch build lacks on the CPU
-                out[impl][n] = None
-                errors[impl] = f"{type(e).__name__}: {e}"
-            print(f"  transformers {impl:<10} {dtype} N={n:<5} {fmt(out[impl][n])}", flush=True)
-    del block
+        try:
+            with torch.inference_mode():
+                out[impl] = median_time(lambda: block(x), warmup, iters)
+        except Exception as e:  # an implementation this torch build lacks on the CPU
+            out[impl] = None
+            errors[impl] = f"{type(e).__name__}: {e}"
+        print(f"  transformers {impl:<10} {dtype} N={n:<5} {fmt(out[impl])}", flush=True)
     return out, errors
 
 
@@ -159,18 +156,23 @@ def main():
     for dt in dtypes:
         peer_gemm = gemm_rate(torch, tdt[dt])
         print(f"{dt}: PyTorch square GEMM 2048^3: {peer_gemm:.0f} GFLOP/s")
-        tr, errors = time_transformers(torch, tdt[dt], tokens, impls, args.warmup, args.iters, args.seed)
-        report, points = time_moe_ep(args.ep_bench, dt, tokens, args.warmup, args.iters, args.threads)
-        rows = []
+        cfg, block = transformers_block(torch, tdt[dt], args.seed)
+        rows, errors = [], {}
+        # Per N, transformers then moe-ep, so that both see the same load.
         for n in tokens:
-            times = {i: tr[i][n] for i in impls if tr[i][n] is not None}
-            best = min(times, key=times.get) if times else None
+            tr, err = time_transformers(torch, cfg, block, tdt[dt], n, impls, args.warmup, args.iters)
+            errors.update(err)
+            report, points = time_moe_ep(args.ep_bench, dt, [n], args.warmup, args.iters, args.threads)
             p = points[n]
+            print(f"  moe-ep {dt} N={n:<5} {fmt(p['forward_s'])} (experts {fmt(p['experts_s'])})", flush=True)
+            times = {i: t for i, t in tr.items() if t is not None}
+            best = min(times, key=times.get) if times else None
             ratio = times[best] / p["forward_s"] if best else None
-            rows.append({"tokens": n, "transformers_s": tr_n(tr, n), "best_impl": best,
-                         "best_s": times.get(best), "moe_ep_forward_s": p["forward_s"],
-                         "moe_ep_experts_s": p["experts_s"], "moe_ep_expert_gflops": p["expert_gflops"],
-                         "ratio": ratio})
+            rows.append({"tokens": n, "transformers_s": tr, "best_impl": best, "best_s": times.get(best),
+                         "moe_ep_forward_s": p["forward_s"], "moe_ep_experts_s": p["experts_s"],
+                         "moe_ep_expert_gflops": p["expert_gflops"], "moe_ep_stages": p["stages"],
+                         "load": load_average(), "ratio": ratio})
+        del block
         result["dtypes"][dt] = {"peer_gemm_gflops": peer_gemm, "impl_errors": errors, "rows": rows,
                                 "moe_ep_memcpy_gbps": report["memcpy_all_gbps"],
                                 "moe_ep_cpu_gemm_gflops": report["cpu_gemm_gflops"]}
@@ -181,10 +183,6 @@ def main():
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {args.json}")
-
-
-def tr_n(tr, n):
-    return {impl: tr[impl][n] for impl in tr}
 
 
 def print_table(dt, impls, rows, peer_gemm, report):

@@ -79,9 +79,9 @@ impl Plan {
         let gemm_min_rows = if deterministic || act != weights {
             usize::MAX
         } else if native_bf16 {
-            128
+            256
         } else {
-            48
+            64
         };
         Plan { native_bf16, gemm_min_rows }
     }
