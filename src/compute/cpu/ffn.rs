@@ -1,7 +1,7 @@
 //! Grouped SwiGLU experts on the CPU: each expert's rows take the path that suits their count.
 //!
 //! - Up to [`Plan::gemm_min_rows`] rows an expert, and always in deterministic mode: the
-//!   row kernels of [`super::gemv`], split by (expert, tile of [`TILE`] weight rows). Each
+//!   row kernels of [`super::gemv`], split by (expert, tile of weight rows; [`tile_rows`]). Each
 //!   weight element is read once per call in its own dtype and multiplied into the expert's
 //!   rows in registers; bf16 rows against bf16 weights use the CPU's bf16 dot product where it
 //!   has one (the activation between the projections is then rounded to bf16 too). A row's
@@ -29,8 +29,14 @@ use crate::model::weights::{ExpertSet, ExpertWeights};
 use crate::tensor::{Storage, Tensor};
 use crate::with_storage;
 
-/// Weight rows of one row-kernel task.
-const TILE: usize = 64;
+/// Weight rows of one row-kernel task over `n` weight rows of each of `experts` experts:
+/// about eight tasks a thread (enough to balance them), in multiples of 16, 32 to 512 (long
+/// enough that the weight streams and the per-task costs amortise). A row's sums do not
+/// depend on it (see [`super::gemv`]).
+fn tile_rows(n: usize, experts: usize) -> usize {
+    let want = (n * experts).div_ceil(8 * rayon::current_num_threads());
+    want.next_multiple_of(16).clamp(32, 512)
+}
 
 /// `silu(g) * u`, element-wise, into `g`.
 #[inline]
@@ -102,14 +108,14 @@ pub fn ffn(
     let rows = |l: usize| offsets[l + 1] - offsets[l];
     let active: Vec<usize> = (0..experts.len()).filter(|&l| rows(l) > 0).collect();
     let (big, small): (Vec<usize>, Vec<usize>) = active.iter().partition(|&&l| rows(l) >= plan.gemm_min_rows);
-    let small_y = rows_path(batch, offsets, &small, experts, &plan);
+    let (small_y, td) = rows_path(batch, offsets, &small, experts, &plan);
     let d = batch.cols();
     with_storage!(out.storage_mut(), o => {
         let x = batch.as_slice().expect("check_ffn: the batch has the output's dtype");
         let mut chunks = split_rows(o.as_mut_slice(), offsets, &active, d);
         let small_chunks: Vec<&mut [_]> =
             active.iter().zip(chunks.iter_mut()).filter(|(l, _)| rows(**l) < plan.gemm_min_rows).map(|(_, c)| &mut **c).collect();
-        write_out(small_chunks, &small_y, d);
+        write_out(small_chunks, &small_y, d, td);
         let big_chunks: Vec<&mut [_]> =
             active.iter().zip(chunks.iter_mut()).filter(|(l, _)| rows(**l) >= plan.gemm_min_rows).map(|(_, c)| &mut **c).collect();
         gemm_path(x, offsets, &big, experts, big_chunks);
@@ -195,9 +201,9 @@ fn input_rows<'a>(t: &'a Tensor, r0: usize, r1: usize, plan: &Plan) -> Rows<'a> 
     }
 }
 
-/// Tiles `[c * TILE, min((c + 1) * TILE, n))` of `0..n`.
-fn tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..n.div_ceil(TILE)).map(move |c| (c * TILE, ((c + 1) * TILE).min(n)))
+/// Tiles `[c * tile, min((c + 1) * tile, n))` of `0..n`.
+fn tiles(n: usize, tile: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n.div_ceil(tile)).map(move |c| (c * tile, ((c + 1) * tile).min(n)))
 }
 
 /// The row-kernel path over the experts in `small`: per expert, its f32 output tiles
@@ -208,13 +214,17 @@ fn rows_path(
     small: &[usize],
     experts: &ExpertSet,
     plan: &Plan,
-) -> Vec<Vec<Vec<f32>>> {
+) -> (Vec<Vec<Vec<f32>>>, usize) {
     let d = batch.cols();
+    let f = experts.first().map_or(0, |w| w.gate.rows());
+    // One tile size for every expert (their F may differ; the tiles only balance the work).
+    let (tf, td) = (tile_rows(f, small.len()), tile_rows(d, small.len()));
     let m = |ai: usize| offsets[small[ai] + 1] - offsets[small[ai]];
     let h: Vec<Rows<'_>> = small.iter().map(|&l| input_rows(batch, offsets[l], offsets[l + 1], plan)).collect();
     // a[ai] = act(h Wg^T, h Wu^T), [m, F], tile by tile of F.
-    let up_tasks: Vec<(usize, usize, usize)> =
-        (0..small.len()).flat_map(|ai| tiles(experts[small[ai]].gate.rows()).map(move |(a, b)| (ai, a, b))).collect();
+    let up_tasks: Vec<(usize, usize, usize)> = (0..small.len())
+        .flat_map(|ai| tiles(experts[small[ai]].gate.rows(), tf).map(move |(a, b)| (ai, a, b)))
+        .collect();
     let up_tiles: Vec<Vec<f32>> = up_tasks
         .par_iter()
         .map(|&(ai, f0, f1)| {
@@ -228,9 +238,9 @@ fn rows_path(
         })
         .collect();
     drop(h);
-    let a = assemble(&up_tiles, small.len(), &m, &|ai| experts[small[ai]].gate.rows(), plan);
+    let a = assemble(&up_tiles, small.len(), &m, &|ai| experts[small[ai]].gate.rows(), tf, plan);
     let down_tasks: Vec<(usize, usize, usize)> =
-        (0..small.len()).flat_map(|ai| tiles(d).map(move |(a, b)| (ai, a, b))).collect();
+        (0..small.len()).flat_map(|ai| tiles(d, td).map(move |(a, b)| (ai, a, b))).collect();
     let y_tiles: Vec<Vec<f32>> = down_tasks
         .par_iter()
         .map(|&(ai, d0, d1)| {
@@ -241,18 +251,19 @@ fn rows_path(
             y
         })
         .collect();
-    let per = d.div_ceil(TILE);
+    let per = d.div_ceil(td);
     let mut it = y_tiles.into_iter();
-    (0..small.len()).map(|_| it.by_ref().take(per).collect()).collect()
+    ((0..small.len()).map(|_| it.by_ref().take(per).collect()).collect(), td)
 }
 
-/// Each expert's activations `[m, F]` from its tiles (`[m, tile]`, tile by tile of F, experts
+/// Each expert's activations `[m, F]` from its tiles (`[m, tf]`, tile by tile of F, experts
 /// one after another), rounded to bf16 for the bf16 dot product.
 fn assemble(
     tiles_in: &[Vec<f32>],
     experts: usize,
     m: &dyn Fn(usize) -> usize,
     f: &dyn Fn(usize) -> usize,
+    tf: usize,
     plan: &Plan,
 ) -> Vec<Rows<'static>> {
     let mut next = tiles_in.iter();
@@ -260,8 +271,8 @@ fn assemble(
         .map(|ai| {
             let (m, f) = (m(ai), f(ai));
             let mut rows = vec![0f32; m * f];
-            for (f0, f1) in tiles(f) {
-                let t = next.next().expect("one tile per TILE of F");
+            for (f0, f1) in tiles(f, tf) {
+                let t = next.next().expect("one tile per tile of F");
                 for r in 0..m {
                     rows[r * f + f0..r * f + f1].copy_from_slice(&t[r * (f1 - f0)..(r + 1) * (f1 - f0)]);
                 }
@@ -277,10 +288,10 @@ fn assemble(
         .collect()
 }
 
-/// Narrow each expert's f32 output tiles (`y[ai][t]`, `[m, tile]`) into its rows (`dst[ai]`).
-fn write_out<T: Element>(dst: Vec<&mut [T]>, y: &[Vec<Vec<f32>>], d: usize) {
+/// Narrow each expert's f32 output tiles (`y[ai][t]`, `[m, td]`) into its rows (`dst[ai]`).
+fn write_out<T: Element>(dst: Vec<&mut [T]>, y: &[Vec<Vec<f32>>], d: usize, td: usize) {
     dst.into_par_iter().zip(y).for_each(|(dst, y)| {
-        for (t, (d0, d1)) in tiles(d).enumerate() {
+        for (t, (d0, d1)) in tiles(d, td).enumerate() {
             let n = d1 - d0;
             for (r, row) in dst.chunks_mut(d).enumerate() {
                 T::narrow_slice(&y[t][r * n..(r + 1) * n], &mut row[d0..d1]);
