@@ -87,7 +87,7 @@ impl Plan {
         } else if native_bf16 {
             256
         } else {
-            64
+            96
         };
         Plan { native_bf16, gemm_min_rows }
     }
