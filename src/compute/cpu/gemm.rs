@@ -2,8 +2,10 @@
 //!
 //! `gemmkit` was chosen by measurement (BENCHMARKS.md, "CPU expert FFN against transformers"):
 //! on the development machine's AVX-512 BF16 cores its bf16 GEMM runs on `vdpbf16ps` (bf16
-//! operands, f32 sums, one rounding of the result) at 450-590 GFLOP/s for 128-512 rows an
+//! operands, f32 sums, one rounding of the result) at 490-760 GFLOP/s for 128-512 rows an
 //! expert, and its f32 GEMM beats `matrixmultiply` and the `gemm` crate from 64 rows on.
+//! Below a few hundred rows an expert its per-call packing of the weights costs more than the
+//! product; [`super::gemv`]'s row kernels take those sizes.
 //! It is pure Rust (no system BLAS to install), picks its kernels at run time from the CPU's
 //! features (AVX2/FMA, AVX-512F, AVX-512 BF16 on x86-64, NEON on aarch64), takes arbitrary
 //! strides (so `[out, in]` weights are used transposed without a copy) and accumulates in f32
