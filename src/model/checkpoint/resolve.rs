@@ -228,12 +228,12 @@ impl Checkpoint {
                 )));
             }
         }
-        if let ExpertNames::Fused(Fused { biases: Some((gu, dn)), .. }) = &r.names.experts {
-            if r.cfg.expert_bias {
-                let (f, dense) = (r.cfg.intermediate, [St::F32, St::F16, St::BF16]);
-                self.bytes_of(gu, &[&[e, 2 * f]], &dense)?;
-                self.bytes_of(dn, &[&[e, d]], &dense)?;
-            }
+        if let ExpertNames::Fused(Fused { biases: Some((gu, dn)), .. }) = &r.names.experts
+            && r.cfg.expert_bias
+        {
+            let (f, dense) = (r.cfg.intermediate, [St::F32, St::F16, St::BF16]);
+            self.bytes_of(gu, &[&[e, 2 * f]], &dense)?;
+            self.bytes_of(dn, &[&[e, d]], &dense)?;
         }
         if let (Some(sc), Some((names, gate))) = (r.cfg.shared_expert, &r.names.shared) {
             for q in self.shared_projections(r, names, sc.intermediate).map_err(|err| counts(err, &r.cfg))? {
@@ -331,7 +331,7 @@ impl Checkpoint {
                 Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)) })
             }
             Encoding::Mxfp4 => {
-                if cols % 32 != 0 {
+                if !cols.is_multiple_of(32) {
                     return Err(Error::invalid(format!("MXFP4 {name}: {cols} inputs are not blocks of 32")));
                 }
                 let (b, _) = self.bytes_of(&format!("{name}_blocks"), &[&[n, rows, cols / 32, 16]], &[St::U8])?;

@@ -58,8 +58,8 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
 
 /// Whether the decode kernel takes these sizes (its 16-byte loads) on this device.
 pub(super) fn decode_ok(ctx: &GpuContext, dev: &DeviceExperts) -> bool {
-    dev.hidden % 8 == 0
-        && dev.intermediate % 8 == 0
+    dev.hidden.is_multiple_of(8)
+        && dev.intermediate.is_multiple_of(8)
         && Tile::gemv(8).workgroup_bytes() <= ctx.limits().max_compute_workgroup_storage_size
 }
 
