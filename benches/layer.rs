@@ -2,7 +2,8 @@
 //! thread-rank exchange, and the whole layer as expert parallelism and as tensor parallelism.
 //!
 //! After the criterion groups, a summary prints each figure beside its floor measured in the
-//! same run: FFN GFLOP/s against matrixmultiply's square f32 GEMM on all threads, gather,
+//! same run: FFN GFLOP/s against gemmkit's square bf16 GEMM on all threads (the FFN's own
+//! dtype; the f32 rate beside it), gather,
 //! combine and exchange GB/s against memcpy.
 
 use std::time::{Duration, Instant};
@@ -28,14 +29,40 @@ fn ffn_case(rows: usize) -> (Tensor, Vec<usize>, ExpertSet, Tensor) {
     (batch, even_offsets(rows, 4), experts, out)
 }
 
-fn time_ffn(rows: usize, reps: usize) -> f64 {
+fn time_ffn(rows: usize, deterministic: bool, reps: usize) -> f64 {
     let (batch, offsets, experts, mut out) = ffn_case(rows);
-    CpuEngine.ffn(&batch, &offsets, &experts, false, &mut out).unwrap();
+    CpuEngine.ffn(&batch, &offsets, &experts, deterministic, &mut out).unwrap();
     let t = Instant::now();
     for _ in 0..reps {
-        CpuEngine.ffn(&batch, &offsets, &experts, false, &mut out).unwrap();
+        CpuEngine.ffn(&batch, &offsets, &experts, deterministic, &mut out).unwrap();
     }
     t.elapsed().as_secs_f64() / reps as f64
+}
+
+/// gemmkit's bf16 rate on `m`-square products, one per rayon thread at once: GFLOP/s over all
+/// threads, median of `reps` (the bf16 counterpart of `floor::gemm_gflops`).
+fn bf16_gemm_gflops(m: usize, reps: usize) -> f64 {
+    use half::bf16;
+    let threads = rayon::current_num_threads();
+    let a = vec![bf16::from_f32(0.5); m * m];
+    let b = vec![bf16::from_f32(0.25); m * m];
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            rayon::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|_| {
+                        let mut c = vec![bf16::ZERO; m * m];
+                        moe_ep::compute::cpu::gemm::gemm_bt(&a, &b, &mut c, m, m, m, None, false);
+                        std::hint::black_box(&c);
+                    });
+                }
+            });
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (threads * 2 * m * m * m) as f64 / times[times.len() / 2] / 1e9
 }
 
 /// (gather seconds, combine seconds) for `rows` output rows of top-4 over a source of 4x rows.
@@ -162,15 +189,19 @@ fn summary() {
     let threads = rayon::current_num_threads();
     let memcpy = floor::memcpy_gbps(256 << 20, threads, 5);
     let gemm = floor::gemm_gflops(512, 3);
-    println!("\nsummary ({threads} threads): floors memcpy {memcpy:.1} GB/s, f32 GEMM 512^3 {gemm:.1} GFLOP/s");
-    for rows in [16, 512, 2048] {
-        let t = time_ffn(rows, 5);
+    let gemm16 = bf16_gemm_gflops(512, 3);
+    println!(
+        "\nsummary ({threads} threads): floors memcpy {memcpy:.1} GB/s, GEMM 512^3 bf16 {gemm16:.1} GFLOP/s, f32 {gemm:.1} GFLOP/s"
+    );
+    for (rows, det) in [(16, false), (512, false), (512, true), (2048, false)] {
+        let t = time_ffn(rows, det, 5);
         let gf = floor::expert_flops(rows, l.hidden, l.intermediate) / t / 1e9;
         println!(
-            "  ffn {rows:>5} rows (4 experts, D={}, F={}): {gf:>6.1} GFLOP/s = {:>5.1}% of GEMM",
+            "  ffn {rows:>5} rows (4 experts, D={}, F={}){}: {gf:>6.1} GFLOP/s = {:>5.1}% of bf16 GEMM",
             l.hidden,
             l.intermediate,
-            100.0 * gf / gemm
+            if det { ", deterministic" } else { "" },
+            100.0 * gf / gemm16
         );
     }
     let (gt, ct) = time_gather_combine(2048, 5);

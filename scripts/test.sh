@@ -10,7 +10,7 @@ say() { printf '\n== %s\n' "$*"; }
 die() { printf '\nscripts/test.sh: %s\n' "$*" >&2; exit 1; }
 
 say "system needs"
-command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs (1.85 or newer)"
+command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs (1.89 or newer)"
 cargo --version
 # The core crate needs nothing but Rust. The GPU tests (backends/wgpu, the tools' wgpu run)
 # need a wgpu adapter: Metal on macOS; on Linux a Vulkan driver, where Mesa's lavapipe (a

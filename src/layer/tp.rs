@@ -38,7 +38,7 @@ use crate::tensor::Tensor;
 /// 8, 2 and 1 columns that divides `f` into at least `world` units. Whole units keep every
 /// slice a size the GPU kernels take at full speed (pairs of 16-bit values, multiples of 8).
 pub fn tp_slice(f: usize, world: usize, rank: usize) -> Range<usize> {
-    let unit = [64, 8, 2, 1].into_iter().find(|&u| f % u == 0 && f / u >= world).unwrap_or(1);
+    let unit = [64, 8, 2, 1].into_iter().find(|&u| f.is_multiple_of(u) && f / u >= world).unwrap_or(1);
     let units = f / unit;
     let (base, extra) = (units / world, units % world);
     let start = rank * base + rank.min(extra);

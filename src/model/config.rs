@@ -175,7 +175,7 @@ impl RouterConfig {
     /// groups hold at least `top_k` experts, the constants are finite and in range, at most
     /// one use of the bias, no groups or selection bias with `SoftmaxTopK`.
     pub fn validate(&self, num_experts: usize, top_k: usize) -> Result<()> {
-        if self.n_group == 0 || num_experts % self.n_group != 0 {
+        if self.n_group == 0 || !num_experts.is_multiple_of(self.n_group) {
             return Err(Error::invalid(format!(
                 "n_group = {} must be positive and divide num_experts = {}",
                 self.n_group, num_experts

@@ -37,7 +37,7 @@ impl Placement {
     /// Contiguous blocks: rank r owns experts `[r*E/W, (r+1)*E/W)`. `E` must divide by `world`.
     pub fn contiguous(num_experts: usize, world: usize) -> Result<Self> {
         check_size(num_experts, world)?;
-        if num_experts == 0 || num_experts % world != 0 {
+        if num_experts == 0 || !num_experts.is_multiple_of(world) {
             return Err(Error::invalid(format!(
                 "contiguous placement needs num_experts ({num_experts}) to be a positive multiple \
                  of the world size ({world}); pass an explicit expert->rank map instead"

@@ -102,7 +102,7 @@ pub fn top_k(
             MAX_TOP_K.min(num_experts)
         )));
     }
-    if num_experts == 0 || logits.len() % num_experts != 0 {
+    if num_experts == 0 || !logits.len().is_multiple_of(num_experts) {
         return Err(Error::invalid(format!("{} logits do not form rows of {num_experts} experts", logits.len())));
     }
     rules.validate(num_experts, k)?;

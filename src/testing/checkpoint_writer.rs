@@ -374,7 +374,7 @@ fn e4m3_nearest(x: f32) -> u8 {
 /// of `[rows, cols]` values: per 32 values the smallest power of two `2^s` with
 /// `max|w| / 2^s <= 6`, values rounded to the nearest E2M1 (ties to the even code).
 pub fn mxfp4_encode(v: &[f32], rows: usize, cols: usize) -> Result<(Vec<u8>, Vec<u8>)> {
-    if cols % 32 != 0 {
+    if !cols.is_multiple_of(32) {
         return Err(Error::invalid(format!("MXFP4 needs inputs in blocks of 32, got {cols}")));
     }
     let (mut blocks, mut scales) = (Vec::new(), Vec::new());
@@ -508,7 +508,7 @@ fn deepseek_keys(mt: &str, cfg: &MoeConfig, layer: usize) -> serde_json::Value {
     json!({
         "model_type": mt, "hidden_size": cfg.hidden, "num_hidden_layers": layer + 1, "n_routed_experts": cfg.num_experts,
         "num_experts_per_tok": cfg.top_k, "moe_intermediate_size": f,
-        "n_shared_experts": if shared % f == 0 { shared / f } else { usize::MAX },
+        "n_shared_experts": if shared.is_multiple_of(f) { shared / f } else { usize::MAX },
         "n_group": r.n_group, "topk_group": r.topk_group, "routed_scaling_factor": r.routed_scaling_factor,
         "norm_topk_prob": cfg.norm_topk_prob, "first_k_dense_replace": layer, "hidden_act": "silu",
     })
@@ -546,7 +546,7 @@ fn other_keys(family: Family, cfg: &MoeConfig, layer: usize) -> Result<serde_jso
         }),
         Family::Ernie45Moe => json!({
             "model_type": "ernie4_5_moe", "hidden_size": d, "num_hidden_layers": n, "moe_num_experts": e,
-            "moe_k": k, "moe_intermediate_size": f, "moe_num_shared_experts": if shared % f == 0 { shared / f } else { usize::MAX },
+            "moe_k": k, "moe_intermediate_size": f, "moe_num_shared_experts": if shared.is_multiple_of(f) { shared / f } else { usize::MAX },
             "moe_layer_start_index": layer, "moe_layer_end_index": -1, "moe_layer_interval": 1,
             "moe_norm_min": cfg.router.norm_min, "hidden_act": "silu",
         }),

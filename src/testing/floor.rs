@@ -39,7 +39,7 @@ pub fn memcpy_gbps(bytes: usize, threads: usize, reps: usize) -> f64 {
     2.0 * bytes as f64 / best / 1e9
 }
 
-/// The CPU GEMM's f32 rate (matrixmultiply, as the CPU engine uses it) on `m`-square products,
+/// The CPU GEMM's f32 rate (`gemmkit`, the CPU engine's GEMM path) on `m`-square products,
 /// one per rayon thread at once: GFLOP/s over all threads, median of `reps`.
 pub fn gemm_gflops(m: usize, reps: usize) -> f64 {
     let threads = rayon::current_num_threads();
@@ -50,7 +50,7 @@ pub fn gemm_gflops(m: usize, reps: usize) -> f64 {
         let t = Instant::now();
         (0..threads).into_par_iter().for_each(|_| {
             let mut c = vec![0f32; m * m];
-            crate::compute::cpu::gemm::matmul_bt(&a, &b, &mut c, m, m, m);
+            crate::compute::cpu::gemm::gemm_bt(&a, &b, &mut c, m, m, m, None, false);
             std::hint::black_box(&c);
         });
         times.push(t.elapsed().as_secs_f64());

@@ -320,7 +320,7 @@ impl Group for MpiGroup {
     fn all_to_all_into(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
         self.call(Op::AllToAll, |seq| {
             let n = self.size;
-            if send.len() != recv.len() || send.len() % n != 0 {
+            if send.len() != recv.len() || !send.len().is_multiple_of(n) {
                 return Err(Error::invalid_on(
                     self.rank,
                     format!(

@@ -193,10 +193,10 @@ impl MmaTile {
             && sg > 0
             && self.wm > 0
             && self.wn > 0
-            && self.bm % (self.wm * s) == 0
-            && self.bn % (self.wn * s) == 0
-            && self.bk % 8 == 0
-            && self.bk % s == 0
+            && self.bm.is_multiple_of(self.wm * s)
+            && self.bn.is_multiple_of(self.wn * s)
+            && self.bk.is_multiple_of(8)
+            && self.bk.is_multiple_of(s)
             && (s * s) % (2 * sg) == 0
             && (self.nbuf == 1 || self.nbuf == 2)
             && (self.sv == 1 || self.sv == 4)
@@ -284,9 +284,9 @@ impl Word {
     /// The widest word that tiles a row of `row_bytes`, or `None` when the row is not a
     /// multiple of 4 bytes (an odd number of 16-bit elements).
     pub fn for_row(row_bytes: usize) -> Option<Word> {
-        if row_bytes % 16 == 0 {
+        if row_bytes.is_multiple_of(16) {
             Some(Word::Vec4)
-        } else if row_bytes % 4 == 0 {
+        } else if row_bytes.is_multiple_of(4) {
             Some(Word::Scalar)
         } else {
             None

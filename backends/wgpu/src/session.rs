@@ -697,8 +697,8 @@ impl<'a> Session<'a> for GpuSession<'a> {
 
     fn write_rows(&mut self, dst: Buf, first: usize, bytes: &[u8]) -> Result<()> {
         let rb = dst.row_bytes();
-        let fits = rb > 0 && bytes.len() % rb == 0 && first + bytes.len() / rb <= dst.rows();
-        if !fits || bytes.len() % 4 != 0 || (first * rb) % 4 != 0 {
+        let fits = rb > 0 && bytes.len().is_multiple_of(rb) && first + bytes.len() / rb <= dst.rows();
+        if !fits || !bytes.len().is_multiple_of(4) || !(first * rb).is_multiple_of(4) {
             return Err(Error::invalid(format!(
                 "write_rows: {} bytes at row {first} are not whole 4-byte-aligned rows of a [{}, {}] buffer",
                 bytes.len(),

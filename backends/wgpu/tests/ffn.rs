@@ -115,7 +115,11 @@ fn check_portable(
 /// projections: within tolerance of `want` and of the portable result. Says so if skipped.
 fn check_mma(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usize], want: &[f64], what: &str) {
     let act = batch.dtype();
-    if act == DType::F32 || dev.dtype != DType::F16 || dev.hidden % 8 != 0 || dev.intermediate % 8 != 0 {
+    if act == DType::F32
+        || dev.dtype != DType::F16
+        || !dev.hidden.is_multiple_of(8)
+        || !dev.intermediate.is_multiple_of(8)
+    {
         // Not the cooperative kernel's: Auto takes the portable path (checked above).
         return;
     }

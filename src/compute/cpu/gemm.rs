@@ -1,63 +1,83 @@
-//! f32 matrix products on the CPU through `matrixmultiply`.
+//! Matrix products on the CPU through `gemmkit`.
 //!
-//! `matrixmultiply` was chosen because it is small, pure Rust (no system BLAS to install in CI),
-//! takes arbitrary strides (so `[out, in]` weights are used transposed without a copy), picks
-//! AVX2/FMA, AVX-512 or NEON kernels at run time and accumulates in f32.
+//! `gemmkit` was chosen by measurement (BENCHMARKS.md, "CPU expert FFN against transformers"):
+//! on the development machine's AVX-512 BF16 cores its bf16 GEMM runs on `vdpbf16ps` (bf16
+//! operands, f32 sums, one rounding of the result) at 490-760 GFLOP/s for 128-512 rows an
+//! expert, and its f32 GEMM beats `matrixmultiply` and the `gemm` crate from 64 rows on.
+//! Below a few hundred rows an expert its per-call packing of the weights costs more than the
+//! product; [`super::gemv`]'s row kernels take those sizes.
+//! It is pure Rust (no system BLAS to install), picks its kernels at run time from the CPU's
+//! features (AVX2/FMA, AVX-512F, AVX-512 BF16 on x86-64, NEON on aarch64), takes arbitrary
+//! strides (so `[out, in]` weights are used transposed without a copy) and accumulates in f32
+//! for every element type.
 
-/// `c = a · b^T` with `a` `[m, k]`, `b` `[n, k]`, `c` `[m, n]`, all row-major f32.
+pub use half::{bf16, f16};
+
+use crate::dtype::Element;
+
+/// An element type of a product: f32, bf16 or f16 operands and result, f32 sums.
+pub trait GemmElement: Element + gemmkit::FusedScalar {}
+impl GemmElement for f32 {}
+impl GemmElement for bf16 {}
+impl GemmElement for f16 {}
+
+/// `c = a · b^T` with `a` `[m, k]`, `b` `[n, k]`, `c` `[m, n]`, all row-major f32, on the
+/// calling thread, through the row kernels ([`super::gemv`]): a row of `c` is the same bits
+/// whatever `m` is (the router's logits in deterministic mode rely on it). For products of
+/// many rows where that does not matter, [`gemm_bt`] is faster.
 ///
 /// Panics only on slice lengths that do not match the dimensions (a bug in the caller).
 pub fn matmul_bt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) {
-    matmul_bt_strided(a, b, k, c, m, k, n, false);
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_bt: short slices");
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    super::gemv::rows_times_rows_f32(a, m, &b[..n * k], k, c);
 }
 
-/// `c (+)= a · b^T` with `a` `[m, k]` and `c` `[m, n]` row-major, and `b` `n` rows of `k`
-/// elements spaced `ldb` apart (a column block of a wider row-major matrix). With
-/// `accumulate` the product is added to `c`, else it replaces `c`.
+/// `c = a · b^T + bias` with `a` `[m, k]`, `b` `[n, k]`, `c` `[m, n]` row-major `T` and
+/// `bias` (`[n]`, added to every row) optional: sums and the bias in f32, one rounding to
+/// `T`. With `parallel` the product is split over the rayon pool, else it runs on the
+/// calling thread.
 ///
 /// Panics only on slice lengths that do not match the dimensions (a bug in the caller).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_bt_strided(
-    a: &[f32],
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
+pub fn gemm_bt<T: GemmElement>(
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
     m: usize,
     k: usize,
     n: usize,
-    accumulate: bool,
+    bias: Option<&[T]>,
+    parallel: bool,
 ) {
     assert!(
-        a.len() >= m * k && c.len() >= m * n && ldb >= k && (n == 0 || b.len() >= (n - 1) * ldb + k),
-        "matmul_bt: short slices"
+        a.len() >= m * k && b.len() >= n * k && c.len() >= m * n && bias.is_none_or(|v| v.len() >= n),
+        "gemm_bt: short slices"
     );
     if m == 0 || n == 0 {
         return;
     }
+    let c = &mut c[..m * n];
     if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
+        match bias {
+            Some(v) => c.chunks_mut(n).for_each(|row| row.copy_from_slice(&v[..n])),
+            None => c.fill(T::default()),
         }
         return;
     }
-    // SAFETY: the pointers cover m*k, (n-1)*ldb+k and m*n elements, checked above; c does not
-    // alias a or b (distinct borrows).
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            1,
-            ldb as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    let par = if parallel { gemmkit::Parallelism::Rayon(0) } else { gemmkit::Parallelism::Serial };
+    gemmkit::gemm_fused(
+        T::from_f32(1.0),
+        gemmkit::MatRef::from_row_major(&a[..m * k], m, k),
+        // b^T: element (i, j) is b[j * k + i].
+        gemmkit::MatRef::new(&b[..n * k], k, n, 1, k as isize),
+        T::from_f32(0.0),
+        gemmkit::MatMut::from_row_major(c, m, n),
+        bias.map(|v| gemmkit::Bias::PerCol(&v[..n])),
+        None,
+        par,
+    );
 }

@@ -1,8 +1,10 @@
-//! The CPU engine: rayon over rows and experts, `matrixmultiply` for the GEMMs.
+//! The CPU engine: rayon over rows and experts; row kernels picked at run time from the
+//! CPU's features ([`gemv`]) for few rows an expert, `gemmkit` ([`gemm`]) for many.
 
 pub mod ffn;
-pub(crate) mod gemm;
+pub mod gemm;
 pub mod gemv;
+pub mod packed;
 pub mod rows;
 mod session;
 

@@ -233,7 +233,7 @@ impl<'a> Session<'a> for CpuSession<'a> {
 
     fn write_rows(&mut self, dst: Buf, first: usize, bytes: &[u8]) -> Result<()> {
         let rb = dst.row_bytes();
-        let fits = rb > 0 && bytes.len() % rb == 0 && first + bytes.len() / rb <= dst.rows();
+        let fits = rb > 0 && bytes.len().is_multiple_of(rb) && first + bytes.len() / rb <= dst.rows();
         if !fits {
             return Err(Error::invalid(format!(
                 "write_rows: {} bytes at row {first} do not fit whole rows of a [{}, {}] buffer",

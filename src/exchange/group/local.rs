@@ -299,7 +299,7 @@ impl LocalGroup {
     }
 
     fn equal_chunks(&self, op: Op, send_len: usize, recv_len: usize) -> Result<usize> {
-        if send_len != recv_len || send_len % self.size != 0 {
+        if send_len != recv_len || !send_len.is_multiple_of(self.size) {
             return Err(Error::invalid_on(
                 self.rank,
                 format!(

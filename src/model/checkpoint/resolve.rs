@@ -495,7 +495,7 @@ impl Checkpoint {
             }
             Encoding::Affine { .. } => Err(Error::invalid(format!("{name}: affine tensors come in mlx-lm's names"))),
             Encoding::Mxfp4 => {
-                if cols % 32 != 0 {
+                if !cols.is_multiple_of(32) {
                     return Err(Error::invalid(format!("MXFP4 {name}: {cols} inputs are not blocks of 32")));
                 }
                 let (b, _) = self.bytes_of(&format!("{name}_blocks"), &[&[n, rows, cols / 32, 16]], &[St::U8])?;

@@ -31,7 +31,7 @@ pub(super) fn config(k: &Keys<'_>, layer: usize) -> KeyResult<MoeConfig> {
     if interval == 0 {
         return Err(format!("{}moe_layer_interval = 0", k.path));
     }
-    if (layer + 1) % interval != 0 || layer < start || layer as i64 > end {
+    if !(layer + 1).is_multiple_of(interval) || layer < start || layer as i64 > end {
         return Err(not_moe(
             layer,
             format!(

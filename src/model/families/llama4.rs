@@ -31,7 +31,7 @@ pub(super) fn config(k: &Keys<'_>, layer: usize) -> KeyResult<MoeConfig> {
             if step == 0 {
                 return Err(format!("{}interleave_moe_layer_step = 0", k.path));
             }
-            layer + 1 >= step && (layer + 1 - step) % step == 0 && layer < n
+            layer + 1 >= step && (layer + 1 - step).is_multiple_of(step) && layer < n
         }
     };
     if !moe {

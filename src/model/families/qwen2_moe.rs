@@ -78,7 +78,7 @@ pub(super) fn sparse_layer(
     if e == 0 {
         return Err(not_moe(layer, format!("{}{} = 0", k.path, names[0])));
     }
-    if (layer + 1) % step != 0 {
+    if !(layer + 1).is_multiple_of(step) {
         return Err(not_moe(layer, format!("{}decoder_sparse_step = {step}", k.path)));
     }
     Ok(e)

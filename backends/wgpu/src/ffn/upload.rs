@@ -67,7 +67,7 @@ pub struct DeviceExperts {
 /// (so that a layer's policy runs such a layer on the CPU).
 pub fn check_shape(act: DType, weights: DType, d: usize, f: usize) -> Result<()> {
     let sixteen = act.size() == 2 || weights.size() == 2;
-    if sixteen && (d % 2 != 0 || f % 2 != 0) {
+    if sixteen && (!d.is_multiple_of(2) || !f.is_multiple_of(2)) {
         return Err(backend_error(format!(
             "the GPU FFN reads 16-bit values in pairs: hidden {d} and intermediate {f} must be even \
              ({act} activations, {weights} weights)"
