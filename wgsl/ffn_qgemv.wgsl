@@ -1,7 +1,8 @@
 // Decode-shaped grouped expert GEMM on packed weights (`wgsl/ffn_quant.wgsl`):
-// `wgsl/ffn_gemv.wgsl` streaming the packed words (PIECE * BITS / 8 bytes of a row a piece, in
-// the same coalesced 16-byte loads), each thread dequantizing its own row's piece in f32 with
-// the row's scale for the piece's group, then the same sums in the same order: its partials,
+// `wgsl/ffn_gemv.wgsl` streaming the packed words (128 bytes of each row a stage, in the same
+// coalesced 16-byte loads), each thread dequantizing its own row's values in f32 with the
+// row's scale for each word's group, then the same sums in the same order (pieces of PIECE
+// values folded into the chunk's sum as they end): its partials,
 // summed by `wgsl/ffn_reduce.wgsl`, equal `wgsl/ffn_q.wgsl`'s sums bit for bit.
 //
 // Needs K a multiple of 4 * EPW (whole 16-byte words a row) and GROUP a multiple of 4 * EPW
@@ -31,8 +32,13 @@ struct Params {
 
 // Values of one 16-byte word.
 const VPW: u32 = 4u * EPW;
-// 16-byte words of one row's piece, and the staged row's stride (padded against bank conflicts).
-const VPR: u32 = PIECE / VPW;
+// Values staged at a time: 128 bytes of each row (several pieces of the summation order, so
+// that every thread keeps as many bytes in flight as the dense kernel does).
+const SPIECE: u32 = 1024u / BITS;
+// 16-byte words of one row's stage, of one piece, and the staged row's stride (padded
+// against bank conflicts).
+const VPR: u32 = SPIECE / VPW;
+const QPP: u32 = PIECE / VPW;
 const VROW: u32 = VPR + 1u;
 const T1_LEN: u32 = select(1u, BN * VROW, UP);
 
@@ -47,7 +53,7 @@ const T1_LEN: u32 = select(1u, BN * VROW, UP);
 @group(0) @binding(6) var<storage, read> qs0: array<u32>;
 @group(0) @binding(7) var<storage, read> qs1: array<u32>;
 
-var<workgroup> a_s: array<vec4<f32>, BM * PIECE / 4u>;
+var<workgroup> a_s: array<vec4<f32>, BM * SPIECE / 4u>;
 var<workgroup> t0: array<vec4<u32>, BN * VROW>;
 var<workgroup> t1: array<vec4<u32>, T1_LEN>;
 
@@ -68,9 +74,9 @@ fn load_a(i: u32) -> f32 {
     return widen(a[i >> 1u], i & 1u, AT);
 }
 
-// Load the piece of the workgroup's BN weight rows that starts at k0 (zeros past k_end or N):
+// Load the stage of the workgroup's BN weight rows that starts at k0 (zeros past k_end or N):
 // the j-th register of thread t holds 16-byte word i % VPR of row i / VPR, i = t + j * BN, so
-// that a warp's loads are contiguous runs of whole pieces.
+// that a warp's loads are contiguous runs of whole stages.
 fn fetch(
     g_r: ptr<function, array<vec4<u32>, VPR>>,
     u_r: ptr<function, array<vec4<u32>, VPR>>,
@@ -81,7 +87,7 @@ fn fetch(
     k_end: u32,
     lid: u32,
 ) {
-    let vecs = min(PIECE, k_end - k0) / VPW;
+    let vecs = min(SPIECE, k_end - k0) / VPW;
     for (var j = 0u; j < VPR; j++) {
         let i = lid + j * BN;
         let nn = i / VPR;
@@ -129,8 +135,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var g_r: array<vec4<u32>, VPR>;
     var u_r: array<vec4<u32>, VPR>;
     fetch(&g_r, &u_r, base, row_vecs, n0, k_begin, k_end, lid);
-    for (var k0 = k_begin; k0 < k_end; k0 += PIECE) {
-        let len = min(PIECE, k_end - k0);
+    for (var k0 = k_begin; k0 < k_end; k0 += SPIECE) {
+        let len = min(SPIECE, k_end - k0);
         let vecs = len / VPW;
         for (var j = 0u; j < VPR; j++) {
             let i = lid + j * BN;
@@ -139,9 +145,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 t1[(i / VPR) * VROW + i % VPR] = u_r[j];
             }
         }
-        for (var i = lid; i < BM * PIECE / 4u; i += BN) {
-            let r = r0 + i / (PIECE / 4u);
-            let kk = (i % (PIECE / 4u)) * 4u;
+        for (var i = lid; i < BM * SPIECE / 4u; i += BN) {
+            let r = r0 + i / (SPIECE / 4u);
+            let kk = (i % (SPIECE / 4u)) * 4u;
             var v = vec4<f32>(0.0);
             if r < r1 && kk < len {
                 // len is a multiple of 4 (K is a multiple of 8 elements).
@@ -151,8 +157,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             a_s[i] = v;
         }
         workgroupBarrier();
-        if PREFETCH && k0 + PIECE < k_end {
-            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
+        if PREFETCH && k0 + SPIECE < k_end {
+            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + SPIECE, k_end, lid);
         }
         var part0: array<f32, BM>;
         var part1: array<f32, BM>;
@@ -183,7 +189,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
             for (var r = 0u; r < BM; r++) {
                 for (var v = 0u; v < EPW; v++) {
-                    let a4 = a_s[r * (PIECE / 4u) + q * EPW + v];
+                    let a4 = a_s[r * (SPIECE / 4u) + q * EPW + v];
                     for (var c = 0u; c < 4u; c++) {
                         part0[r] = fma(a4[c], wg[v * 4u + c], part0[r]);
                         if UP {
@@ -192,16 +198,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                     }
                 }
             }
-        }
-        for (var r = 0u; r < BM; r++) {
-            sum0[r] = sum0[r] + part0[r];
-            if UP {
-                sum1[r] = sum1[r] + part1[r];
+            // End of a piece of the summation order (or of the stage): fold it into the chunk.
+            if (q + 1u) % QPP == 0u || q + 1u == vecs {
+                for (var r = 0u; r < BM; r++) {
+                    sum0[r] = sum0[r] + part0[r];
+                    part0[r] = z;
+                    if UP {
+                        sum1[r] = sum1[r] + part1[r];
+                        part1[r] = z;
+                    }
+                }
             }
         }
         workgroupBarrier();
-        if !PREFETCH && k0 + PIECE < k_end {
-            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
+        if !PREFETCH && k0 + SPIECE < k_end {
+            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + SPIECE, k_end, lid);
         }
     }
 
