@@ -144,3 +144,52 @@ fn the_engine_computes_packed_sets_and_refuses_what_it_cannot() {
     let e = engine.ffn(&batch, &offs, &odd, false, &mut out).unwrap_err();
     assert!(matches!(e, moe_ep::Error::Backend { .. }), "{e}");
 }
+
+/// The whole layer on the GPU engine (every call; `with_engine_weights` never falls back)
+/// with packed routed experts and a packed shared expert, at world sizes 1, 2 and 3 with
+/// uneven tokens (0 included), deterministic or not, against the f64 reference on the same
+/// packed bytes.
+#[test]
+fn the_layer_on_packed_experts_at_world_sizes_1_2_3() {
+    use moe_ep::testing::reference::dense_moe_full;
+    use moe_ep::{Group, LayerWeights, LocalGroup, MoeLayer, Placement};
+    let fmt = QuantFormat::affine(4, 32, DType::BF16).unwrap();
+    for det in [false, true] {
+        let cfg = MoeConfig::new(6, 64, 64, 2)
+            .with_dtypes(DType::F32, DType::BF16)
+            .with_shared_expert(64, true)
+            .with_deterministic(det);
+        let all: Vec<usize> = (0..6).collect();
+        let experts = random::packed_experts(&cfg, fmt, 8, &all);
+        let mut shared = random::shared_expert(&cfg, 8).unwrap();
+        shared.weights = random::packed_expert(&cfg, fmt, 9, 0);
+        let gate = random::gate(&cfg, 8);
+        for world in [1usize, 2, 3] {
+            let tokens = [7usize, 0, 12][..world].to_vec();
+            let outs = LocalGroup::run(world, std::time::Duration::from_secs(60), |g| {
+                let rank = g.rank();
+                let p = Placement::balanced(6, world)?;
+                let mine: Vec<ExpertWeights> = p.experts_of(rank).iter().map(|&e| experts[e].clone()).collect();
+                let w = LayerWeights {
+                    router: gate.clone(),
+                    selection_bias: None,
+                    experts: mine,
+                    shared: Some(shared.clone()),
+                };
+                let engine = GpuEngine::new(&ContextOptions::from_env())?;
+                let layer = MoeLayer::with_engine_weights(g, cfg.clone(), p, w, Box::new(engine))?;
+                let x = random::input(&cfg, tokens[rank], 3, rank);
+                let (y, s) = layer.forward_with_stats(&x)?;
+                Ok::<_, moe_ep::Error>((x, y, s.backend))
+            })
+            .unwrap();
+            for (r, o) in outs.into_iter().enumerate() {
+                let (x, y, backend) = o.unwrap().unwrap_or_else(|e| panic!("world {world} rank {r}: {e}"));
+                assert!(backend.starts_with("wgpu"), "rank {r} ran on {backend}");
+                let want = dense_moe_full(&x, &gate, None, &experts, Some(&shared), &cfg);
+                let err = rel_error(&y.to_f64_vec(), &want.y);
+                assert!(err < 1e-5, "deterministic {det} world {world} rank {r}: {err:.2e}");
+            }
+        }
+    }
+}
