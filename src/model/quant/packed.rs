@@ -143,6 +143,24 @@ impl PackedMatrix {
     /// rounded once. Panics when `r >= rows` or `out` is not `cols` long.
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.rows && out.len() == self.cols, "decode_row: row {r} of {} into {}", self.rows, out.len());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: this CPU has AVX2 and FMA.
+            return unsafe { self.decode_row_avx2(r, out) };
+        }
+        self.decode_row_any(r, out)
+    }
+
+    /// [`PackedMatrix::decode_row`] compiled for AVX2 and FMA (the same operations: Rust
+    /// never fuses `s * q + b` on its own, so the values are the same bits).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode_row_avx2(&self, r: usize, out: &mut [f32]) {
+        self.decode_row_any(r, out)
+    }
+
+    #[inline(always)]
+    fn decode_row_any(&self, r: usize, out: &mut [f32]) {
         match (&self.scales, self.format) {
             (Scales::Affine { scales, biases }, QuantFormat::Affine { bits, group, .. }) => {
                 self.affine_row(r, bits, group as usize, scales, biases, out)
@@ -155,45 +173,58 @@ impl PackedMatrix {
         }
     }
 
+    #[inline(always)]
     fn affine_row(&self, r: usize, bits: u32, group: usize, scales: &Tensor, biases: &Tensor, out: &mut [f32]) {
         let per_word = (32 / bits) as usize;
-        let mask = (1u32 << bits) - 1;
         let row_words = self.cols / per_word;
         let words = &self.words[r * row_words..(r + 1) * row_words];
-        let groups = self.cols / group;
         let fused = scales.dtype() == DType::F32;
-        for g in 0..groups {
+        for (g, (o, w)) in out.chunks_exact_mut(group).zip(words.chunks_exact(group / per_word)).enumerate() {
             let s = scales.get_f32(r, g).expect("in range");
             let b = biases.get_f32(r, g).expect("in range");
-            for (j, o) in out[g * group..(g + 1) * group].iter_mut().enumerate() {
-                let c = g * group + j;
-                let q = ((words[c / per_word] >> (bits as usize * (c % per_word))) & mask) as f32;
-                // A 16-bit scale times q (at most 19 significant bits) is exact in f32, so the
-                // sum is the one rounding; an f32 scale needs the fused form.
-                *o = if fused { s.mul_add(q, b) } else { s * q + b };
+            // A 16-bit scale times q (at most 19 significant bits) is exact in f32, so the
+            // sum is the one rounding; an f32 scale needs the fused form.
+            match (bits, fused) {
+                (4, false) => affine_words::<8, 4>(w, s, b, o, |s, q, b| s * q + b),
+                (8, false) => affine_words::<4, 8>(w, s, b, o, |s, q, b| s * q + b),
+                (4, true) => affine_words::<8, 4>(w, s, b, o, f32::mul_add),
+                _ => affine_words::<4, 8>(w, s, b, o, f32::mul_add),
             }
         }
     }
 
+    /// The value stream's bytes from `start`, `len` of them.
+    #[inline(always)]
+    fn bytes_at(&self, start: usize, len: usize) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(&bytemuck::cast_slice::<u32, u8>(&self.words)[start..start + len])
+        } else {
+            std::borrow::Cow::Owned((start..start + len).map(|i| self.byte(i)).collect())
+        }
+    }
+
+    #[inline(always)]
     fn mxfp4_row(&self, r: usize, scales: &[u8], out: &mut [f32]) {
         let blocks = self.cols / 32;
-        let base = r * self.cols / 2;
-        for b in 0..blocks {
+        let bytes = self.bytes_at(r * self.cols / 2, self.cols / 2);
+        for (b, (o, blk)) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(16)).enumerate() {
             let e = e8m0_exponent(scales[r * blocks + b]).expect("checked at construction");
             let scale = pow2_f32(e);
-            for i in 0..16 {
-                let byte = self.byte(base + b * 16 + i);
-                out[b * 32 + 2 * i] = e2m1_value(byte & 0x0F) * scale;
-                out[b * 32 + 2 * i + 1] = e2m1_value(byte >> 4) * scale;
+            for (pair, &byte) in o.chunks_exact_mut(2).zip(blk) {
+                pair[0] = E2M1_F32[(byte & 0x0F) as usize] * scale;
+                pair[1] = E2M1_F32[(byte >> 4) as usize] * scale;
             }
         }
     }
 
+    #[inline(always)]
     fn fp8_row(&self, r: usize, (bn, bk): (usize, usize), scales: &[f32], out: &mut [f32]) {
         let srow = &scales[(r / bn) * self.cols.div_ceil(bk)..];
-        for (c, o) in out.iter_mut().enumerate() {
-            let v = e4m3_value(self.byte(r * self.cols + c)).expect("checked at construction");
-            *o = v * srow[c / bk];
+        let bytes = self.bytes_at(r * self.cols, self.cols);
+        for ((o, blk), &scale) in out.chunks_mut(bk).zip(bytes.chunks(bk)).zip(srow) {
+            for (v, &b) in o.iter_mut().zip(blk) {
+                *v = E4M3_F32[b as usize] * scale;
+            }
         }
     }
 
@@ -315,6 +346,48 @@ impl PackedMatrix {
         Ok(())
     }
 }
+
+/// Values of one group's words (`P` values of `B` bits a word, low bits first) as `op(s, q, b)`.
+#[inline(always)]
+fn affine_words<const P: usize, const B: u32>(
+    w: &[u32],
+    s: f32,
+    b: f32,
+    out: &mut [f32],
+    op: impl Fn(f32, f32, f32) -> f32,
+) {
+    let mask = (1u32 << B) - 1;
+    for (o, &word) in out.chunks_exact_mut(P).zip(w) {
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = op(s, ((word >> (B as usize * j)) & mask) as f32, b);
+        }
+    }
+}
+
+/// E2M1 values by nibble (the library's table, as f32).
+const E2M1_F32: [f32; 16] = {
+    let mut t = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = crate::model::checkpoint::dequant::E2M1[i];
+        i += 1;
+    }
+    t
+};
+
+/// E4M3 values by byte, NaN for the two NaN codes (which no checked matrix holds).
+const E4M3_F32: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = match crate::model::checkpoint::dequant::E4M3[i] {
+            Some(v) => v,
+            None => f32::NAN,
+        };
+        i += 1;
+    }
+    t
+};
 
 /// `2^e` as f32 for `-127 <= e <= 127` (2^-127 is subnormal, exact).
 fn pow2_f32(e: i32) -> f32 {
