@@ -87,7 +87,7 @@ fn check_worlds(family: Family, w: &Written, opts: LoadOptions, reference: &Laye
 /// groups), and its bytes in the files.
 fn mlx_of(t: &Weight, bits: u32, group: u32) -> (Weight, u64) {
     let t = t.dense().unwrap();
-    if t.cols() % group as usize != 0 {
+    if !t.cols().is_multiple_of(group as usize) {
         return (Weight::Dense(t.clone()), t.as_bytes().len() as u64);
     }
     let p = quantize_tensor(t, bits, group, MlxKernel::Gpu).unwrap();

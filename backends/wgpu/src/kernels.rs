@@ -635,7 +635,7 @@ impl Variant {
                 format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
             Kernel::FfnMma { up } => self.mma_source(up),
-            Kernel::FfnUp | Kernel::FfnDown if self.quant.kind != 0 => self.packed_source(&widen),
+            Kernel::FfnUp | Kernel::FfnDown if self.quant.kind != 0 => self.packed_source(widen),
             Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
                 "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
                  const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\

@@ -150,7 +150,7 @@ impl RawProjection<'_> {
             }
             QuantFormat::Mxfp4 => Scales::E8m0(per_row(scales, cols / 32)),
             QuantFormat::Fp8 { block_rows, .. } => {
-                if self.step != 1 || self.first % block_rows as usize != 0 {
+                if self.step != 1 || !self.first.is_multiple_of(block_rows as usize) {
                     return Err("FP8 rows that do not start a scale block".into());
                 }
                 let sc = cols.div_ceil(format.group());

@@ -605,7 +605,7 @@ fn mlx_shape(encoding: Encoding, name: &str, inp: usize) -> Result<(usize, usize
         Encoding::Affine { bits, group, scales } => (bits as usize, group as usize, st_of(scales)),
         _ => (4, 32, St::U8),
     };
-    if inp % group != 0 {
+    if !inp.is_multiple_of(group) {
         return Err(Error::invalid(format!("{name}: {inp} inputs are not whole quantization groups of {group}")));
     }
     Ok((bits, group, sdt))

@@ -92,7 +92,7 @@ impl QuantFormat {
     /// whole groups along each row (MLX leaves a matrix dense otherwise).
     pub fn check_shape(self, rows: usize, cols: usize) -> Result<()> {
         let g = self.group();
-        if !matches!(self, QuantFormat::Fp8 { .. }) && cols % g != 0 {
+        if !matches!(self, QuantFormat::Fp8 { .. }) && !cols.is_multiple_of(g) {
             return Err(Error::invalid(format!(
                 "a [{rows}, {cols}] matrix cannot be stored as {}: its {cols} inputs are not groups of {g}",
                 self.name()

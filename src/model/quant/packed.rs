@@ -257,7 +257,7 @@ impl PackedMatrix {
             Scales::Block(s) => {
                 let QuantFormat::Fp8 { block_rows, block_cols } = self.format else { unreachable!() };
                 let (bn, sc) = (block_rows as usize, self.cols.div_ceil(block_cols as usize));
-                if r0 % bn != 0 || (r1 % bn != 0 && r1 != self.rows) {
+                if !r0.is_multiple_of(bn) || (!r1.is_multiple_of(bn) && r1 != self.rows) {
                     return Err(Error::invalid(format!("rows {r0}..{r1} of FP8 scale blocks of {bn} rows")));
                 }
                 Scales::Block(s[r0 / bn * sc..r1.div_ceil(bn) * sc].to_vec())

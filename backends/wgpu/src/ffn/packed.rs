@@ -69,13 +69,13 @@ pub fn check_packed(experts: &[&ExpertWeights], d: usize, f: usize) -> Result<Qu
             }
         }
     }
-    if let QuantFormat::Fp8 { block_cols, .. } = q {
-        if d % 4 != 0 || f % 4 != 0 || !(block_cols % 32 == 0 || 32 % block_cols == 0) {
-            return Err(backend_error(format!(
-                "the GPU FFN reads FP8 rows of whole words and scale blocks that tile 32 inputs; not {d} x {f} \
+    if let QuantFormat::Fp8 { block_cols, .. } = q
+        && (!d.is_multiple_of(4) || !f.is_multiple_of(4) || !(block_cols % 32 == 0 || 32 % block_cols == 0))
+    {
+        return Err(backend_error(format!(
+            "the GPU FFN reads FP8 rows of whole words and scale blocks that tile 32 inputs; not {d} x {f} \
                  with blocks of {block_cols} inputs"
-            )));
-        }
+        )));
     }
     Ok(q)
 }

@@ -76,10 +76,10 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
 pub(super) fn decode_ok(ctx: &GpuContext, dev: &DeviceExperts) -> bool {
     let fits = Tile::gemv(8).workgroup_bytes() <= ctx.limits().max_compute_workgroup_storage_size;
     let sizes = match dev.packed {
-        None => dev.hidden % 8 == 0 && dev.intermediate % 8 == 0,
+        None => dev.hidden.is_multiple_of(8) && dev.intermediate.is_multiple_of(8),
         Some(q) => {
             let vpw = 4 * Packed::of(q).per_word() as usize;
-            dev.hidden % vpw == 0 && dev.intermediate % vpw == 0 && q.group() % vpw == 0
+            dev.hidden.is_multiple_of(vpw) && dev.intermediate.is_multiple_of(vpw) && q.group() % vpw == 0
         }
     };
     fits && sizes
