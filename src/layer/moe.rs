@@ -81,6 +81,24 @@ impl<G: Group> std::fmt::Debug for MoeLayer<G> {
     }
 }
 
+/// The crossover a layer starts with under `options` ([`UNDECIDED`] until measured, [`NEVER`]
+/// without a GPU engine). Errors for a fixed crossover in deterministic mode.
+fn initial_crossover(options: &LayerOptions, has_gpu: bool, deterministic: bool) -> Result<usize> {
+    Ok(match (options.backend, has_gpu) {
+        (_, false) | (BackendChoice::Cpu, _) => NEVER,
+        (BackendChoice::Gpu, _) => 0,
+        (BackendChoice::Auto, _) if deterministic => 0,
+        (BackendChoice::Auto, _) => UNDECIDED,
+        (BackendChoice::Crossover(_), _) if deterministic => {
+            return Err(Error::invalid(
+                "deterministic mode runs every call on one backend: a CPU/GPU crossover would make a \
+                 token's bits depend on its batch (use backend auto, cpu or gpu)",
+            ));
+        }
+        (BackendChoice::Crossover(n), _) => n.min(NEVER - 2),
+    })
+}
+
 /// The agreement fields of the replicated weights: router, selection bias, shared expert.
 pub(crate) fn replicated_fields(gate: &Tensor, bias: Option<&[f32]>, shared: Option<&SharedExpert>) -> Vec<Field> {
     let bias_bits: Vec<u32> = bias.iter().copied().flatten().map(|v| v.to_bits()).collect();
@@ -218,19 +236,7 @@ impl<G: Group> MoeLayer<G> {
                 w.validate(&config, &format!("expert {e}"))?;
             }
             let options = if gpu.is_some() { options.clone().with_env()? } else { options.clone() };
-            let crossover = match (options.backend, &gpu) {
-                (_, None) | (BackendChoice::Cpu, _) => NEVER,
-                (BackendChoice::Gpu, _) => 0,
-                (BackendChoice::Auto, _) if config.deterministic => 0,
-                (BackendChoice::Auto, _) => UNDECIDED,
-                (BackendChoice::Crossover(_), _) if config.deterministic => {
-                    return Err(Error::invalid(
-                        "deterministic mode runs every call on one backend: a CPU/GPU crossover would make a \
-                         token's bits depend on its batch (use backend auto, cpu or gpu)",
-                    ));
-                }
-                (BackendChoice::Crossover(n), _) => n.min(NEVER - 2),
-            };
+            let crossover = initial_crossover(&options, gpu.is_some(), config.deterministic)?;
             Ok((options, crossover))
         })()
         .map_err(|e| e.on_rank(rank));

@@ -117,41 +117,47 @@ pub const NO_ADAPTER_HELP: &str = "wgpu found no adapter. On Linux install a Vul
      `apt-get install mesa-vulkan-drivers libvulkan1` gives lavapipe, a software Vulkan driver; \
      on macOS Metal is always present; set WGPU_BACKEND or MOE_EP_ADAPTER to choose among several";
 
+/// The adapter `opts` asks for: the best device type among those whose name matches, then the
+/// `device_index`-th of them. Errors list the adapters found.
+fn pick_adapter(opts: &ContextOptions) -> Result<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let found: Vec<String> = adapters
+        .iter()
+        .map(|a| a.get_info())
+        .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
+        .collect();
+    if let Some(want) = &opts.adapter {
+        let w = want.to_lowercase();
+        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&w));
+        if adapters.is_empty() {
+            return Err(backend_error(format!(
+                "no adapter's name contains {want:?} ({ADAPTER_ENV}); found: [{}]",
+                found.join(", ")
+            )));
+        }
+    }
+    adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
+    let best = adapters.first().map(|a| a.get_info().device_type).ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
+    adapters.retain(|a| a.get_info().device_type == best);
+    let index = opts.device_index.unwrap_or(0);
+    if index >= adapters.len() {
+        return Err(backend_error(format!(
+            "device {index} asked for, but there are {} {best:?} adapters; found: [{}]",
+            adapters.len(),
+            found.join(", ")
+        )));
+    }
+    Ok(adapters.swap_remove(index))
+}
+
 impl GpuContext {
     /// Open a device on the adapter `opts` names (or the best one), with the adapter's own
     /// limits and, where offered, timestamp queries. Errors when no adapter matches (the
     /// message lists those found and says how to get one) or the device cannot be created.
     pub fn new(opts: &ContextOptions) -> Result<Self> {
         let _span = tracing::debug_span!("gpu_context").entered();
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
-        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-        let found: Vec<String> = adapters
-            .iter()
-            .map(|a| a.get_info())
-            .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
-            .collect();
-        if let Some(want) = &opts.adapter {
-            let w = want.to_lowercase();
-            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&w));
-            if adapters.is_empty() {
-                return Err(backend_error(format!(
-                    "no adapter's name contains {want:?} ({ADAPTER_ENV}); found: [{}]",
-                    found.join(", ")
-                )));
-            }
-        }
-        adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
-        let best = adapters.first().map(|a| a.get_info().device_type).ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
-        adapters.retain(|a| a.get_info().device_type == best);
-        let index = opts.device_index.unwrap_or(0);
-        if index >= adapters.len() {
-            return Err(backend_error(format!(
-                "device {index} asked for, but there are {} {best:?} adapters; found: [{}]",
-                adapters.len(),
-                found.join(", ")
-            )));
-        }
-        let adapter = adapters.swap_remove(index);
+        let adapter = pick_adapter(opts)?;
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let mut features = adapter.features() & wanted;

@@ -3,10 +3,11 @@
 
 use moe_ep::{DType, Result};
 
-use super::portable::{self, Io};
+use super::portable::{self, Io, ShardTiles};
 use super::{Chunk, DeviceExperts, MmaPlan, Projection, Run, encode_pass, grid};
 use crate::context::{GpuContext, backend_error};
 use crate::kernels::{MmaTile, Variant};
+use crate::ops::Launch;
 
 /// Matrix units the FFN kernel can use: `size x size x size` f16 products with f32
 /// accumulators, on subgroups of exactly `subgroup` threads.
@@ -163,20 +164,7 @@ impl GpuContext {
             None
         };
         let xmax = if c.act == DType::BF16 && run != Run::Down {
-            let xmax = self.ffn_scratch("ffn batch maxima", (n * 4) as u64, scratch)?;
-            let (gx, gy) = grid(n, 1, self.limits().max_compute_workgroups_per_dimension)?;
-            let params = [c.c0 as u32, n as u32, (d / 2) as u32, gx];
-            // SAFETY: workgroup i < n reads row c0 + i < rows of the batch (d / 2 words each)
-            // and writes maximum i < n.
-            launches.push(unsafe {
-                self.ffn_launch(
-                    Variant::ffn_rowmax(),
-                    &params,
-                    &[(c.batch, (c.rows * d * 2) as u64), (&xmax, (n * 4) as u64)],
-                    (gx, gy, 1),
-                )
-            });
-            Some(xmax)
+            Some(self.batch_rowmax(c, d, &mut launches, scratch)?)
         } else {
             None
         };
@@ -219,21 +207,66 @@ impl GpuContext {
                     qs: None,
                     reduce_out: if up { DType::F32 } else { c.act },
                 };
-                for t in &decode {
-                    let shard = &dev.shards[t.shard];
-                    let mut p = dev.params(shard, &proj)?;
-                    let (a_base, o_base) = if up { (0, c.c0) } else { (c.c0, 0) };
-                    p.a_base = a_base as u32;
-                    p.o_base = o_base as u32;
-                    p.chunks = portable::chunks(k) as u32;
-                    p.prows = prows as u32;
-                    let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
-                    let io = Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), ..io };
-                    self.portable_launches(dev, c.act, t, &proj, &p, &io, scratch, &mut launches)?;
-                }
+                let decoded = DecodeRows { tiles: &decode, prows };
+                self.decode_launches(dev, c, &proj, &decoded, &io, scratch, &mut launches)?;
             }
         }
         encode_pass(enc, &launches);
+        Ok(())
+    }
+
+    /// The row maxima of the chunk's bf16 batch rows (the activations' per-row scales), as a
+    /// launch pushed on `launches`; returns their buffer.
+    fn batch_rowmax(
+        &self,
+        c: &Chunk<'_>,
+        d: usize,
+        launches: &mut Vec<Launch>,
+        scratch: &mut Vec<wgpu::Buffer>,
+    ) -> Result<wgpu::Buffer> {
+        let n = c.len();
+        let xmax = self.ffn_scratch("ffn batch maxima", (n * 4) as u64, scratch)?;
+        let (gx, gy) = grid(n, 1, self.limits().max_compute_workgroups_per_dimension)?;
+        let params = [c.c0 as u32, n as u32, (d / 2) as u32, gx];
+        // SAFETY: workgroup i < n reads row c0 + i < rows of the batch (d / 2 words each)
+        // and writes maximum i < n.
+        launches.push(unsafe {
+            self.ffn_launch(
+                Variant::ffn_rowmax(),
+                &params,
+                &[(c.batch, (c.rows * d * 2) as u64), (&xmax, (n * 4) as u64)],
+                (gx, gy, 1),
+            )
+        });
+        Ok(xmax)
+    }
+
+    /// The decode kernel's launches of projection `proj` for the experts of at most
+    /// `decode_max` rows, in the cooperative path's pass.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_launches(
+        &self,
+        dev: &DeviceExperts,
+        c: &Chunk<'_>,
+        proj: &Projection,
+        decoded: &DecodeRows<'_>,
+        io: &Io<'_>,
+        scratch: &mut Vec<wgpu::Buffer>,
+        launches: &mut Vec<Launch>,
+    ) -> Result<()> {
+        let (d, f) = (dev.hidden, dev.intermediate);
+        for t in decoded.tiles {
+            let shard = &dev.shards[t.shard];
+            let mut p = dev.params(shard, proj)?;
+            let (a_base, o_base) = if proj.up { (0, c.c0) } else { (c.c0, 0) };
+            p.a_base = a_base as u32;
+            p.o_base = o_base as u32;
+            p.chunks = portable::chunks(proj.k) as u32;
+            p.prows = decoded.prows as u32;
+            let (w0, w1) = if proj.up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
+            let io = Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), ..*io };
+            self.portable_launches(dev, c.act, t, proj, &p, &io, scratch, launches)?;
+        }
         Ok(())
     }
 
@@ -299,4 +332,10 @@ struct MmaIo<'a> {
     amax: (&'a wgpu::Buffer, u64),
     out: (&'a wgpu::Buffer, u64),
     omax: (&'a wgpu::Buffer, u64),
+}
+
+/// The decode kernel's row tiles of a chunk and the rows of its partial sums.
+struct DecodeRows<'t> {
+    tiles: &'t [ShardTiles],
+    prows: usize,
 }
