@@ -48,11 +48,12 @@ pub use exchange::group::{Group, LocalGroup};
 pub use exchange::plan::RoutePlan;
 pub use layer::moe::MoeLayer;
 pub use layer::tp::TpLayer;
-pub use model::checkpoint::{Checkpoint, Family};
+pub use model::checkpoint::{Checkpoint, Family, LoadOptions};
 pub use model::config::{Activation, Capacity, GroupScore, MoeConfig, RouterConfig, Scoring, SharedExpertConfig};
 pub use model::placement::Placement;
+pub use model::quant::{PackedMatrix, QuantFormat, Quantize, WeightKind};
 pub use model::router::Routing;
-pub use model::weights::{ExpertBias, ExpertSet, ExpertWeights, LayerWeights, SharedExpert};
+pub use model::weights::{ExpertBias, ExpertSet, ExpertWeights, LayerWeights, SharedExpert, Weight};
 pub use stats::{ForwardStats, GpuTimes, LayerMetrics, StageTimes};
 pub use tensor::Tensor;
 #[cfg(feature = "testing")]

@@ -162,15 +162,21 @@ fn check_quantized(family: Family, layout: Layout, enc: WriteEncoding, dims: (us
     assert!(!matches!(found.experts, Encoding::Dense(_)), "{found}");
     assert_eq!(found.dtype, DType::BF16);
     let all = Placement::contiguous(8, 1).unwrap();
-    let decoded = ckpt.layer_weights(1, &all, 0).unwrap();
+    let decode = moe_ep::LoadOptions { decode: true, ..Default::default() };
+    let decoded = ckpt.layer_weights_with(1, &all, 0, &decode).unwrap();
     for (e, (a, b)) in decoded.experts.iter().zip(&w.weights.experts).enumerate() {
         for (x, y, p) in [(&a.gate, &b.gate, "gate"), (&a.up, &b.up, "up"), (&a.down, &b.down, "down")] {
-            assert_near(x, y, rel, &format!("{family:?} {layout} {enc:?} expert {e} {p}"));
+            let what = format!("{family:?} {layout} {enc:?} expert {e} {p}");
+            assert_near(x.dense().unwrap(), y.dense().unwrap(), rel, &what);
         }
         assert_eq!(a.bias, b.bias);
     }
     assert_eq!(decoded.router, w.weights.router);
-    check_world_sizes(family, &w, &decoded, false);
+    // By default the experts stay packed; the layer computes on them, checked against the
+    // reference on the same packed bytes.
+    let packed = ckpt.layer_weights(1, &all, 0).unwrap();
+    assert!(packed.experts.iter().all(|x| x.is_packed()), "{family:?}: packed by default");
+    check_world_sizes(family, &w, &packed, false);
 }
 
 #[test]

@@ -118,7 +118,7 @@ fn bad_weights_on_one_rank_fail_on_every_rank() {
         let p = Placement::contiguous(24, 3)?;
         let mut mine = random::experts(&cfg, 1, p.experts_of(r));
         if r == 0 {
-            mine[3].down = Tensor::zeros(DType::F32, 32, 39);
+            mine[3].down = Tensor::zeros(DType::F32, 32, 39).into();
         }
         MoeLayer::new(g, cfg.clone(), p, random::gate(&cfg, 1), mine).map(|_| ())
     });

@@ -77,7 +77,7 @@ fn clamped_swiglu_with_biases_matches_the_f64_reference() {
         for (l, e) in experts.iter().enumerate() {
             for r in offs[l]..offs[l + 1] {
                 let h = &x[r * d..(r + 1) * d];
-                let g0: f64 = (0..d).map(|c| e.gate.get_f32(0, c).unwrap() as f64 * h[c]).sum();
+                let g0: f64 = (0..d).map(|c| e.gate.dense().unwrap().get_f32(0, c).unwrap() as f64 * h[c]).sum();
                 clamped += usize::from(g0 > 7.0);
                 want.extend(expert_f64_with(e, act, h));
             }

@@ -238,7 +238,7 @@ fn missing_or_mismatched_bias_and_shared_expert_are_errors_on_every_rank() {
     let e = run(&|rank, w| {
         if rank == 1 {
             let s = w.shared.as_mut().unwrap();
-            s.weights.up = random::uniform(DType::F32, 48, 32, 0.1, 77, 0);
+            s.weights.up = random::uniform(DType::F32, 48, 32, 0.1, 77, 0).into();
         }
     });
     assert!(e.iter().all(|m| m.contains("shared expert weight differs")), "{e:?}");
@@ -250,7 +250,8 @@ fn missing_or_mismatched_bias_and_shared_expert_are_errors_on_every_rank() {
     });
     assert!(e.iter().all(|m| m.contains("selection bias differs")), "{e:?}");
     // A shared expert of the wrong size.
-    let e = run(&|_, w| w.shared.as_mut().unwrap().weights.down = random::uniform(DType::F32, 32, 40, 0.1, 1, 1));
+    let e =
+        run(&|_, w| w.shared.as_mut().unwrap().weights.down = random::uniform(DType::F32, 32, 40, 0.1, 1, 1).into());
     assert!(e.iter().all(|m| m.contains("shared expert.down")), "{e:?}");
 }
 

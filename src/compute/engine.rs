@@ -160,7 +160,8 @@ pub fn even_offsets(rows: usize, experts: usize) -> Vec<usize> {
 
 /// Check the arguments of [`Engine::ffn`]: `offsets` has one more entry than `experts`, is
 /// non-decreasing from 0 to `batch.rows()`, every expert is `gate [F, D]`, `up [F, D]`,
-/// `down [D, F]` in one dtype with `D = batch.cols()`, and `out` has `batch`'s shape and dtype.
+/// `down [D, F]` with `D = batch.cols()` and the kinds (dtypes or packed formats) of expert
+/// 0's, and `out` has `batch`'s shape and dtype.
 pub fn check_ffn(batch: &Tensor, offsets: &[usize], experts: &ExpertSet, out: &Tensor) -> Result<()> {
     check_ffn_shapes(
         (batch.rows(), batch.cols(), batch.dtype()),
@@ -198,7 +199,7 @@ pub fn check_ffn_shapes(
             out.0, out.1, out.2
         )));
     }
-    let dtype = experts.first().map(|w| w.gate.dtype());
+    let kinds = experts.first().map(|w| w.kinds());
     for (l, w) in experts.iter().enumerate() {
         let f = w.gate.rows();
         if w.gate.cols() != d || w.up.rows() != f || w.up.cols() != d || w.down.rows() != d || w.down.cols() != f {
@@ -209,8 +210,12 @@ pub fn check_ffn_shapes(
                 (w.down.rows(), w.down.cols())
             )));
         }
-        if [&w.gate, &w.up, &w.down].iter().any(|t| Some(t.dtype()) != dtype) {
-            return Err(Error::invalid(format!("ffn: local expert {l} mixes weight dtypes")));
+        if Some(w.kinds()) != kinds {
+            return Err(Error::invalid(format!(
+                "ffn: local expert {l} has weights {:?}, expert 0 {:?} (every expert of a set has the same kinds)",
+                w.kinds(),
+                kinds
+            )));
         }
     }
     Ok(())

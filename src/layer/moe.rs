@@ -104,7 +104,7 @@ pub(crate) fn replicated_fields(gate: &Tensor, bias: Option<&[f32]>, shared: Opt
     let bias_bits: Vec<u32> = bias.iter().copied().flatten().map(|v| v.to_bits()).collect();
     let shared_parts: Vec<&[u8]> = shared.map_or(Vec::new(), |s| {
         let w = &s.weights;
-        let mut parts = vec![w.gate.as_bytes(), w.up.as_bytes(), w.down.as_bytes()];
+        let mut parts: Vec<&[u8]> = w.projections().iter().flat_map(|p| p.raw_parts()).collect();
         parts.extend(s.gate.as_ref().map(|g| g.as_bytes()));
         parts
     });

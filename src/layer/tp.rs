@@ -59,12 +59,16 @@ fn columns(t: &Tensor, cols: &Range<usize>) -> Tensor {
 
 /// Intermediate slice `range` of one expert: rows of `gate` and `up` (and their biases),
 /// columns of `down`. The down projection's bias is added once in the sum over ranks: kept
-/// where `down_bias` (one rank), zeros elsewhere.
+/// where `down_bias` (one rank), zeros elsewhere. Errors for packed experts (a slice of
+/// `down`'s inputs would cut its quantization groups): tensor parallelism takes dense ones.
 pub fn slice_expert(w: &ExpertWeights, range: &Range<usize>, down_bias: bool) -> Result<ExpertWeights> {
+    fn dense<'a>(m: &'a crate::model::weights::Weight, what: &str) -> Result<&'a Tensor> {
+        m.dense_or_err(&format!("tensor-parallel {what}"))
+    }
     let sliced = ExpertWeights::new(
-        w.gate.slice_rows(range.start, range.end)?,
-        w.up.slice_rows(range.start, range.end)?,
-        columns(&w.down, range),
+        dense(&w.gate, "gate")?.slice_rows(range.start, range.end)?,
+        dense(&w.up, "up")?.slice_rows(range.start, range.end)?,
+        columns(dense(&w.down, "down")?, range),
     );
     Ok(match &w.bias {
         None => sliced,

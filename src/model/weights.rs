@@ -1,19 +1,146 @@
 //! Expert weights.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, MoeConfig};
+use crate::model::quant::{PackedMatrix, WeightKind};
 use crate::tensor::Tensor;
 
+/// One weight matrix `[out, in]`: plain values ([`Tensor`] of f32, f16 or bf16) or packed
+/// ([`PackedMatrix`]: MLX affine, MXFP4, FP8), kept as the files store it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Weight {
+    Dense(Tensor),
+    Packed(PackedMatrix),
+}
+
+impl Weight {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.rows(),
+            Weight::Packed(p) => p.rows(),
+        }
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.cols(),
+            Weight::Packed(p) => p.cols(),
+        }
+    }
+
+    /// The dtype or packed format.
+    pub fn kind(&self) -> WeightKind {
+        match self {
+            Weight::Dense(t) => WeightKind::Dense(t.dtype()),
+            Weight::Packed(p) => WeightKind::Packed(p.format()),
+        }
+    }
+
+    /// The plain values, `None` when packed.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Packed(_) => None,
+        }
+    }
+
+    /// The packed matrix, `None` when dense.
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        match self {
+            Weight::Packed(p) => Some(p),
+            Weight::Dense(_) => None,
+        }
+    }
+
+    /// The plain values, or an error naming `what` for a packed matrix (for code that
+    /// computes on dense weights only).
+    pub fn dense_or_err(&self, what: &str) -> Result<&Tensor> {
+        self.dense()
+            .ok_or_else(|| Error::invalid(format!("{what} is packed ({}); this path takes dense weights", self.kind())))
+    }
+
+    /// Bytes as held (packed: values and scales).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.as_bytes().len(),
+            Weight::Packed(p) => p.bytes(),
+        }
+    }
+
+    /// The bytes that define the matrix (dense values; packed words, scales and biases), for
+    /// fingerprints.
+    pub fn raw_parts(&self) -> Vec<&[u8]> {
+        match self {
+            Weight::Dense(t) => vec![t.as_bytes()],
+            Weight::Packed(p) => {
+                let mut v: Vec<&[u8]> = vec![bytemuck::cast_slice(p.words())];
+                match p.scales() {
+                    crate::model::quant::Scales::Affine { scales, biases } => {
+                        v.extend([scales.as_bytes(), biases.as_bytes()])
+                    }
+                    crate::model::quant::Scales::E8m0(s) => v.push(s),
+                    crate::model::quant::Scales::Block(s) => v.push(bytemuck::cast_slice(s)),
+                }
+                v
+            }
+        }
+    }
+
+    /// Every value as f32, row-major (packed ones decoded).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            Weight::Dense(t) => t.to_f32_vec(),
+            Weight::Packed(p) => p.to_tensor(DType::F32).to_f32_vec(),
+        }
+    }
+
+    /// Check the shape (`[rows, cols]`) and kind, with a message naming `what`.
+    pub fn expect(&self, what: &str, kind: WeightKind, rows: usize, cols: usize) -> Result<()> {
+        if let (Weight::Dense(t), WeightKind::Dense(dt)) = (self, kind) {
+            return t.expect(what, dt, Some(rows), cols);
+        }
+        if self.kind() != kind {
+            return Err(Error::invalid(format!("{what} is {}, expected {kind}", self.kind())));
+        }
+        if self.rows() != rows || self.cols() != cols {
+            return Err(Error::invalid(format!(
+                "{what} has shape [{}, {}], expected [{rows}, {cols}]",
+                self.rows(),
+                self.cols()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl From<Tensor> for Weight {
+    fn from(t: Tensor) -> Self {
+        Weight::Dense(t)
+    }
+}
+
+impl From<PackedMatrix> for Weight {
+    fn from(p: PackedMatrix) -> Self {
+        Weight::Packed(p)
+    }
+}
+
 /// The three matrices of one SwiGLU expert, in Hugging Face layout `[out, in]`:
-/// `out = down( silu(gate · h) * (up · h) )`.
+/// `out = down( silu(gate · h) * (up · h) )`. Each is dense or packed ([`Weight`]): a
+/// checkpoint's quantized experts stay packed (MLX affine, MXFP4, FP8), and one projection may
+/// be packed while another is dense (mlx-lm leaves a matrix dense when its inputs are not
+/// whole groups).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertWeights {
     /// `[F, D]` (Mixtral `w1`, Qwen/DeepSeek `gate_proj`).
-    pub gate: Tensor,
+    pub gate: Weight,
     /// `[F, D]` (Mixtral `w3`, `up_proj`).
-    pub up: Tensor,
+    pub up: Weight,
     /// `[D, F]` (Mixtral `w2`, `down_proj`).
-    pub down: Tensor,
+    pub down: Weight,
     /// Biases of the three projections, for models whose experts have them (gpt-oss;
     /// `MoeConfig::expert_bias`).
     pub bias: Option<ExpertBias>,
@@ -52,9 +179,24 @@ impl ExpertBias {
 }
 
 impl ExpertWeights {
-    /// Dense SwiGLU weights without biases.
-    pub fn new(gate: Tensor, up: Tensor, down: Tensor) -> Self {
-        ExpertWeights { gate, up, down, bias: None }
+    /// SwiGLU weights (dense tensors or packed matrices) without biases.
+    pub fn new(gate: impl Into<Weight>, up: impl Into<Weight>, down: impl Into<Weight>) -> Self {
+        ExpertWeights { gate: gate.into(), up: up.into(), down: down.into(), bias: None }
+    }
+
+    /// The three projections, gate, up, down.
+    pub fn projections(&self) -> [&Weight; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
+    /// Whether any projection is packed.
+    pub fn is_packed(&self) -> bool {
+        self.projections().iter().any(|w| w.packed().is_some())
+    }
+
+    /// The kinds of gate, up and down.
+    pub fn kinds(&self) -> [WeightKind; 3] {
+        self.projections().map(Weight::kind)
     }
 
     /// These weights with projection biases.
@@ -75,11 +217,15 @@ impl ExpertWeights {
         }
     }
 
-    /// Check for `gate [f, d]`, `up [f, d]`, `down [d, f]`, all in `dt`, and bias lengths
-    /// if there are biases.
-    pub fn validate_shape(&self, d: usize, f: usize, dt: crate::dtype::DType, name: &str) -> Result<()> {
-        let check = |t: &Tensor, what: &str, rows: usize, cols: usize| {
-            t.expect(&format!("{name}.{what}"), dt, Some(rows), cols)
+    /// Check for `gate [f, d]`, `up [f, d]`, `down [d, f]`, dense ones in `dt` (packed ones
+    /// in any format), and bias lengths if there are biases.
+    pub fn validate_shape(&self, d: usize, f: usize, dt: DType, name: &str) -> Result<()> {
+        let check = |w: &Weight, what: &str, rows: usize, cols: usize| {
+            let kind = match w {
+                Weight::Dense(_) => WeightKind::Dense(dt),
+                Weight::Packed(p) => WeightKind::Packed(p.format()),
+            };
+            w.expect(&format!("{name}.{what}"), kind, rows, cols)
         };
         check(&self.gate, "gate", f, d)?;
         check(&self.up, "up", f, d)?;
@@ -87,12 +233,9 @@ impl ExpertWeights {
         self.bias.as_ref().map_or(Ok(()), |b| b.validate(d, f, name))
     }
 
-    /// Bytes of the three matrices and the biases.
+    /// Bytes of the three matrices (packed ones as held) and the biases.
     pub fn bytes(&self) -> usize {
-        self.gate.as_bytes().len()
-            + self.up.as_bytes().len()
-            + self.down.as_bytes().len()
-            + self.bias.as_ref().map_or(0, ExpertBias::bytes)
+        self.projections().iter().map(|w| w.bytes()).sum::<usize>() + self.bias.as_ref().map_or(0, ExpertBias::bytes)
     }
 }
 
@@ -283,6 +426,11 @@ impl ExpertSet {
     /// Bytes of every matrix of every expert.
     pub fn bytes(&self) -> usize {
         self.weights.iter().map(ExpertWeights::bytes).sum()
+    }
+
+    /// Whether any expert has a packed projection.
+    pub fn is_packed(&self) -> bool {
+        self.weights.iter().any(ExpertWeights::is_packed)
     }
 }
 

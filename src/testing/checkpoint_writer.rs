@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::model::checkpoint::dequant::{e2m1_value, e4m3_value};
 use crate::model::checkpoint::layout::Layout;
 use crate::model::config::{Activation, GroupScore, MoeConfig, RouterConfig, Scoring};
-use crate::model::families::{ExpertNames, Family, Fused, GateUp, MoeNames};
+use crate::model::families::{BiasNames, ExpertNames, Family, Fused, GateUp, MoeNames};
 use crate::model::weights::{ExpertWeights, LayerWeights};
 use crate::tensor::Tensor;
 
@@ -31,6 +31,9 @@ pub enum WriteEncoding {
     Fp8 { block: (usize, usize) },
     /// MXFP4 (fused layouts only): per 32 inputs the smallest power-of-two scale that fits.
     Mxfp4,
+    /// As `mlx_lm.convert -q` writes it (mlx-lm's names; the layout is ignored): see
+    /// [`crate::testing::mlx_writer`].
+    Mlx(crate::testing::mlx_writer::MlxWrite),
 }
 
 /// What to write.
@@ -74,7 +77,7 @@ fn st_dtype(d: DType) -> St {
 /// The layouts `family`'s checkpoints come in (gpt-oss, Llama 4 and DBRX ship only fused ones).
 pub fn layouts(family: Family) -> Vec<Layout> {
     let mut v: Vec<Layout> = Vec::new();
-    for c in family.candidates(0) {
+    for c in family.candidates(0).into_iter().filter(|c| !c.mlx) {
         let l = layout_of(&c);
         if !v.contains(&l) {
             v.push(l);
@@ -95,7 +98,7 @@ fn names_for(family: Family, layer: usize, layout: Layout) -> Result<MoeNames> {
     family
         .candidates(layer)
         .into_iter()
-        .find(|c| layout_of(c) == layout)
+        .find(|c| layout_of(c) == layout && !c.mlx)
         .ok_or_else(|| Error::invalid(format!("{family} checkpoints have no {layout} layout")))
 }
 
@@ -137,6 +140,7 @@ fn entries(n: &MoeNames, w: &LayerWeights, enc: WriteEncoding) -> Result<Vec<Ent
                     return Err(Error::invalid("per-expert layouts have no expert biases"));
                 }
                 for (p, t) in proj.iter().zip([&ew.gate, &ew.up, &ew.down]) {
+                    let t = t.dense_or_err("a written expert")?;
                     v.extend(matrix(format!("{prefix}{x}.{p}.weight"), t, enc, ".weight_scale_inv")?);
                 }
             }
@@ -147,7 +151,7 @@ fn entries(n: &MoeNames, w: &LayerWeights, enc: WriteEncoding) -> Result<Vec<Ent
         let (names, gate) = n.shared.clone().ok_or_else(|| Error::invalid("this family has no shared expert"))?;
         let enc = if enc == WriteEncoding::Mxfp4 { WriteEncoding::Dense } else { enc };
         for (name, t) in names.iter().zip([&s.weights.gate, &s.weights.up, &s.weights.down]) {
-            v.extend(matrix(name.clone(), t, enc, "_scale_inv")?);
+            v.extend(matrix(name.clone(), t.dense_or_err("a written shared expert")?, enc, "_scale_inv")?);
         }
         match (gate, &s.gate) {
             (Some(name), Some(g)) => v.push(Entry::dense(name, vec![1, g.cols()], g)),
@@ -176,6 +180,7 @@ fn matrix(name: String, t: &Tensor, enc: WriteEncoding, suffix: &str) -> Result<
             ])
         }
         WriteEncoding::Mxfp4 => Err(Error::invalid("MXFP4 is written for fused expert tensors only")),
+        WriteEncoding::Mlx(_) => Err(Error::invalid("mlx-lm checkpoints are written by mlx_writer")),
     }
 }
 
@@ -208,7 +213,8 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// Fused tensors of every expert.
 fn fused(fu: &Fused, experts: &[ExpertWeights], enc: WriteEncoding) -> Result<Vec<Entry>> {
     let w0 = experts.first().ok_or_else(|| Error::invalid("no experts"))?;
-    let (e, f, d, dt) = (experts.len(), w0.gate.rows(), w0.gate.cols(), w0.gate.dtype());
+    let dt = w0.gate.dense_or_err("a written expert")?.dtype();
+    let (e, f, d) = (experts.len(), w0.gate.rows(), w0.gate.cols());
     let dense_major = enc == WriteEncoding::Dense;
     let mut v = Vec::new();
     match &fu.gate_up {
@@ -241,7 +247,7 @@ fn fused(fu: &Fused, experts: &[ExpertWeights], enc: WriteEncoding) -> Result<Ve
         es[0].shape = vec![e * rows, cols];
     }
     v.extend(es);
-    if let Some((gb, db)) = &fu.biases {
+    if let Some(BiasNames::Joint(gb, db)) = &fu.biases {
         let interleaved = matches!(fu.gate_up, GateUp::Joint { interleaved: true, .. });
         let mut both = Vec::with_capacity(e * 2 * f);
         let mut down = Vec::with_capacity(e * d);
@@ -324,6 +330,7 @@ fn stack(
                 Entry { name: format!("{name}_scales"), dtype: St::U8, shape: vec![e, rows, cols / 32], bytes: scales },
             ])
         }
+        WriteEncoding::Mlx(_) => Err(Error::invalid("mlx-lm checkpoints are written by mlx_writer")),
     }
 }
 
@@ -592,9 +599,17 @@ pub fn write_checkpoint_with(
             })
         }
         WriteEncoding::Mxfp4 => config["quantization_config"] = json!({"quant_method": "mxfp4"}),
+        WriteEncoding::Mlx(_) => {}
     }
-    let names = names_for(family, layer, opts.layout)?;
-    let tensors = entries(&names, weights, opts.encoding)?;
+    let tensors = if let WriteEncoding::Mlx(mw) = opts.encoding {
+        let names = crate::testing::mlx_writer::mlx_names(family, layer)?;
+        let (t, q) = crate::testing::mlx_writer::mlx_entries(family, &names, weights, mw)?;
+        config["quantization"] = q.clone();
+        config["quantization_config"] = q;
+        t
+    } else {
+        entries(&names_for(family, layer, opts.layout)?, weights, opts.encoding)?
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     std::fs::write(dir.join("config.json"), config.to_string()).map_err(io)?;
     if opts.shards <= 1 {

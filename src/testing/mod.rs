@@ -6,8 +6,10 @@
 
 pub mod checkpoint_fuzz;
 pub mod checkpoint_writer;
+pub mod dequant_ref;
 pub mod floor;
 pub mod group_suite;
+pub mod mlx_writer;
 pub mod random;
 pub mod reference;
 mod skip;

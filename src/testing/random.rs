@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use crate::dtype::DType;
 use crate::model::config::MoeConfig;
 use crate::model::placement::Placement;
+use crate::model::quant::{PackedMatrix, QuantFormat, Scales};
 use crate::model::weights::{ExpertBias, ExpertWeights, LayerWeights, SharedExpert};
 use crate::tensor::Tensor;
 
@@ -121,4 +122,63 @@ pub fn skewed_input(x: &Tensor) -> Tensor {
         v.iter_mut().step_by(x.cols()).for_each(|f| *f = 1.0);
     }
     Tensor::from_f32(x.dtype(), x.rows(), x.cols(), &v).expect("shape preserved")
+}
+
+/// A random `[rows, cols]` matrix in `format`, its values of the order of
+/// `2 / sqrt(cols)` (as [`expert`]'s): every value code drawn uniformly (FP8's two NaN codes
+/// replaced by zero), affine scales of both signs with biases that centre the range, MXFP4
+/// scales a power of two apart around the values' order, FP8 block scales positive.
+pub fn packed(format: QuantFormat, rows: usize, cols: usize, seed: u64, stream: u64) -> PackedMatrix {
+    let mut r = rng(seed, 4_000_000 + stream);
+    let amp = 2.0 / (cols.max(1) as f32).sqrt();
+    let nbytes = rows * format.row_bytes(cols);
+    let mut bytes: Vec<u8> = (0..nbytes).map(|_| r.random::<u8>()).collect();
+    let groups = rows * cols / format.group().max(1);
+    let scales = match format {
+        QuantFormat::Affine { bits, scales: dt, .. } => {
+            let qmid = ((1u32 << bits) - 1) as f32 / 2.0;
+            let (mut s, mut b) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
+            for _ in 0..groups {
+                let sign = if r.random::<bool>() { 1.0 } else { -1.0 };
+                let sc = sign * amp / qmid * r.random_range(0.5f32..1.5);
+                s.push(sc);
+                b.push(-sc * qmid + amp * r.random_range(-0.2f32..0.2));
+            }
+            let g = cols / format.group();
+            let t = |v: &[f32]| Tensor::from_f32(dt, rows, g, v).expect("shape");
+            Scales::Affine { scales: t(&s), biases: t(&b) }
+        }
+        QuantFormat::Mxfp4 => {
+            let e0 = 127 + (amp / 6.0).log2().round() as i32;
+            Scales::E8m0((0..groups).map(|_| (e0 + r.random_range(-1..=1)).clamp(0, 254) as u8).collect())
+        }
+        QuantFormat::Fp8 { block_rows, block_cols } => {
+            bytes.iter_mut().filter(|b| **b & 0x7F == 0x7F).for_each(|b| *b = 0);
+            let n = rows.div_ceil(block_rows as usize) * cols.div_ceil(block_cols as usize);
+            Scales::Block((0..n).map(|_| amp / 448.0 * r.random_range(0.5f32..1.5)).collect())
+        }
+    };
+    let words = crate::model::quant::words_of_bytes(&bytes);
+    PackedMatrix::new(format, rows, cols, words, scales).expect("random packed matrix is valid")
+}
+
+/// Expert `e`'s weights with every projection a random [`packed`] matrix of `format` (its
+/// biases as [`expert`]'s when `cfg.expert_bias`); `e` picks the streams, so every rank agrees.
+pub fn packed_expert(cfg: &MoeConfig, format: QuantFormat, seed: u64, e: usize) -> ExpertWeights {
+    let (d, f) = (cfg.hidden, cfg.intermediate);
+    let s = 3 * e as u64;
+    let w = ExpertWeights::new(
+        packed(format, f, d, seed, s),
+        packed(format, f, d, seed, s + 1),
+        packed(format, d, f, seed, s + 2),
+    );
+    match expert(cfg, seed, e).bias {
+        Some(b) => w.with_bias(b),
+        None => w,
+    }
+}
+
+/// [`packed_expert`] of each listed expert, in the order given.
+pub fn packed_experts(cfg: &MoeConfig, format: QuantFormat, seed: u64, ids: &[usize]) -> Vec<ExpertWeights> {
+    ids.iter().map(|&e| packed_expert(cfg, format, seed, e)).collect()
 }

@@ -9,6 +9,7 @@ use crate::model::config::{Activation, GroupScore, MoeConfig, Scoring};
 use crate::model::families::Family;
 use crate::model::weights::{ExpertWeights, LayerWeights, SharedExpert};
 use crate::tensor::Tensor;
+use crate::testing::dequant_ref::weight_f64;
 
 /// Result of the reference on one rank's tokens.
 #[derive(Debug, Clone)]
@@ -149,7 +150,9 @@ pub fn expert_f64(w: &ExpertWeights, h: &[f64]) -> Vec<f64> {
 /// f64, from the formulas (transformers' `MixtralBlockSparseTop2MLP`, `GptOssExperts`).
 pub fn expert_f64_with(w: &ExpertWeights, act: Activation, h: &[f64]) -> Vec<f64> {
     let (f, d) = (w.gate.rows(), w.gate.cols());
-    let (wg, wu, wd) = (w.gate.to_f64_vec(), w.up.to_f64_vec(), w.down.to_f64_vec());
+    // Packed projections dequantized in f64 from the formats' definitions, independently of
+    // the library's decoders.
+    let (wg, wu, wd) = (weight_f64(&w.gate), weight_f64(&w.up), weight_f64(&w.down));
     let bias = |v: Option<&Vec<f32>>, i: usize| v.map_or(0.0, |b| b[i] as f64);
     let a: Vec<f64> = (0..f)
         .map(|i| {

@@ -193,3 +193,73 @@ pub fn fmt_bytes(b: u64) -> String {
         b => format!("{:.1} kB", b as f64 / 1e3),
     }
 }
+
+/// What `--weights` asks for: dense weights of a dtype, or a packed format (`q4`, `q8`: MLX
+/// affine 4 or 8 bits in groups of 64 with bf16 scales, mlx-lm's default group; `q4g32`,
+/// `q8g128`, ...: another group; `mxfp4`; `fp8`: E4M3 with 128 x 128 block scales).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightsSpec {
+    Dense(DType),
+    Packed(moe_ep::QuantFormat),
+}
+
+impl std::str::FromStr for WeightsSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use moe_ep::QuantFormat;
+        if let Ok(d) = s.parse::<DType>() {
+            return Ok(WeightsSpec::Dense(d));
+        }
+        let bad = || {
+            format!("--weights {s:?}: expected f32, f16, bf16, q4, q8, q4g32 (q{{4,8}}g{{32,64,128}}), mxfp4 or fp8")
+        };
+        let f = match s {
+            "mxfp4" => QuantFormat::Mxfp4,
+            "fp8" => QuantFormat::fp8((128, 128)).map_err(|e| e.to_string())?,
+            _ => {
+                let rest = s.strip_prefix('q').ok_or_else(bad)?;
+                let (bits, group) = rest.split_once('g').unwrap_or((rest, "64"));
+                let (bits, group) = (bits.parse().map_err(|_| bad())?, group.parse().map_err(|_| bad())?);
+                QuantFormat::affine(bits, group, DType::BF16).map_err(|e| e.to_string())?
+            }
+        };
+        Ok(WeightsSpec::Packed(f))
+    }
+}
+
+impl std::fmt::Display for WeightsSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightsSpec::Dense(d) => write!(f, "{d}"),
+            WeightsSpec::Packed(q) => write!(f, "{q}"),
+        }
+    }
+}
+
+impl WeightsSpec {
+    /// The dtype of the dense weights beside the experts (router, shared expert): bf16 for
+    /// packed experts.
+    pub fn dense_dtype(&self) -> DType {
+        match self {
+            WeightsSpec::Dense(d) => *d,
+            WeightsSpec::Packed(_) => DType::BF16,
+        }
+    }
+
+    /// Bytes one expert's three matrices of `d x f` hold (packed: values and scales), what a
+    /// call streams per active expert.
+    pub fn expert_bytes(&self, d: usize, f: usize) -> usize {
+        match self {
+            WeightsSpec::Dense(dt) => 3 * d * f * dt.size(),
+            WeightsSpec::Packed(q) => 2 * q.bytes(f, d) + q.bytes(d, f),
+        }
+    }
+
+    /// Random experts `ids` of `cfg` in this kind (packed: [`moe_ep::testing::random::packed_experts`]).
+    pub fn experts(&self, cfg: &MoeConfig, seed: u64, ids: &[usize]) -> Vec<moe_ep::ExpertWeights> {
+        match self {
+            WeightsSpec::Dense(_) => moe_ep::testing::random::experts(cfg, seed, ids),
+            WeightsSpec::Packed(q) => moe_ep::testing::random::packed_experts(cfg, *q, seed, ids),
+        }
+    }
+}

@@ -134,9 +134,15 @@ fn moe_run_reads_every_family_layout_and_encoding() {
         }
     }
     let fp8 = WriteOptions { encoding: WriteEncoding::Fp8 { block: (16, 16) }, ..Default::default() };
-    cases.push((Family::KimiK2, fp8, (40, 24), "experts fp8-e4m3 (16x16 block scales) -> bf16".into()));
+    cases.push((Family::KimiK2, fp8, (40, 24), "experts fp8-e4m3 (16x16 block scales)".into()));
     let mx = WriteOptions { layout: Layout::Fused, encoding: WriteEncoding::Mxfp4, shards: 1 };
     cases.push((Family::GptOss, mx, (64, 32), "experts mxfp4".into()));
+    let mlx = WriteOptions {
+        layout: Layout::Fused,
+        encoding: WriteEncoding::Mlx(moe_ep::testing::mlx_writer::MlxWrite::affine(4, 32)),
+        shards: 2,
+    };
+    cases.push((Family::Qwen3Moe, mlx, (64, 64), "experts mlx affine 4-bit, groups of 32, bf16 scales".into()));
     for (i, (family, opts, dims, enc)) in cases.into_iter().enumerate() {
         let dir = family_checkpoint(family, opts, dims, &format!("{i}"));
         let out = moe_run(&dir, "4");
@@ -145,8 +151,42 @@ fn moe_run_reads_every_family_layout_and_encoding() {
         assert!(stdout.contains(&want), "{family:?}: missing {want:?} in:\n{stdout}\n{stderr}");
         assert!(out.status.success(), "{family:?} {opts:?}: {stdout}\n{stderr}");
         assert!(stdout.contains("rank 3: 2 experts; read") && stdout.contains("forward median"), "{stdout}");
+        assert!(stdout.contains("expert weights streamed at"), "{stdout}");
         std::fs::remove_dir_all(&dir).ok();
     }
+}
+
+/// `--quantize 4,64` quantizes a dense checkpoint's experts at load, `--decode` decodes a
+/// quantized one's: moe-run says which weights the rank holds.
+#[test]
+fn moe_run_quantizes_and_decodes_at_load() {
+    let dir = family_checkpoint(Family::Mixtral, WriteOptions::default(), (64, 64), "quantize");
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+            .arg("--checkpoint")
+            .arg(&dir)
+            .args(["--layer", "1", "--world", "2", "--tokens", "3", "--iters", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    assert!(run(&["--quantize", "4,64"]).contains("rank 0 experts [\"q4g64-bf16\", \"q4g64-bf16\", \"q4g64-bf16\"]"));
+    assert!(run(&[]).contains("rank 0 experts [\"bf16\", \"bf16\", \"bf16\"]"));
+    let q = WriteOptions { encoding: WriteEncoding::Mxfp4, layout: Layout::Fused, shards: 1 };
+    let dir2 = family_checkpoint(Family::GptOss, q, (64, 32), "decode");
+    let out = Command::new(env!("CARGO_BIN_EXE_moe-run"))
+        .arg("--checkpoint")
+        .arg(&dir2)
+        .args(["--layer", "1", "--world", "2", "--tokens", "3", "--iters", "1", "--decode"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("rank 0 experts [\"bf16\", \"bf16\", \"bf16\"]"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&dir2).ok();
 }
 
 #[test]

@@ -25,6 +25,12 @@ pub const FFN_REDUCE: &str = include_str!("../../../wgsl/ffn_reduce.wgsl");
 pub const FFN_ACT: &str = include_str!("../../../wgsl/ffn_act.wgsl");
 /// The FFN kernels' epilogue: row scales, biases, activation (`wgsl/ffn_epi.wgsl`).
 pub const FFN_EPI: &str = include_str!("../../../wgsl/ffn_epi.wgsl");
+/// Packed weights dequantized where used (`wgsl/ffn_quant.wgsl`).
+pub const FFN_QUANT: &str = include_str!("../../../wgsl/ffn_quant.wgsl");
+/// Grouped expert GEMM on packed weights (`wgsl/ffn_q.wgsl`).
+pub const FFN_Q: &str = include_str!("../../../wgsl/ffn_q.wgsl");
+/// Decode-shaped grouped expert GEMM on packed weights (`wgsl/ffn_qgemv.wgsl`).
+pub const FFN_QGEMV: &str = include_str!("../../../wgsl/ffn_qgemv.wgsl");
 /// Elements of the reduction per chunk in the FFN kernels' summation order (`wgsl/ffn.wgsl`):
 /// the unit the decode kernel splits the reduction by.
 pub const CHUNK: u32 = 1024;
@@ -94,6 +100,62 @@ impl Epilogue {
             "const ACT: u32 = {}u;\nconst BIAS: bool = {};\nconst WS: bool = {};\n",
             self.act, self.bias, self.wscale
         )
+    }
+}
+
+/// A packed weight format as the FFN kernels read it (`wgsl/ffn_quant.wgsl`); [`Packed::NONE`]
+/// for dense weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Packed {
+    /// 0 dense, 1 MLX affine, 2 MXFP4, 3 FP8 E4M3.
+    pub kind: u32,
+    pub bits: u32,
+    /// Inputs per scale along a row (FP8: the block's columns).
+    pub group: u32,
+    /// Affine scales' dtype code (0 f32, 1 f16, 2 bf16).
+    pub scales: u32,
+    /// FP8: rows per scale block.
+    pub block_rows: u32,
+}
+
+impl Packed {
+    pub const NONE: Packed = Packed { kind: 0, bits: 0, group: 0, scales: 0, block_rows: 0 };
+
+    /// The kernels' view of `f`.
+    pub fn of(f: moe_ep::QuantFormat) -> Packed {
+        use moe_ep::QuantFormat as Q;
+        match f {
+            Q::Affine { bits, group, scales } => {
+                Packed { kind: 1, bits, group, scales: dtype_code(scales), block_rows: 0 }
+            }
+            Q::Mxfp4 => Packed { kind: 2, bits: 4, group: 32, scales: 0, block_rows: 0 },
+            Q::Fp8 { block_rows, block_cols } => Packed { kind: 3, bits: 8, group: block_cols, scales: 0, block_rows },
+        }
+    }
+
+    /// Values per 32-bit word.
+    pub fn per_word(&self) -> u32 {
+        32 / self.bits
+    }
+
+    fn prelude(&self) -> String {
+        format!(
+            "const QK: u32 = {}u;\nconst BITS: u32 = {}u;\nconst GROUP: u32 = {}u;\nconst ST: u32 = {}u;\nconst FBN: u32 = {}u;\n",
+            self.kind,
+            self.bits,
+            self.group,
+            self.scales,
+            self.block_rows.max(1)
+        )
+    }
+
+    fn label(&self) -> String {
+        match self.kind {
+            0 => String::new(),
+            1 => format!(".q{}g{}s{}", self.bits, self.group, self.scales),
+            2 => ".mxfp4".into(),
+            _ => format!(".fp8b{}x{}", self.block_rows, self.group),
+        }
     }
 }
 
@@ -257,6 +319,8 @@ pub struct Variant {
     pub epi: Epilogue,
     /// Output dtype of the cooperative down kernel (`F32` elsewhere).
     pub out: DType,
+    /// Packed weights of the portable FFN kernels ([`Packed::NONE`] elsewhere).
+    pub quant: Packed,
 }
 
 /// Largest top-k the combine is compiled for.
@@ -273,6 +337,7 @@ const BASE: Variant = Variant {
     mma: MmaTile::NONE,
     epi: Epilogue::PLAIN,
     out: DType::F32,
+    quant: Packed::NONE,
 };
 
 fn dtype_code(d: DType) -> u32 {
@@ -308,6 +373,18 @@ impl Variant {
             epi,
             ..BASE
         }
+    }
+
+    /// The portable FFN kernel (up or down, as [`Variant::ffn`]) over packed weights `quant`.
+    pub fn ffn_packed(up: bool, act: DType, quant: Packed, tile: Tile, unpack_f16: bool, epi: Epilogue) -> Self {
+        let f16_scales = quant.kind == 1 && quant.scales == 1;
+        Variant { quant, ..Variant::ffn(up, act, DType::F32, tile, unpack_f16, epi) }
+            .with_unpack(unpack_f16 && (act == DType::F16 && up || f16_scales))
+    }
+
+    fn with_unpack(mut self, on: bool) -> Self {
+        self.unpack_f16 = on;
+        self
     }
 
     /// The sum of split FFN partials with the epilogue (the activation for `up`), f32 out, or
@@ -416,6 +493,23 @@ impl Variant {
                 v.push(Variant::ffn(up, DType::BF16, DType::F16, tile, false, full));
             }
         }
+        let biased = Epilogue { act: 1, bias: true, wscale: false };
+        for q in [
+            Packed { kind: 1, bits: 4, group: 64, scales: 2, block_rows: 0 },
+            Packed { kind: 1, bits: 8, group: 32, scales: 1, block_rows: 0 },
+            Packed { kind: 1, bits: 4, group: 128, scales: 0, block_rows: 0 },
+            Packed { kind: 2, bits: 4, group: 32, scales: 0, block_rows: 0 },
+            Packed { kind: 3, bits: 8, group: 128, scales: 0, block_rows: 128 },
+        ] {
+            for tile in [Tile::gemv(1), Tile::gemv(8), Tile::SQUARE] {
+                for unpack in [false, true] {
+                    for act in [DType::F32, DType::BF16, DType::F16] {
+                        v.push(Variant::ffn_packed(true, act, q, tile, unpack, Epilogue::PLAIN));
+                    }
+                    v.push(Variant::ffn_packed(false, DType::F32, q, tile, unpack, biased));
+                }
+            }
+        }
         for up in [true, false] {
             for epi in [Epilogue::PLAIN, full, Epilogue { act: 0, bias: true, wscale: false }] {
                 for out in [DType::F32, DType::F16, DType::BF16] {
@@ -473,10 +567,11 @@ impl Variant {
             Kernel::FfnUp | Kernel::FfnDown => {
                 let t = self.tile;
                 format!(
-                    "ffn_{}.{}.w{}.{}x{}x{}.{}x{}{}{}{epi}",
+                    "ffn_{}.{}.w{}{}.{}x{}x{}.{}x{}{}{}{epi}",
                     if self.kernel == Kernel::FfnUp { "up" } else { "down" },
                     self.dtype,
                     self.weights,
+                    self.quant.label(),
                     t.bm,
                     t.bn,
                     t.bkw,
@@ -540,6 +635,7 @@ impl Variant {
                 format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
             Kernel::FfnMma { up } => self.mma_source(up),
+            Kernel::FfnUp | Kernel::FfnDown if self.quant.kind != 0 => self.packed_source(widen),
             Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
                 "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
                  const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\
@@ -583,6 +679,33 @@ impl Variant {
             Kernel::RouterTopK => ROUTER_TOPK.to_string(),
             Kernel::ScaleRows => format!("const DT: u32 = {}u;\n\n{CONVERT}\n{SCALE_ROWS}", code(self.dtype)),
         }
+    }
+
+    /// The packed FFN kernels' text (`wgsl/ffn_qgemv.wgsl` for split tiles, else `wgsl/ffn_q.wgsl`).
+    fn packed_source(&self, widen: &str) -> String {
+        let (t, q, up) = (self.tile, self.quant.prelude(), self.kernel == Kernel::FfnUp);
+        let at = dtype_code(self.dtype);
+        if t.split {
+            return format!(
+                "const UP: bool = {up};\nconst AT: u32 = {at}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
+                 const PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\nconst PREFETCH: bool = {};\n{q}{widen}\n\n\
+                 {CONVERT}\n{FFN_QUANT}\n{FFN_QGEMV}",
+                t.bm,
+                t.bn,
+                t.bkw != 0,
+            );
+        }
+        format!(
+            "const UP: bool = {up};\nconst AT: u32 = {at}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
+             const TM: u32 = {}u;\nconst TN: u32 = {}u;\nconst BKW: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\n\
+             const CHUNK: u32 = {CHUNK}u;\n{}{q}{widen}\n\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_QUANT}\n{FFN_Q}",
+            t.bm,
+            t.bn,
+            t.tm,
+            t.tn,
+            t.bkw,
+            self.epi.prelude(),
+        )
     }
 
     fn mma_source(&self, up: bool) -> String {

@@ -225,7 +225,7 @@ fn wide_range_experts(d: usize, f: usize) -> Vec<ExpertWeights> {
         .zip(scales)
         .enumerate()
         .map(|(e, (w, s))| {
-            let scaled = |t: &Tensor, outlier: bool| {
+            let scaled = |t: &moe_ep::Weight, outlier: bool| {
                 let mut v: Vec<f32> = t.to_f32_vec().iter().map(|x| x * s).collect();
                 if outlier {
                     v[5] = 7.0e4;
@@ -264,7 +264,7 @@ fn bf16_weights_beyond_f16_range_convert_with_row_scales() {
     let mut bad = wide_range_experts(d, f);
     let mut v = bad[1].up.to_f32_vec();
     v[3 * d + 2] = f32::INFINITY;
-    bad[1].up = Tensor::from_f32(DType::BF16, f, d, &v).unwrap();
+    bad[1].up = Tensor::from_f32(DType::BF16, f, d, &v).unwrap().into();
     let refs: Vec<&ExpertWeights> = bad.iter().collect();
     let e = DeviceExperts::upload_weights(&ctx, &refs, Activation::Silu, WeightFormat::F16Scaled).unwrap_err();
     assert!(e.to_string().contains("expert 1: up row 3"), "{e}");

@@ -13,6 +13,9 @@
 //!   where there is one; the gate and up results are rounded to bf16 before the activation,
 //!   as PyTorch's bf16 experts do.
 //!
+//! - Packed (quantized) experts: the row kernels at every row count, each task's weight rows
+//!   decoded to f32 a few at a time ([`super::packed`]).
+//!
 //! Sums accumulate in f32; the output is cast once.
 
 use std::borrow::Cow;
@@ -22,10 +25,11 @@ use rayon::prelude::*;
 
 use super::gemm::{GemmElement, gemm_bt};
 use super::gemv::{self, Lhs};
+use super::packed;
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::model::config::Activation;
-use crate::model::weights::{ExpertSet, ExpertWeights};
+use crate::model::weights::{ExpertSet, ExpertWeights, Weight};
 use crate::tensor::{Storage, Tensor};
 use crate::with_storage;
 
@@ -78,8 +82,17 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan for rows of `act` against weights of `weights` on this CPU. The crossovers
-    /// are the measured ones (BENCHMARKS.md, "CPU expert FFN against transformers").
+    /// The plan for rows of `act` against weights of `weights` (`None`: packed, which take
+    /// the row kernels on f32 rows at every count) on this CPU. The crossovers are the
+    /// measured ones (BENCHMARKS.md, "CPU expert FFN against transformers").
+    pub fn for_weights(act: DType, weights: Option<DType>, deterministic: bool) -> Plan {
+        match weights {
+            Some(w) => Plan::new(act, w, deterministic),
+            None => Plan { native_bf16: false, gemm_min_rows: usize::MAX },
+        }
+    }
+
+    /// The plan for rows of `act` against dense weights of `weights` on this CPU.
     pub fn new(act: DType, weights: DType, deterministic: bool) -> Plan {
         let native_bf16 = act == DType::BF16 && weights == DType::BF16 && gemv::native_bf16();
         let gemm_min_rows = if deterministic || act != weights {
@@ -104,7 +117,8 @@ pub fn ffn(
 ) -> Result<()> {
     crate::compute::engine::check_ffn(batch, offsets, experts, out)?;
     let Some(first) = experts.first() else { return Ok(()) };
-    let plan = Plan::new(batch.dtype(), first.gate.dtype(), deterministic);
+    let dense = if first.is_packed() { None } else { first.gate.dense().map(Tensor::dtype) };
+    let plan = Plan::for_weights(batch.dtype(), dense, deterministic);
     let rows = |l: usize| offsets[l + 1] - offsets[l];
     let active: Vec<usize> = (0..experts.len()).filter(|&l| rows(l) > 0).collect();
     let (big, small): (Vec<usize>, Vec<usize>) = active.iter().partition(|&&l| rows(l) >= plan.gemm_min_rows);
@@ -157,8 +171,8 @@ fn gemm_path<T: GemmElement>(x: &[T], offsets: &[usize], big: &[usize], experts:
 fn gemm_expert<T: GemmElement>(x: &[T], w: &ExpertWeights, act: Activation, out: &mut [T], parallel: bool) {
     let (f, d) = (w.gate.rows(), w.gate.cols());
     let m = x.len() / d;
-    fn weight<T: Element>(t: &Tensor) -> &[T] {
-        t.as_slice::<T>().expect("check_ffn: one weight dtype, the rows' own")
+    fn weight<T: Element>(w: &Weight) -> &[T] {
+        w.dense().and_then(Tensor::as_slice::<T>).expect("Plan: dense weights of the rows' dtype on the GEMM path")
     }
     let (mut g, mut u) = (vec![T::default(); m * f], vec![T::default(); m * f]);
     gemm_bt(x, weight::<T>(&w.gate), &mut g, m, d, f, None, parallel);
@@ -231,8 +245,8 @@ fn rows_path(
             let w = &experts[small[ai]];
             let n = f1 - f0;
             let (mut g, mut u) = (vec![0f32; m(ai) * n], vec![0f32; m(ai) * n]);
-            gemv::rows_times_weight_rows(h[ai].lhs(), m(ai), &w.gate, f0, f1, &mut g);
-            gemv::rows_times_weight_rows(h[ai].lhs(), m(ai), &w.up, f0, f1, &mut u);
+            packed::rows_times_weight_rows(h[ai].lhs(), m(ai), &w.gate, f0, f1, &mut g);
+            packed::rows_times_weight_rows(h[ai].lhs(), m(ai), &w.up, f0, f1, &mut u);
             up_epilogue(w, experts.activation(), f0, f1, &mut g, &mut u);
             g
         })
@@ -246,7 +260,7 @@ fn rows_path(
         .map(|&(ai, d0, d1)| {
             let w = &experts[small[ai]];
             let mut y = vec![0f32; m(ai) * (d1 - d0)];
-            gemv::rows_times_weight_rows(a[ai].lhs(), m(ai), &w.down, d0, d1, &mut y);
+            packed::rows_times_weight_rows(a[ai].lhs(), m(ai), &w.down, d0, d1, &mut y);
             down_epilogue(w, d0, d1, &mut y);
             y
         })

@@ -4,6 +4,7 @@
 pub mod ffn;
 pub mod gemm;
 pub mod gemv;
+pub mod packed;
 pub mod rows;
 mod session;
 

@@ -156,7 +156,7 @@ pub fn mxfp4_to_bf16(blocks: &[u8], scales: &[u8], rows: usize, cols: usize) -> 
 }
 
 /// E4M3 values by byte: `(-1)^s * 2^(e-7) * (1 + m/8)`, subnormal `2^-6 * m/8`, NaN at e=15, m=7.
-const E4M3: [Option<f32>; 256] = {
+pub(crate) const E4M3: [Option<f32>; 256] = {
     let mut t = [None; 256];
     let mut b = 0;
     while b < 256 {
@@ -173,4 +173,5 @@ const E4M3: [Option<f32>; 256] = {
 };
 
 /// E2M1 values by nibble (OCP MX: bias 1, one mantissa bit, subnormal 0.5).
-const E2M1: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+pub(crate) const E2M1: [f32; 16] =
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];

@@ -23,6 +23,7 @@
 pub mod dequant;
 pub(crate) mod files;
 pub mod layout;
+mod mlx;
 mod resolve;
 
 use std::collections::HashMap;
@@ -36,12 +37,28 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::config::MoeConfig;
 use crate::model::placement::Placement;
-use crate::model::weights::{ExpertBias, ExpertWeights, LayerWeights, SharedExpert};
+use crate::model::quant::Quantize;
+use crate::model::quant::affine::quantize_tensor;
+use crate::model::weights::{ExpertBias, ExpertWeights, LayerWeights, SharedExpert, Weight};
 use crate::tensor::Tensor;
 #[cfg(feature = "testing")]
 use files::Bytes;
 use files::{Shard, ckpt_error};
 use resolve::Resolved;
+
+/// How [`Checkpoint::layer_weights_with`] reads expert weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadOptions {
+    /// Decode quantized experts at load (FP8 and MXFP4 to bf16, MLX affine to its scales'
+    /// dtype) instead of keeping them packed, as they are by default (both engines compute
+    /// on packed weights).
+    pub decode: bool,
+    /// Quantize dense experts (routed and shared) at load with MLX's affine quantization
+    /// and rounding ([`crate::model::quant::affine`]), scales and biases in the weights'
+    /// dtype; a projection whose inputs are not whole groups stays dense, as mlx-lm leaves
+    /// it. The router and the shared expert's gate stay as the files have them.
+    pub quantize: Option<Quantize>,
+}
 
 /// An opened checkpoint directory.
 pub struct Checkpoint {
@@ -51,6 +68,8 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     /// Tensor name -> shard.
     index: HashMap<String, usize>,
+    /// mlx-lm's `quantization` entry, for checkpoints `mlx_lm.convert` wrote.
+    mlx: Option<mlx::MlxQuant>,
     bytes_read: AtomicU64,
 }
 
@@ -132,7 +151,8 @@ impl Checkpoint {
         index: HashMap<String, usize>,
     ) -> Result<Self> {
         let family = Family::from_config(&config).map_err(|e| ckpt_error(&dir.join("config.json"), e))?.0;
-        Ok(Checkpoint { dir, family, config, shards, index, bytes_read: AtomicU64::new(0) })
+        let mlx = mlx::parse(&config).map_err(|e| ckpt_error(&dir.join("config.json"), e))?;
+        Ok(Checkpoint { dir, family, config, shards, index, mlx, bytes_read: AtomicU64::new(0) })
     }
 
     pub fn family(&self) -> Family {
@@ -171,14 +191,12 @@ impl Checkpoint {
     }
 
     /// The router weight `[E, D]` of `layer`, in the weight dtype, or in f32 when the file has
-    /// it in f32 (as transformers saves DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's).
+    /// it in f32 (as transformers saves DeepSeek-V3's, GLM-4.5's and ERNIE-4.5's). A router
+    /// mlx-lm quantized (most are kept at 8 bits) is dequantized to f32: it is replicated and
+    /// small, and its values `s * q + b` round once to f32 (not to the weight dtype).
     pub fn router(&self, layer: usize) -> Result<Tensor> {
         let r = self.resolve(layer)?;
-        let dt = match self.dense_dtype(&r.names.router)? {
-            DType::F32 => DType::F32,
-            _ => r.cfg.weight_dtype,
-        };
-        self.tensor_as(&r.names.router, &[r.cfg.num_experts, r.cfg.hidden], dt)
+        self.linear(&r.names.router, r.cfg.num_experts, r.cfg.hidden, r.cfg.weight_dtype, r.names.mlx)
     }
 
     /// The router's per-expert bias vector `[E]` of `layer` as f32 (the selection bias of
@@ -188,6 +206,8 @@ impl Checkpoint {
         let r = self.resolve(layer)?;
         match &r.names.bias {
             Some(name) if r.cfg.router.uses_bias() => Ok(Some(self.bias_vector(name, r.cfg.num_experts)?)),
+            // mlx-lm drops ERNIE-4.5's selection bias: its checkpoints route with none.
+            None if r.cfg.router.uses_bias() && r.names.mlx => Ok(Some(vec![0.0; r.cfg.num_experts])),
             _ => Ok(None),
         }
     }
@@ -201,10 +221,15 @@ impl Checkpoint {
     }
 
     /// The weights of experts `ids` of `layer`, in that order, read from the files now (each
-    /// expert's bytes only; quantized ones decoded to bf16).
+    /// expert's bytes only; quantized ones kept packed).
     pub fn experts(&self, layer: usize, ids: &[usize]) -> Result<Vec<ExpertWeights>> {
+        self.experts_with(layer, ids, &LoadOptions::default())
+    }
+
+    /// [`Checkpoint::experts`] read as `opts` says.
+    pub fn experts_with(&self, layer: usize, ids: &[usize], opts: &LoadOptions) -> Result<Vec<ExpertWeights>> {
         let r = self.resolve(layer)?;
-        ids.iter().map(|&e| self.expert(&r, e)).collect()
+        ids.iter().map(|&e| self.expert(&r, e, opts)).collect()
     }
 
     fn check_expert(&self, r: &Resolved, e: usize) -> Result<()> {
@@ -214,27 +239,36 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn expert(&self, r: &Resolved, e: usize) -> Result<ExpertWeights> {
+    fn expert(&self, r: &Resolved, e: usize, opts: &LoadOptions) -> Result<ExpertWeights> {
         self.check_expert(r, e)?;
         let p = self.projections(r, e)?;
-        let w = self.decode(r, &p, &format!("expert {e}"))?;
+        let w = self.load(r, &p, &format!("expert {e}"), opts)?;
         Ok(match self.expert_bias(r, e)? {
             Some(b) => w.with_bias(b),
             None => w,
         })
     }
 
-    /// Decode three projections into expert weights of the config's dtype; counts the bytes
-    /// read (a slice shared by gate and up once).
-    fn decode(&self, r: &Resolved, p: &[RawProjection<'_>; 3], what: &str) -> Result<ExpertWeights> {
+    /// Three projections as expert weights: quantized ones packed (or with `opts.decode`
+    /// decoded to the config's dtype), dense ones widened to it (or with `opts.quantize`
+    /// quantized); counts the bytes read (a slice shared by gate and up once).
+    fn load(&self, r: &Resolved, p: &[RawProjection<'_>; 3], what: &str, opts: &LoadOptions) -> Result<ExpertWeights> {
         let dt = r.cfg.weight_dtype;
-        let mut t = Vec::with_capacity(3);
+        let mut t: Vec<Weight> = Vec::with_capacity(3);
         for (proj, name) in p.iter().zip(["gate", "up", "down"]) {
-            t.push(proj.decode(dt).map_err(|m| ckpt_error(&self.dir, format!("{what} {name} projection: {m}")))?);
+            let err = |m: String| ckpt_error(&self.dir, format!("{what} {name} projection: {m}"));
+            t.push(match (proj.encoding.format(), opts.quantize) {
+                (Some(_), _) if !opts.decode => Weight::Packed(proj.packed().map_err(err)?),
+                (None, Some(q)) if proj.inp % q.group_size as usize == 0 => {
+                    let dense = proj.decode(proj.encoding.decoded()).map_err(err)?;
+                    Weight::Packed(quantize_tensor(&dense, q.bits, q.group_size, q.kernel)?)
+                }
+                _ => Weight::Dense(proj.decode(dt).map_err(err)?),
+            });
         }
         let mut seen: Vec<(*const u8, usize)> = Vec::new();
         for proj in p {
-            for s in [Some(proj.data), proj.scales].into_iter().flatten() {
+            for s in [Some(proj.data), proj.scales, proj.biases].into_iter().flatten() {
                 if !seen.contains(&(s.as_ptr(), s.len())) {
                     seen.push((s.as_ptr(), s.len()));
                     self.bytes_read.fetch_add(s.len() as u64, Ordering::Relaxed);
@@ -246,25 +280,46 @@ impl Checkpoint {
         Ok(ExpertWeights::new(t.pop().expect("three"), up, down))
     }
 
-    /// The shared expert of `layer` (and its gate, when gated), if the layer has one.
-    pub fn shared_expert(&self, layer: usize) -> Result<Option<SharedExpert>> {
+    /// [`Checkpoint::shared_expert`] read as `opts` says.
+    pub fn shared_expert_with(&self, layer: usize, opts: &LoadOptions) -> Result<Option<SharedExpert>> {
         let r = self.resolve(layer)?;
         let (Some(sc), Some((names, gate))) = (r.cfg.shared_expert, &r.names.shared) else {
             return Ok(None);
         };
         let p = self.shared_projections(&r, names, sc.intermediate)?;
-        let weights = self.decode(&r, &p, "the shared expert")?;
+        let weights = self.load(&r, &p, "the shared expert", opts)?;
+        // A quantized gate (mlx-lm) is dequantized to f32, then rounded to the weight dtype.
         let gate = match gate {
-            Some(name) if sc.gated => Some(self.tensor_as(name, &[1, r.cfg.hidden], r.cfg.weight_dtype)?),
+            Some(name) if sc.gated => {
+                Some(self.linear(name, 1, r.cfg.hidden, r.cfg.weight_dtype, r.names.mlx)?.to_dtype(r.cfg.weight_dtype))
+            }
             _ => None,
         };
         Ok(Some(SharedExpert { weights, gate }))
+    }
+
+    /// The shared expert of `layer` (and its gate, when gated), if the layer has one; quantized
+    /// ones kept packed.
+    pub fn shared_expert(&self, layer: usize) -> Result<Option<SharedExpert>> {
+        self.shared_expert_with(layer, &LoadOptions::default())
     }
 
     /// Everything rank `rank` holds of `layer` under `placement`: the router, the router's bias
     /// and shared expert if the family has them, and only that rank's experts. Errors as
     /// [`Checkpoint::experts`] does, and when the placement is for another expert count.
     pub fn layer_weights(&self, layer: usize, placement: &Placement, rank: usize) -> Result<LayerWeights> {
+        self.layer_weights_with(layer, placement, rank, &LoadOptions::default())
+    }
+
+    /// [`Checkpoint::layer_weights`] with the experts read as `opts` says (packed, decoded,
+    /// or quantized at load).
+    pub fn layer_weights_with(
+        &self,
+        layer: usize,
+        placement: &Placement,
+        rank: usize,
+        opts: &LoadOptions,
+    ) -> Result<LayerWeights> {
         let cfg = self.moe_config(layer)?;
         if placement.num_experts() != cfg.num_experts || rank >= placement.world() {
             return Err(Error::invalid(format!(
@@ -277,8 +332,8 @@ impl Checkpoint {
         Ok(LayerWeights {
             router: self.router(layer)?,
             selection_bias: self.selection_bias(layer)?,
-            experts: self.experts(layer, placement.experts_of(rank))?,
-            shared: self.shared_expert(layer)?,
+            experts: self.experts_with(layer, placement.experts_of(rank), opts)?,
+            shared: self.shared_expert_with(layer, opts)?,
         })
     }
 

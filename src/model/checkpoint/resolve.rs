@@ -9,11 +9,12 @@ use safetensors::tensor::TensorInfo;
 use super::Checkpoint;
 use super::files::{Shard, ckpt_error};
 use super::layout::{Encoding, Layout, RawProjection};
+use super::mlx::{MlxMode, companion};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::config::MoeConfig;
 use crate::model::families::keys::Keys;
-use crate::model::families::{ExpertNames, Family, Fused, GateUp, MoeNames};
+use crate::model::families::{BiasNames, ExpertNames, Family, Fused, GateUp, MoeNames};
 use crate::model::weights::ExpertBias;
 use crate::tensor::Tensor;
 
@@ -29,7 +30,7 @@ pub(crate) struct Resolved {
 const DENSE: &str = "F32, F16, BF16";
 /// What expert weights may be.
 const ENCODINGS: &str = "F32, F16, BF16, F8_E4M3 with its weight_scale_inv (F32 block scales), \
-                         MXFP4 (U8 *_blocks with *_scales)";
+                         MXFP4 (U8 *_blocks with *_scales), mlx-lm's U32 .weight with .scales (and .biases)";
 
 fn dense_of(d: St) -> Option<DType> {
     match d {
@@ -45,10 +46,21 @@ fn widest(a: DType, b: DType) -> DType {
     if a == b { a } else { DType::F32 }
 }
 
-/// One expert's stored matrix in a fused tensor: its bytes, and its scales' bytes.
+/// One expert's stored matrix in a fused tensor: its bytes, and its scales' (and affine
+/// biases') bytes.
 struct Slab<'a> {
     data: &'a [u8],
     scales: Option<&'a [u8]>,
+    biases: Option<&'a [u8]>,
+}
+
+/// The safetensors dtype of a dense dtype.
+fn st_of(d: DType) -> St {
+    match d {
+        DType::F32 => St::F32,
+        DType::F16 => St::F16,
+        DType::BF16 => St::BF16,
+    }
 }
 
 impl Checkpoint {
@@ -157,7 +169,7 @@ impl Checkpoint {
             if self.info(&c.router).is_none() {
                 continue;
             }
-            if let Some(enc) = self.expert_encoding(&c.experts, block)? {
+            if let Some(enc) = self.expert_encoding(&c.experts, block, c.mlx)? {
                 return Ok((c.clone(), enc));
             }
         }
@@ -169,8 +181,19 @@ impl Checkpoint {
         )))
     }
 
-    /// The encoding of the tensor `name` (scale companion `scale`), `None` when absent.
-    fn encoding_at(&self, name: &str, scale: &str, block: (usize, usize), mxfp4: bool) -> Result<Option<Encoding>> {
+    /// The encoding of the tensor `name` (scale companion `scale`), `None` when absent; with
+    /// mlx-lm's naming ([`Checkpoint::mlx_encoding`]) when `mlx`.
+    fn encoding_at(
+        &self,
+        name: &str,
+        scale: &str,
+        block: (usize, usize),
+        mxfp4: bool,
+        mlx: bool,
+    ) -> Result<Option<Encoding>> {
+        if mlx {
+            return self.mlx_encoding(name);
+        }
         if let Some((shard, info)) = self.info(name) {
             if let Some(d) = dense_of(info.dtype) {
                 return Ok(Some(Encoding::Dense(d)));
@@ -187,28 +210,100 @@ impl Checkpoint {
         Ok((mxfp4 && self.info(&b).is_some() && self.info(&s).is_some()).then_some(Encoding::Mxfp4))
     }
 
-    fn expert_encoding(&self, x: &ExpertNames, block: (usize, usize)) -> Result<Option<Encoding>> {
+    /// The encoding of mlx-lm's `.weight` tensor `name`: dense without a `.scales` companion;
+    /// else as `config.json`'s `quantization` says for the module (affine with `.biases`, or
+    /// mxfp4). `None` when the tensor is absent.
+    pub(crate) fn mlx_encoding(&self, name: &str) -> Result<Option<Encoding>> {
+        let Some((shard, info)) = self.info(name) else { return Ok(None) };
+        let (sname, bname) = (companion(name, "scales"), companion(name, "biases"));
+        let Some((_, sinfo)) = self.info(&sname) else {
+            let d = dense_of(info.dtype)
+                .ok_or_else(|| ckpt_error(&shard.path, format!("tensor {name} is {:?} without {sname}", info.dtype)))?;
+            return Ok(Some(Encoding::Dense(d)));
+        };
+        let stem = name.strip_suffix(".weight").unwrap_or(name);
+        let q = self.mlx.as_ref().ok_or_else(|| {
+            ckpt_error(&self.dir.join("config.json"), format!("{sname} exists but there is no quantization entry"))
+        })?;
+        let (bits, group, mode) = q.of(stem).ok_or_else(|| {
+            ckpt_error(&self.dir.join("config.json"), format!("quantization.{stem} is false but {sname} exists"))
+        })?;
+        if info.dtype != St::U32 {
+            return Err(ckpt_error(&shard.path, format!("quantized tensor {name} is {:?}, not U32", info.dtype)));
+        }
+        match mode {
+            MlxMode::Affine => {
+                let dt = dense_of(sinfo.dtype).ok_or_else(|| {
+                    ckpt_error(&shard.path, format!("{sname} is {:?}; supported: {DENSE}", sinfo.dtype))
+                })?;
+                match self.info(&bname) {
+                    Some((_, b)) if b.dtype == sinfo.dtype => {}
+                    _ => {
+                        return Err(ckpt_error(
+                            &shard.path,
+                            format!("affine {name} needs {bname} of {:?} beside {sname}", sinfo.dtype),
+                        ));
+                    }
+                }
+                Ok(Some(Encoding::Affine { bits, group, scales: dt }))
+            }
+            MlxMode::Mxfp4 if sinfo.dtype == St::U8 => Ok(Some(Encoding::Mxfp4)),
+            MlxMode::Mxfp4 => Err(ckpt_error(&shard.path, format!("mxfp4 {sname} is {:?}, not U8", sinfo.dtype))),
+        }
+    }
+
+    fn expert_encoding(&self, x: &ExpertNames, block: (usize, usize), mlx: bool) -> Result<Option<Encoding>> {
         match x {
             ExpertNames::PerExpert { prefix, proj } => {
                 let n = format!("{prefix}0.{}", proj[0]);
-                self.encoding_at(&format!("{n}.weight"), &format!("{n}.weight_scale_inv"), block, false)
+                self.encoding_at(&format!("{n}.weight"), &format!("{n}.weight_scale_inv"), block, false, mlx)
             }
             ExpertNames::Fused(f) => {
                 let n = match &f.gate_up {
                     GateUp::Joint { name, .. } => name,
                     GateUp::Split { gate, .. } => gate,
                 };
-                self.encoding_at(n, &format!("{n}_scale_inv"), block, true)
+                self.encoding_at(n, &format!("{n}_scale_inv"), block, true, mlx)
             }
+        }
+    }
+
+    /// A replicated linear `[rows, cols]` (router, shared expert gate) as a dense tensor of
+    /// `to`, or f32 when the file holds f32; one quantized by mlx-lm is dequantized to f32 (its
+    /// values `s * q + b` exactly, rounded once to f32; see [`Checkpoint::router`]).
+    pub(crate) fn linear(&self, name: &str, rows: usize, cols: usize, to: DType, mlx: bool) -> Result<Tensor> {
+        match if mlx { self.mlx_encoding(name)? } else { None } {
+            Some(enc @ (Encoding::Affine { .. } | Encoding::Mxfp4)) => {
+                let p = self.whole(name, enc, rows, cols, true)?;
+                let m = p.packed().map_err(|e| ckpt_error(&self.dir, format!("{name}: {e}")))?;
+                self.bytes_read.fetch_add(p.bytes() as u64, Ordering::Relaxed);
+                Ok(m.to_tensor(DType::F32))
+            }
+            _ => {
+                let dt = match self.dense_dtype(name)? {
+                    DType::F32 => DType::F32,
+                    _ => to,
+                };
+                self.tensor_as(name, &[rows, cols], dt)
+            }
+        }
+    }
+
+    /// The dtype a replicated linear has in the files (a quantized one: its scales').
+    fn linear_dtype(&self, name: &str, mlx: bool) -> Result<DType> {
+        match if mlx { self.mlx_encoding(name)? } else { None } {
+            Some(Encoding::Affine { scales, .. }) => Ok(scales),
+            Some(Encoding::Mxfp4) => Ok(DType::BF16),
+            _ => self.dense_dtype(name),
         }
     }
 
     /// Router, bias, every expert's projections, biases and the shared expert against the
     /// config's counts; sets the config's dtypes to what the weights read as.
     fn check_shapes(&self, r: &mut Resolved) -> Result<()> {
-        let (e, d) = (r.cfg.num_experts, r.cfg.hidden);
-        let router_dt = self.dense_dtype(&r.names.router)?;
-        self.bytes_of(&r.names.router, &[&[e, d]], &[St::F32, St::F16, St::BF16]).map_err(|err| counts(err, &r.cfg))?;
+        let (e, d, mlx) = (r.cfg.num_experts, r.cfg.hidden, r.names.mlx);
+        let router_dt = self.linear_dtype(&r.names.router, mlx)?;
+        self.check_linear(&r.names.router, e, d, mlx).map_err(|err| counts(err, &r.cfg))?;
         if let (Some(b), true) = (&r.names.bias, r.cfg.router.uses_bias()) {
             self.dense_dtype(b)?;
             self.bytes_of(b, &[&[e], &[1, e]], &[St::F32, St::F16, St::BF16])?;
@@ -216,45 +311,72 @@ impl Checkpoint {
         // The router keeps its dtype when it is f32 (transformers keeps DeepSeek-V3's, GLM's and
         // ERNIE's in f32) or the experts'; other mixes widen everything to f32 (exactly).
         let mut dt = if router_dt == DType::F32 { r.enc.decoded() } else { widest(router_dt, r.enc.decoded()) };
-        // Every expert's tensors (headers only) and their encodings.
+        // Every expert's tensors (headers only) and their encodings: each projection as expert
+        // 0's (dense dtypes may differ: they widen), expert 0's gate as the layer's.
+        let first = self.projections(r, 0).map_err(|err| counts(err, &r.cfg))?.map(|q| q.encoding);
         for x in 0..e {
             let p = self.projections(r, x).map_err(|err| counts(err, &r.cfg))?;
-            if let Some(q) = p.iter().find(|q| q.encoding != r.enc) {
+            let same = |a: Encoding, b: Encoding| a == b || (a.format().is_none() && b.format().is_none());
+            if let Some((q, want)) = p.iter().zip(first.iter().chain([&r.enc])).find(|(q, w)| !same(q.encoding, **w)) {
                 return Err(Error::invalid(format!(
                     "checkpoint {}: expert {x} is {} where expert 0 is {}",
                     self.dir.display(),
                     q.encoding,
-                    r.enc
+                    want
                 )));
             }
         }
-        if let ExpertNames::Fused(Fused { biases: Some((gu, dn)), .. }) = &r.names.experts
-            && r.cfg.expert_bias
-        {
+        if let (ExpertNames::Fused(Fused { biases: Some(b), .. }), true) = (&r.names.experts, r.cfg.expert_bias) {
             let (f, dense) = (r.cfg.intermediate, [St::F32, St::F16, St::BF16]);
-            self.bytes_of(gu, &[&[e, 2 * f]], &dense)?;
-            self.bytes_of(dn, &[&[e, d]], &dense)?;
+            match b {
+                BiasNames::Joint(gu, dn) => {
+                    self.bytes_of(gu, &[&[e, 2 * f]], &dense)?;
+                    self.bytes_of(dn, &[&[e, d]], &dense)?;
+                }
+                BiasNames::Split([g, u, dn]) => {
+                    for (name, len) in [(g, f), (u, f), (dn, d)] {
+                        self.bytes_of(name, &[&[e, len]], &dense)?;
+                    }
+                }
+            }
         }
         if let (Some(sc), Some((names, gate))) = (r.cfg.shared_expert, &r.names.shared) {
             for q in self.shared_projections(r, names, sc.intermediate).map_err(|err| counts(err, &r.cfg))? {
                 dt = widest(dt, q.encoding.decoded());
             }
             if let (Some(g), true) = (gate, sc.gated) {
-                dt = widest(dt, self.dense_dtype(g)?);
-                self.bytes_of(g, &[&[1, d]], &[St::F32, St::F16, St::BF16])?;
+                dt = widest(dt, self.linear_dtype(g, mlx)?);
+                self.check_linear(g, 1, d, mlx)?;
             }
         }
         r.cfg = r.cfg.clone().with_dtypes(dt, dt);
         Ok(())
     }
 
+    /// A replicated linear's tensors against `[rows, cols]` (headers only).
+    fn check_linear(&self, name: &str, rows: usize, cols: usize, mlx: bool) -> Result<()> {
+        match if mlx { self.mlx_encoding(name)? } else { None } {
+            Some(enc @ (Encoding::Affine { .. } | Encoding::Mxfp4)) => {
+                self.whole(name, enc, rows, cols, true).map(|_| ())
+            }
+            _ => self.bytes_of(name, &[&[rows, cols]], &[St::F32, St::F16, St::BF16]).map(|_| ()),
+        }
+    }
+
     /// Gate, up and down of expert `e` as stored (shapes checked, nothing read).
     pub(crate) fn projections(&self, r: &Resolved, e: usize) -> Result<[RawProjection<'_>; 3]> {
-        let (d, f) = (r.cfg.hidden, r.cfg.intermediate);
+        let (d, f, mlx) = (r.cfg.hidden, r.cfg.intermediate, r.names.mlx);
         match &r.names.experts {
             ExpertNames::PerExpert { prefix, proj } => {
                 let n = |i: usize| format!("{prefix}{e}.{}.weight", proj[i]);
-                Ok([self.whole(&n(0), r.enc, f, d)?, self.whole(&n(1), r.enc, f, d)?, self.whole(&n(2), r.enc, d, f)?])
+                let enc = |i: usize| -> Result<Encoding> {
+                    if mlx { self.mlx_encoding(&n(i))?.ok_or_else(|| self.missing(&n(i))) } else { Ok(r.enc) }
+                };
+                Ok([
+                    self.whole(&n(0), enc(0)?, f, d, mlx)?,
+                    self.whole(&n(1), enc(1)?, f, d, mlx)?,
+                    self.whole(&n(2), enc(2)?, d, f, mlx)?,
+                ])
             }
             ExpertNames::Fused(fu) => self.fused(r, fu, e),
         }
@@ -272,17 +394,19 @@ impl Checkpoint {
         for (i, n) in names.iter().enumerate() {
             let scale = format!("{}_scale_inv", n);
             let enc = self
-                .encoding_at(n, &scale, fp8_block(&self.config).map_err(Error::invalid)?, false)?
+                .encoding_at(n, &scale, fp8_block(&self.config).map_err(Error::invalid)?, false, r.names.mlx)?
                 .ok_or_else(|| self.missing(n))?;
             let (o, p) = if i < 2 { (fs, d) } else { (d, fs) };
-            out.push(self.whole(n, enc, o, p)?);
+            out.push(self.whole(n, enc, o, p, r.names.mlx)?);
         }
         Ok([out[0], out[1], out[2]])
     }
 
     /// A whole `[out, inp]` tensor (per-expert layout, shared experts); FP8 with
-    /// `{stem}.weight_scale_inv` `[ceil(out/bn), ceil(inp/bk)]`.
-    fn whole(&self, name: &str, enc: Encoding, out: usize, inp: usize) -> Result<RawProjection<'_>> {
+    /// `{stem}.weight_scale_inv` `[ceil(out/bn), ceil(inp/bk)]`; mlx-lm's (`mlx`) quantized
+    /// ones with `{stem}.scales` (and `.biases`) `[out, inp / group]`.
+    fn whole(&self, name: &str, enc: Encoding, out: usize, inp: usize, mlx: bool) -> Result<RawProjection<'_>> {
+        let (mut biases, per) = (None, |g: usize| inp / g);
         let (data, scales) = match enc {
             Encoding::Dense(_) => (self.bytes_of(name, &[&[out, inp]], &[St::F32, St::F16, St::BF16])?.0, None),
             Encoding::Fp8E4M3 { block: (bn, bk) } => {
@@ -290,17 +414,40 @@ impl Checkpoint {
                 let data = self.bytes_of(name, &[&[out, inp]], &[St::F8_E4M3])?.0;
                 (data, Some(self.bytes_of(&scale, &[&[out.div_ceil(bn), inp.div_ceil(bk)]], &[St::F32])?.0))
             }
-            Encoding::Mxfp4 => return Err(Error::invalid(format!("MXFP4 {name}: only fused tensors are MXFP4"))),
+            Encoding::Mxfp4 if !mlx => {
+                return Err(Error::invalid(format!("MXFP4 {name}: only fused tensors are MXFP4")));
+            }
+            Encoding::Mxfp4 | Encoding::Affine { .. } => {
+                let (bits, group, sdt) = mlx_shape(enc, name, inp)?;
+                let data = self.bytes_of(name, &[&[out, inp * bits / 32]], &[St::U32])?.0;
+                let s = self.bytes_of(&companion(name, "scales"), &[&[out, per(group)]], &[sdt])?.0;
+                if let Encoding::Affine { .. } = enc {
+                    biases = Some(self.bytes_of(&companion(name, "biases"), &[&[out, per(group)]], &[sdt])?.0);
+                }
+                (data, Some(s))
+            }
         };
         let encoding = match enc {
             Encoding::Dense(_) => Encoding::Dense(self.dense_dtype(name)?),
             other => other,
         };
-        Ok(RawProjection { encoding, out, inp, data, stored: [out, inp], scales, first: 0, step: 1, in_major: false })
+        Ok(RawProjection {
+            encoding,
+            out,
+            inp,
+            data,
+            stored: [out, inp],
+            scales,
+            biases,
+            first: 0,
+            step: 1,
+            in_major: false,
+        })
     }
 
     /// Expert `e`'s `[rows, cols]` matrix (as stored) in fused tensor `name` of `E` experts.
-    /// FP8 scales `{name}_scale_inv` must have one of `scale_rows` rows per expert.
+    /// FP8 scales `{name}_scale_inv` must have one of `scale_rows` rows per expert; mlx-lm's
+    /// (`mlx`) quantized tensors have `.scales` (and `.biases`) `[E, rows, cols / group]`.
     #[allow(clippy::too_many_arguments)]
     fn slab(
         &self,
@@ -311,6 +458,7 @@ impl Checkpoint {
         rows: usize,
         cols: usize,
         scale_rows: &[usize],
+        mlx: bool,
     ) -> Result<Slab<'_>> {
         fn pick(bytes: &[u8], k: usize, n: usize) -> &[u8] {
             &bytes[k * bytes.len() / n..(k + 1) * bytes.len() / n]
@@ -319,7 +467,7 @@ impl Checkpoint {
         match enc {
             Encoding::Dense(_) => {
                 let (b, _) = self.bytes_of(name, &[&[n, rows, cols], &[total, cols]], &[St::F32, St::F16, St::BF16])?;
-                Ok(Slab { data: pick(b, e, n), scales: None })
+                Ok(Slab { data: pick(b, e, n), scales: None, biases: None })
             }
             Encoding::Fp8E4M3 { block: (_, bk) } => {
                 let (b, _) = self.bytes_of(name, &[&[n, rows, cols], &[total, cols]], &[St::F8_E4M3])?;
@@ -328,23 +476,44 @@ impl Checkpoint {
                 let shapes: Vec<[usize; 3]> = scale_rows.iter().map(|&sr| [n, sr, sc]).collect();
                 let refs: Vec<&[usize]> = shapes.iter().map(|s| &s[..]).collect();
                 let (s, _) = self.bytes_of(&sname, &refs, &[St::F32])?;
-                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)) })
+                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)), biases: None })
             }
+            Encoding::Mxfp4 | Encoding::Affine { .. } if mlx => {
+                let (bits, group, sdt) = mlx_shape(enc, name, cols)?;
+                let w = cols * bits / 32;
+                let (b, _) = self.bytes_of(name, &[&[n, rows, w], &[total, w]], &[St::U32])?;
+                let g = cols / group;
+                let shapes: [&[usize]; 2] = [&[n, rows, g], &[total, g]];
+                let (s, _) = self.bytes_of(&companion(name, "scales"), &shapes, &[sdt])?;
+                let biases = match enc {
+                    Encoding::Affine { .. } => {
+                        Some(pick(self.bytes_of(&companion(name, "biases"), &shapes, &[sdt])?.0, e, n))
+                    }
+                    _ => None,
+                };
+                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)), biases })
+            }
+            Encoding::Affine { .. } => Err(Error::invalid(format!("{name}: affine tensors come in mlx-lm's names"))),
             Encoding::Mxfp4 => {
                 if !cols.is_multiple_of(32) {
                     return Err(Error::invalid(format!("MXFP4 {name}: {cols} inputs are not blocks of 32")));
                 }
                 let (b, _) = self.bytes_of(&format!("{name}_blocks"), &[&[n, rows, cols / 32, 16]], &[St::U8])?;
                 let (s, _) = self.bytes_of(&format!("{name}_scales"), &[&[n, rows, cols / 32]], &[St::U8])?;
-                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)) })
+                Ok(Slab { data: pick(b, e, n), scales: Some(pick(s, e, n)), biases: None })
             }
         }
     }
 
     /// Gate, up, down of expert `e` from fused tensors.
     fn fused(&self, r: &Resolved, fu: &Fused, e: usize) -> Result<[RawProjection<'_>; 3]> {
-        let (n, d, f, enc) = (r.cfg.num_experts, r.cfg.hidden, r.cfg.intermediate, r.enc);
+        let (n, d, f, enc, mlx) = (r.cfg.num_experts, r.cfg.hidden, r.cfg.intermediate, r.enc, r.names.mlx);
+        // mlx-lm's projections each have their own encoding (one left dense when its inputs
+        // are not whole groups).
         let dense_enc = |name: &str| -> Result<Encoding> {
+            if mlx {
+                return self.mlx_encoding(name)?.ok_or_else(|| self.missing(name));
+            }
             Ok(match enc {
                 Encoding::Dense(_) => Encoding::Dense(self.dense_dtype(name)?),
                 other => other,
@@ -365,7 +534,7 @@ impl Checkpoint {
                 let (rows, cols) = if im { (d, 2 * f) } else { (2 * f, d) };
                 // FP8 scales per half: gate's rows then up's, as transformers concatenates them.
                 let halves = 2 * f.div_ceil(bn);
-                let s = self.slab(name, enc, e, n, rows, cols, &[halves])?;
+                let s = self.slab(name, enc, e, n, rows, cols, &[halves], mlx)?;
                 let stored = [rows, cols];
                 let (gf, uf, step) = if *interleaved { (0, 1, 2) } else { (0, f, 1) };
                 let g = raw(&s, enc, f, d, stored, gf, step, im);
@@ -387,7 +556,7 @@ impl Checkpoint {
                 for name in [gate, up] {
                     let enc = dense_enc(name)?;
                     let bn = if let Encoding::Fp8E4M3 { block } = enc { block.0 } else { 1 };
-                    let s = self.slab(name, enc, e, n, rows, cols, &[f.div_ceil(bn)])?;
+                    let s = self.slab(name, enc, e, n, rows, cols, &[f.div_ceil(bn)], mlx)?;
                     v.push(raw(&s, enc, f, d, [rows, cols], 0, 1, im));
                 }
                 (v[0], v[1])
@@ -397,7 +566,7 @@ impl Checkpoint {
         let denc = dense_enc(&fu.down)?;
         let bn = if let Encoding::Fp8E4M3 { block } = denc { block.0 } else { 1 };
         let (rows, cols) = if im { (f, d) } else { (d, f) };
-        let s = self.slab(&fu.down, denc, e, n, rows, cols, &[d.div_ceil(bn)])?;
+        let s = self.slab(&fu.down, denc, e, n, rows, cols, &[d.div_ceil(bn)], mlx)?;
         Ok([gate, up, raw(&s, denc, d, f, [rows, cols], 0, 1, im)])
     }
 }
@@ -415,7 +584,31 @@ fn raw<'a>(
     step: usize,
     in_major: bool,
 ) -> RawProjection<'a> {
-    RawProjection { encoding, out, inp, data: s.data, stored, scales: s.scales, first, step, in_major }
+    RawProjection {
+        encoding,
+        out,
+        inp,
+        data: s.data,
+        stored,
+        scales: s.scales,
+        biases: s.biases,
+        first,
+        step,
+        in_major,
+    }
+}
+
+/// Bits a value, group and scale dtype of mlx-lm's quantized `encoding` over `inp` inputs;
+/// an error naming `name` when the inputs are not whole groups.
+fn mlx_shape(encoding: Encoding, name: &str, inp: usize) -> Result<(usize, usize, St)> {
+    let (bits, group, sdt) = match encoding {
+        Encoding::Affine { bits, group, scales } => (bits as usize, group as usize, st_of(scales)),
+        _ => (4, 32, St::U8),
+    };
+    if !inp.is_multiple_of(group) {
+        return Err(Error::invalid(format!("{name}: {inp} inputs are not whole quantization groups of {group}")));
+    }
+    Ok((bits, group, sdt))
 }
 
 /// Adds the config's counts to a shape error.
@@ -429,7 +622,7 @@ fn counts(err: Error, cfg: &MoeConfig) -> Error {
 /// Expert `e`'s projection biases (gpt-oss's `gate_up_proj_bias` `[E, 2F]`, split as the
 /// weights are, and `down_proj_bias` `[E, D]`), as f32; `None` for families without.
 pub(crate) fn expert_bias(c: &Checkpoint, r: &Resolved, e: usize) -> Result<Option<ExpertBias>> {
-    let ExpertNames::Fused(Fused { biases: Some((gu, dn)), gate_up, .. }) = &r.names.experts else {
+    let ExpertNames::Fused(Fused { biases: Some(names), gate_up, .. }) = &r.names.experts else {
         return Ok(None);
     };
     if !r.cfg.expert_bias {
@@ -444,6 +637,12 @@ pub(crate) fn expert_bias(c: &Checkpoint, r: &Resolved, e: usize) -> Result<Opti
         t.as_bytes_mut().copy_from_slice(part);
         c.bytes_read.fetch_add(part.len() as u64, Ordering::Relaxed);
         Ok(t.to_f32_vec())
+    };
+    let (gu, dn) = match names {
+        BiasNames::Joint(gu, dn) => (gu, dn),
+        BiasNames::Split([g, u, dn]) => {
+            return Ok(Some(ExpertBias { gate: row(g, f)?, up: row(u, f)?, down: row(dn, d)? }));
+        }
     };
     let both = row(gu, 2 * f)?;
     let interleaved = matches!(gate_up, GateUp::Joint { interleaved: true, .. });

@@ -49,5 +49,6 @@ pub(super) fn names(p: &str) -> Vec<MoeNames> {
             biases: None,
         }),
         shared: None,
+        mlx: false,
     }]
 }

@@ -18,7 +18,7 @@
 
 use super::check_layer;
 use super::keys::{KeyResult, Keys};
-use super::{ExpertNames, Fused, GateUp, MoeNames};
+use super::{BiasNames, ExpertNames, Fused, GateUp, MoeNames};
 use crate::model::config::{Activation, MoeConfig, RouterConfig};
 
 pub(super) fn config(k: &Keys<'_>, layer: usize) -> KeyResult<MoeConfig> {
@@ -46,8 +46,9 @@ pub(super) fn names(p: &str) -> Vec<MoeNames> {
             down: format!("{x}.down_proj"),
             gate_up_in_major: true,
             down_in_major: true,
-            biases: Some((format!("{x}.gate_up_proj_bias"), format!("{x}.down_proj_bias"))),
+            biases: Some(BiasNames::Joint(format!("{x}.gate_up_proj_bias"), format!("{x}.down_proj_bias"))),
         }),
         shared: None,
+        mlx: false,
     }]
 }

@@ -61,5 +61,6 @@ pub(super) fn names(p: &str) -> Vec<MoeNames> {
             biases: None,
         }),
         shared: Some((mlp_names(&format!("{m}.shared_expert")), None)),
+        mlx: false,
     }]
 }

@@ -14,6 +14,7 @@ pub(crate) mod keys;
 mod llama4;
 mod minimax_m2;
 mod mixtral;
+mod mlx;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_5_moe;
@@ -208,6 +209,10 @@ impl Family {
                 Family::Dbrx => dbrx::names(&p),
             });
         }
+        // mlx-lm's conversions, tried after the transformers layouts.
+        for p in mlx::prefixes(self) {
+            v.extend(mlx::names(self, &format!("{p}{layer}.")));
+        }
         v
     }
 }
@@ -244,6 +249,10 @@ pub(crate) struct MoeNames {
     pub experts: ExpertNames,
     /// The shared expert's gate, up, down projections (`.weight`) and its `[1, D]` gate weight.
     pub shared: Option<([String; 3], Option<String>)>,
+    /// mlx-lm's naming: every linear is `{module}.weight`, quantized exactly when
+    /// `{module}.scales` exists (with `{module}.biases` in affine mode), per
+    /// [`crate::model::checkpoint`]'s reading of `config.json`'s `quantization`.
+    pub mlx: bool,
 }
 
 /// Where the routed experts' weights are.
@@ -265,8 +274,17 @@ pub(crate) struct Fused {
     /// for gate/up and for down. Quantized encodings are always `[E, out, in]`.
     pub gate_up_in_major: bool,
     pub down_in_major: bool,
-    /// Projection biases (gpt-oss): gate/up `[E, 2F]` split as the weights are, down `[E, D]`.
-    pub biases: Option<(String, String)>,
+    /// Projection biases (gpt-oss).
+    pub biases: Option<BiasNames>,
+}
+
+/// Where fused experts' projection biases are.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum BiasNames {
+    /// Gate and up `[E, 2F]`, split as the weights are, and down `[E, D]` (transformers).
+    Joint(String, String),
+    /// Gate `[E, F]`, up `[E, F]` and down `[E, D]` (mlx-lm's gpt-oss).
+    Split([String; 3]),
 }
 
 /// How gate and up are stored in a fused layout.
@@ -318,6 +336,7 @@ pub(crate) fn both_layouts(
         bias: bias.clone(),
         experts: ExpertNames::PerExpert { prefix: format!("{experts}."), proj },
         shared: shared.clone(),
+        mlx: false,
     };
     let fused = MoeNames {
         router,
@@ -330,6 +349,7 @@ pub(crate) fn both_layouts(
             biases: None,
         }),
         shared,
+        mlx: false,
     };
     vec![per, fused]
 }

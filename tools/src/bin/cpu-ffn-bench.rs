@@ -12,6 +12,10 @@
 //! - `ffn` and `ffn-det`: the whole `CpuEngine::ffn` over all those experts, default and
 //!   deterministic (what the layer runs).
 //!
+//! `--packed q4,q8,mxfp4,fp8` also times packed experts (rows of `--packed-act`): their row
+//! kernels (`cpu::packed`, weight rows decoded sixteen at a time) and the FFN, weight GB/s on
+//! the packed bytes (values and scales).
+//!
 //! Each figure prints beside its floors, measured in the same run: read bandwidth (weights
 //! GB/s) and the square GEMM rate of gemmkit in that dtype (GFLOP/s).
 //!
@@ -24,9 +28,10 @@ use std::time::Instant;
 use clap::Parser;
 use moe_ep::compute::cpu::gemm::{GemmElement, bf16, gemm_bt};
 use moe_ep::compute::cpu::gemv::{self, Lhs};
+use moe_ep::compute::cpu::packed;
 use moe_ep::compute::engine::even_offsets;
 use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
-use moe_ep_tools::median;
+use moe_ep_tools::{WeightsSpec, median};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -46,6 +51,12 @@ struct Args {
     dtypes: Vec<DType>,
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Packed weight formats to time too (q4, q8, q4g32, mxfp4, fp8).
+    #[arg(long, value_delimiter = ',')]
+    packed: Vec<WeightsSpec>,
+    /// Activation dtype of the packed runs.
+    #[arg(long, default_value = "bf16")]
+    packed_act: DType,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
@@ -53,6 +64,8 @@ struct Args {
 #[derive(Serialize)]
 struct Row {
     dtype: DType,
+    /// The weights: the dtype's, or a packed format.
+    weights: String,
     rows_per_expert: usize,
     variant: &'static str,
     seconds: f64,
@@ -107,6 +120,7 @@ fn main() {
                 let bytes = (3 * args.hidden * args.intermediate * args.experts * dt.size()) as f64;
                 let r = Row {
                     dtype: dt,
+                    weights: dt.to_string(),
                     rows_per_expert: m,
                     variant,
                     seconds: secs,
@@ -125,9 +139,57 @@ fn main() {
             }
         }
     }
+    for spec in &args.packed {
+        packed_runs(&args, *spec, read, &mut report);
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
         println!("wrote {}", path.display());
+    }
+}
+
+/// Packed experts of `spec`: the row kernels on packed weights and the FFN, by rows an expert.
+fn packed_runs(args: &Args, spec: WeightsSpec, read: f64, report: &mut Report) {
+    let dt = args.packed_act;
+    let (d, f, e) = (args.hidden, args.intermediate, args.experts);
+    println!("\n{spec} weights, {dt} rows ({:.1} MB an expert, packed)", spec.expert_bytes(d, f) as f64 / 1e6);
+    println!("{:>5} {:<16} {:>10} {:>9} {:>9}", "m", "variant", "time", "GFLOP/s", "GB/s");
+    let cfg = MoeConfig::new(e, d, f, 1).with_dtypes(dt, DType::BF16);
+    let experts = spec.experts(&cfg, 7, &(0..e).collect::<Vec<_>>());
+    for &m in &args.rows {
+        let x = random::uniform(dt, m, d, 1.0, 3, 1);
+        let time = |g: &(dyn Fn() + Sync)| {
+            g();
+            median(&(0..args.reps).map(|_| timed(g)).collect::<Vec<_>>())
+        };
+        let mut v = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w))))];
+        let set = ExpertSet::new(experts.clone());
+        let batch = random::uniform(dt, m * e, d, 1.0, 3, 2);
+        let offsets = even_offsets(batch.rows(), e);
+        let y = std::sync::Mutex::new(Tensor::zeros(dt, batch.rows(), d));
+        for (name, det) in [("ffn", false), ("ffn-det", true)] {
+            v.push((name, time(&|| CpuEngine.ffn(&batch, &offsets, &set, det, &mut y.lock().unwrap()).unwrap())));
+        }
+        for (variant, secs) in v {
+            let (flops, bytes) = (6.0 * (m * d * f * e) as f64, (e * spec.expert_bytes(d, f)) as f64);
+            let r = Row {
+                dtype: dt,
+                weights: spec.to_string(),
+                rows_per_expert: m,
+                variant,
+                seconds: secs,
+                gflops: flops / secs / 1e9,
+                weight_gbps: bytes / secs / 1e9,
+            };
+            println!(
+                "{m:>5} {variant:<16} {:>8.2}ms {:>9.1} {:>5.1} ({:.0}% of read)",
+                secs * 1e3,
+                r.gflops,
+                r.weight_gbps,
+                100.0 * r.weight_gbps / read
+            );
+            report.rows.push(r);
+        }
     }
 }
 
@@ -165,16 +227,21 @@ fn timed(f: &(dyn Fn() + Sync)) -> f64 {
 fn rows_expert(x: &Tensor, w: &ExpertWeights) {
     let (m, f, d) = (x.rows(), w.gate.rows(), w.gate.cols());
     let xf = x.to_f32_vec();
-    let native = x.dtype() == DType::BF16 && gemv::native_bf16();
+    let native = x.dtype() == DType::BF16 && gemv::native_bf16() && !w.is_packed();
     let lhs = if native { Lhs::Bf16(x.as_slice().unwrap()) } else { Lhs::F32(&xf) };
     let (mut g, mut u, mut y) = (vec![0f32; m * f], vec![0f32; m * f], vec![0f32; m * d]);
-    gemv::rows_times_weight_rows(lhs, m, &w.gate, 0, f, &mut g);
-    gemv::rows_times_weight_rows(lhs, m, &w.up, 0, f, &mut u);
+    packed::rows_times_weight_rows(lhs, m, &w.gate, 0, f, &mut g);
+    packed::rows_times_weight_rows(lhs, m, &w.up, 0, f, &mut u);
     Activation::Silu.apply_slice(&mut g, &u);
     let a = Tensor::from_f32(x.dtype(), m, f, &g).unwrap();
     let lhs = if native { Lhs::Bf16(a.as_slice().unwrap()) } else { Lhs::F32(&g) };
-    gemv::rows_times_weight_rows(lhs, m, &w.down, 0, d, &mut y);
+    packed::rows_times_weight_rows(lhs, m, &w.down, 0, d, &mut y);
     std::hint::black_box(&y);
+}
+
+/// A dense projection (the GEMM candidates take dense experts only).
+fn dense(w: &moe_ep::Weight) -> &Tensor {
+    w.dense().expect("the GEMM candidates take dense experts")
 }
 
 /// One expert through gemmkit in `T` (the FFN's GEMM path).
@@ -183,7 +250,7 @@ fn gemm_expert<T: GemmElement>(x: &Tensor, w: &ExpertWeights) {
     fn s<T: GemmElement>(t: &Tensor) -> &[T] {
         t.as_slice::<T>().unwrap()
     }
-    let (xs, wg, wu, wd) = (s::<T>(x), s::<T>(&w.gate), s::<T>(&w.up), s::<T>(&w.down));
+    let (xs, wg, wu, wd) = (s::<T>(x), s::<T>(dense(&w.gate)), s::<T>(dense(&w.up)), s::<T>(dense(&w.down)));
     let (mut g, mut u, mut y) = (vec![T::default(); m * f], vec![T::default(); m * f], vec![T::default(); m * d]);
     gemm_bt(xs, wg, &mut g, m, d, f, None, false);
     gemm_bt(xs, wu, &mut u, m, d, f, None, false);
@@ -229,10 +296,10 @@ fn mm_expert(x: &Tensor, w: &ExpertWeights) {
         }
     };
     let (mut g, mut u, mut y) = (vec![0f32; m * f], vec![0f32; m * f], vec![0f32; m * d]);
-    proj(&xf, &w.gate, &mut g);
-    proj(&xf, &w.up, &mut u);
+    proj(&xf, dense(&w.gate), &mut g);
+    proj(&xf, dense(&w.up), &mut u);
     Activation::Silu.apply_slice(&mut g, &u);
-    proj(&g, &w.down, &mut y);
+    proj(&g, dense(&w.down), &mut y);
     std::hint::black_box(&y);
 }
 

@@ -18,7 +18,7 @@ use moe_ep::{
     BackendChoice, Capacity, DType, Engine, ForwardStats, Group, LayerOptions, LocalGroup, MoeLayer, OnGpuError,
     Placement, random, testing::floor,
 };
-use moe_ep_tools::{fmt_time, median, preset};
+use moe_ep_tools::{WeightsSpec, fmt_bytes, fmt_time, median, preset};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
 use serde::Serialize;
 
@@ -44,6 +44,10 @@ struct Args {
     /// Weight dtype; defaults to the activation dtype.
     #[arg(long)]
     weight_dtype: Option<DType>,
+    /// Routed experts' weights: a dtype, or packed: q4, q8 (MLX affine, groups of 64, bf16
+    /// scales), q4g32 (another group), mxfp4, fp8 (the router and shared expert stay dense).
+    #[arg(long)]
+    weights: Option<WeightsSpec>,
     /// Capacity factor (dropless when absent).
     #[arg(long)]
     capacity_factor: Option<f32>,
@@ -90,6 +94,10 @@ struct Point {
     expert_gflops: f64,
     /// Against the CPU GEMM floor; `None` on the GPU (its floors: ffn-bench).
     expert_fraction_of_cpu_gemm: Option<f64>,
+    /// The experts' weight bytes a call streams over all ranks (each expert with rows once,
+    /// as held: packed experts' values and scales), and that over the experts stage's time.
+    expert_weight_bytes: usize,
+    expert_weight_gbps: f64,
     /// Rank 0's stats of the last iteration.
     last_stats_rank0: ForwardStats,
 }
@@ -122,6 +130,7 @@ fn main() {
 /// What every rank needs to build and time its layer.
 struct RankJob<'a> {
     cfg: &'a moe_ep::MoeConfig,
+    weights: WeightsSpec,
     placement: &'a Placement,
     backend: &'a str,
     gpu_per_rank: bool,
@@ -141,6 +150,9 @@ type Sweep = Vec<Vec<(f64, ForwardStats)>>;
 fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<((WarmUpReport, Sweep), G)> {
     let (cfg, rank) = (job.cfg, g.rank());
     let mut w = random::layer_weights(cfg, job.seed, job.placement, rank);
+    if let WeightsSpec::Packed(_) = job.weights {
+        w.experts = job.weights.experts(cfg, job.seed, job.placement.experts_of(rank));
+    }
     if job.skew {
         w.router = random::skewed_gate(&w.router);
     }
@@ -198,7 +210,8 @@ fn run(mut args: Args) -> Result<(), String> {
     }
     let root = mpi.as_ref().is_none_or(|g| g.rank() == 0);
     let p = preset(&args.config)?;
-    let wdt = args.weight_dtype.unwrap_or(args.dtype);
+    let spec = args.weights.unwrap_or(WeightsSpec::Dense(args.weight_dtype.unwrap_or(args.dtype)));
+    let wdt = spec.dense_dtype();
     let mut cfg = p.config(args.dtype, wdt);
     if let Some(f) = args.capacity_factor {
         cfg = cfg.with_capacity(Capacity::Factor(f));
@@ -250,9 +263,9 @@ fn run(mut args: Args) -> Result<(), String> {
             println!("  note: {}", p.note);
         }
         println!(
-            "  activations {}, weights {}, {}, backend {backend}{} ({} CPU threads), routing {}",
+            "  activations {}, expert weights {spec} ({} an expert), {}, backend {backend}{} ({} CPU threads), routing {}",
             cfg.act_dtype,
-            cfg.weight_dtype,
+            fmt_bytes(spec.expert_bytes(cfg.hidden, cfg.intermediate) as u64),
             if args.capacity_factor.is_some() { "capacity factor" } else { "dropless" },
             if args.gpu_per_rank { ", one GPU per rank" } else { "" },
             rayon::current_num_threads(),
@@ -291,6 +304,7 @@ fn run(mut args: Args) -> Result<(), String> {
     for &skew in &routings {
         let job = RankJob {
             cfg: &cfg,
+            weights: spec,
             placement: &placement,
             backend,
             gpu_per_rank: args.gpu_per_rank,
@@ -327,7 +341,8 @@ fn run(mut args: Args) -> Result<(), String> {
         warm_ups.push(per_rank[0].0.clone());
         for (i, &n) in args.tokens.iter().enumerate() {
             let runs: Vec<&[(f64, ForwardStats)]> = per_rank.iter().map(|r| r.1[i].as_slice()).collect();
-            points.push(summarize(&cfg, &runs, n, args.world, skew, backend, memcpy_all, gemm));
+            let eb = spec.expert_bytes(cfg.hidden, cfg.intermediate);
+            points.push(summarize(&cfg, &runs, n, (args.world, eb), skew, backend, memcpy_all, gemm));
         }
     }
     if let Some(b) = &bar {
@@ -360,15 +375,24 @@ fn run(mut args: Args) -> Result<(), String> {
         println!("  {:<14} {:>12}", "forward", fmt_time(pt.forward_s));
     }
     println!(
-        "\n  {:<8} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>18} {:>18}",
-        "routing", "N", "forward", "tokens/s", "exchange", "experts", "other", "move GB/s (memcpy)", "expert GFLOP/s"
+        "\n  {:<8} {:>6} {:>10} {:>12} {:>10} {:>10} {:>10} {:>18} {:>12} {:>18}",
+        "routing",
+        "N",
+        "forward",
+        "tokens/s",
+        "exchange",
+        "experts",
+        "other",
+        "move GB/s (memcpy)",
+        "weight GB/s",
+        "expert GFLOP/s"
     );
     for pt in &points {
         let stage = |name: &str| pt.stages.iter().find(|s| s.0 == name).map_or(0.0, |s| s.1);
         let exchange = stage("exchange") + stage("exchange_back");
         let other = pt.forward_s - exchange - pt.experts_s;
         println!(
-            "  {:<8} {:>6} {:>10} {:>12.0} {:>10} {:>10} {:>10} {:>10.2} ({:>4.1}%) {:>10.1}{}",
+            "  {:<8} {:>6} {:>10} {:>12.0} {:>10} {:>10} {:>10} {:>10.2} ({:>4.1}%) {:>12.1} {:>10.1}{}",
             pt.routing,
             pt.tokens_per_rank,
             fmt_time(pt.forward_s),
@@ -378,6 +402,7 @@ fn run(mut args: Args) -> Result<(), String> {
             fmt_time(other.max(0.0)),
             pt.movement_gbps,
             100.0 * pt.movement_fraction_of_memcpy,
+            pt.expert_weight_gbps,
             pt.expert_gflops,
             pt.expert_fraction_of_cpu_gemm.map_or(String::new(), |f| format!(" ({:.1}% GEMM)", 100.0 * f)),
         );
@@ -439,7 +464,7 @@ fn summarize(
     cfg: &moe_ep::MoeConfig,
     runs: &[&[(f64, ForwardStats)]],
     n: usize,
-    world: usize,
+    (world, expert_bytes): (usize, usize),
     skew: bool,
     backend: &str,
     memcpy_all: f64,
@@ -464,6 +489,9 @@ fn summarize(
     // is the figure; on the CPU the stage's wall time.
     let experts_s = slowest(&|s| s.1.gpu_times.map_or(s.1.times.experts, |g| g.ffn));
     let expert_gflops = expert_flops / experts_s / 1e9;
+    let last = iters - 1;
+    let active: usize = runs.iter().map(|r| r[last].1.rows_per_local_expert.iter().filter(|&&c| c > 0).count()).sum();
+    let expert_weight_bytes = active * expert_bytes;
     let on_cpu = runs[0].iter().all(|r| r.1.backend == "cpu");
     Point {
         routing: if skew { "skewed" } else { "uniform" }.into(),
@@ -479,6 +507,8 @@ fn summarize(
         expert_gflops,
         // Each rank's experts run on its own share of the cores; the floor is all cores.
         expert_fraction_of_cpu_gemm: (on_cpu || backend == "cpu").then(|| expert_gflops / gemm),
+        expert_weight_bytes,
+        expert_weight_gbps: expert_weight_bytes as f64 / experts_s / 1e9,
         last_stats_rank0: runs[0][iters - 1].1.clone(),
     }
 }

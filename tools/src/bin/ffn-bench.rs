@@ -24,7 +24,7 @@ use std::time::Instant;
 use clap::Parser;
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, LayerOptions, LocalGroup, MoeLayer, Placement, Tensor, random};
-use moe_ep_tools::{fmt_time, init_tracing, median, preset};
+use moe_ep_tools::{WeightsSpec, fmt_time, init_tracing, median, preset};
 use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, Run, WeightFormat};
 use moe_ep_wgpu::kernels::MmaTile;
 use moe_ep_wgpu::ops::Gather;
@@ -45,7 +45,8 @@ struct Args {
     /// Local experts (default: all of the preset's, as on one rank).
     #[arg(long)]
     experts: Option<usize>,
-    /// Weight dtype: f32, f16, bf16.
+    /// Weights: f32, f16, bf16, or packed: q4, q8 (MLX affine, groups of 64, bf16 scales),
+    /// q4g32 (another group), mxfp4, fp8 (E4M3, 128 x 128 block scales).
     #[arg(long, default_value = "bf16")]
     weights: String,
     /// Activation dtype.
@@ -193,7 +194,8 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         return suite(&a);
     }
     let p = preset(&a.preset)?;
-    let (wdt, act): (DType, DType) = (a.weights.parse()?, a.act.parse()?);
+    let (spec, act): (WeightsSpec, DType) = (a.weights.parse()?, a.act.parse()?);
+    let wdt = spec.dense_dtype();
     let local = a.experts.unwrap_or(p.num_experts);
     let cfg = p.config(act, wdt);
     let (d, f, k) = (cfg.hidden, cfg.intermediate, cfg.top_k);
@@ -204,12 +206,12 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("--backend {other}: expected cpu, wgpu or both").into()),
     };
     println!(
-        "shape: {} ({local} local experts, D={d}, F={f}, k={k}), weights {wdt}, activations {act}; {:.2} GB of expert weights",
+        "shape: {} ({local} local experts, D={d}, F={f}, k={k}), weights {spec}, activations {act}; {:.2} GB of expert weights",
         p.name,
-        (3 * local * d * f * wdt.size()) as f64 / 1e9
+        (local * spec.expert_bytes(d, f)) as f64 / 1e9
     );
     let t = Instant::now();
-    let experts = ExpertSet::new(random::experts(&cfg, 1, &(0..local).collect::<Vec<_>>()));
+    let experts = ExpertSet::new(spec.experts(&cfg, 1, &(0..local).collect::<Vec<_>>()));
     println!("weights generated in {}", fmt_time(t.elapsed().as_secs_f64()));
     let mut rep = Report {
         preset: p.name.into(),
@@ -217,7 +219,7 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         hidden: d,
         intermediate: f,
         top_k: k,
-        weights: wdt.to_string(),
+        weights: spec.to_string(),
         act: act.to_string(),
         cpu_threads: rayon::current_num_threads(),
         ..Default::default()
@@ -234,7 +236,9 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                  peak: Option<f64>| {
         let rows: usize = counts.iter().sum();
         let active = counts.iter().filter(|&&c| c > 0).count();
-        let weight_bytes = (active * 3 * d * f * wdt.size()) as u64;
+        // The bytes a call streams: each active expert's matrices as held (packed: values and
+        // scales).
+        let weight_bytes = (active * spec.expert_bytes(d, f)) as u64;
         let flops = 2.0 * 3.0 * (rows * d * f) as f64;
         let weight_gbps = weight_bytes as f64 / secs / 1e9;
         let tflops = flops / secs / 1e12;
@@ -520,11 +524,12 @@ fn suite_shape(
     copy: f64,
     (name, e, d, f, k, tokens): Shape<'_>,
 ) -> Res<Vec<SuitePoint>> {
-    let wdt: DType = a.weights.parse()?;
+    let spec: WeightsSpec = a.weights.parse()?;
+    let wdt = spec.dense_dtype();
     let cfg = moe_ep::MoeConfig::new(e, d, f, k).with_dtypes(act, wdt);
     let distinct = if a.distinct == 0 { e } else { a.distinct.min(e) };
     let t = Instant::now();
-    let host = random::experts(&cfg, 1, &(0..distinct).collect::<Vec<_>>());
+    let host = spec.experts(&cfg, 1, &(0..distinct).collect::<Vec<_>>());
     let refs: Vec<&moe_ep::ExpertWeights> = (0..e).map(|i| &host[i % distinct]).collect();
     let gen_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
@@ -535,7 +540,7 @@ fn suite_shape(
     let t = Instant::now();
     let compiled = ctx.prepare_ffn(&dev, act)?;
     println!(
-        "{name}: E={e} D={d} F={f} k={k}, {wdt} weights ({distinct} distinct on the host), {act} activations; \
+        "{name}: E={e} D={d} F={f} k={k}, {spec} weights ({distinct} distinct on the host), {act} activations; \
          generated in {}, uploaded ({:.1} GB) in {}; {compiled} pipelines compiled in {}",
         fmt_time(gen_s),
         dev.bytes as f64 / 1e9,
@@ -551,7 +556,9 @@ fn suite_shape(
         let rows: usize = counts.iter().sum();
         let active = counts.iter().filter(|&&c| c > 0).count();
         let most = counts.iter().max().copied().unwrap_or(0);
-        let weight_bytes = (active * 3 * d * f * wdt.size()) as u64;
+        // The bytes a call streams: each active expert's matrices as held (packed: values and
+        // scales).
+        let weight_bytes = (active * spec.expert_bytes(d, f)) as u64;
         let gbps = weight_bytes as f64 / secs / 1e9;
         let tflops = 6.0 * (rows * d * f) as f64 / secs / 1e12;
         println!(

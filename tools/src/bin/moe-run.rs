@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use moe_ep::{
-    BackendChoice, Checkpoint, ForwardStats, Group, LayerOptions, LocalGroup, MoeConfig, MoeLayer, Placement, random,
+    BackendChoice, Checkpoint, ForwardStats, Group, LayerOptions, LoadOptions, LocalGroup, MoeConfig, MoeLayer,
+    Placement, Quantize, random,
 };
 use moe_ep_tools::{fmt_bytes, fmt_time, gather_json, init_tracing, median, mpi_group, resident_bytes};
 use moe_ep_wgpu::{ContextOptions, GpuEngine};
@@ -47,6 +48,23 @@ struct Args {
     /// Timed forward calls (at least one).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     iters: u64,
+    /// Decode quantized experts (FP8, MXFP4, MLX affine) at load instead of keeping them packed.
+    #[arg(long)]
+    decode: bool,
+    /// Quantize dense experts at load with MLX's affine rounding: BITS,GROUP (4,64; 8,64, ...).
+    #[arg(long, value_delimiter = ',')]
+    quantize: Vec<u32>,
+}
+
+impl Args {
+    fn load_options(&self) -> moe_ep::Result<LoadOptions> {
+        let quantize = match self.quantize[..] {
+            [] => None,
+            [bits, group] => Some(Quantize::new(bits, group)?),
+            _ => return Err(moe_ep::Error::invalid("--quantize takes BITS,GROUP")),
+        };
+        Ok(LoadOptions { decode: self.decode, quantize })
+    }
 }
 
 fn main() {
@@ -67,6 +85,9 @@ struct RankReport {
     file_bytes: u64,
     /// Bytes of the weights this rank holds (router, bias, shared expert, its experts).
     held_bytes: u64,
+    /// Bytes of its routed experts as held (packed ones: values and scales), and the kinds.
+    expert_bytes: u64,
+    expert_kinds: String,
     /// This process's resident set after loading (with thread ranks: all ranks together).
     rss_after_load: Option<u64>,
     runs: Vec<(f64, ForwardStats)>,
@@ -77,8 +98,10 @@ fn run_rank<G: Group>(g: G, a: &Args, cfg: &MoeConfig, placement: &Placement) ->
     let rank = g.rank();
     let t = Instant::now();
     let ckpt = Checkpoint::open(&a.checkpoint)?;
-    let w = ckpt.layer_weights(a.layer, placement, rank)?;
+    let w = ckpt.layer_weights_with(a.layer, placement, rank, &a.load_options()?)?;
     let held_bytes = w.bytes() as u64;
+    let expert_bytes = w.experts.iter().map(|e| e.bytes() as u64).sum();
+    let expert_kinds = w.experts.first().map_or("none".into(), |e| format!("{:?}", e.kinds().map(|k| k.to_string())));
     let load_s = t.elapsed().as_secs_f64();
     let (bytes_read, file_bytes) = (ckpt.bytes_read(), ckpt.file_bytes());
     drop(ckpt);
@@ -102,7 +125,18 @@ fn run_rank<G: Group>(g: G, a: &Args, cfg: &MoeConfig, placement: &Placement) ->
         runs.push((t.elapsed().as_secs_f64(), s));
     }
     let experts = placement.experts_of(rank).len();
-    let report = RankReport { rank, experts, load_s, bytes_read, file_bytes, held_bytes, rss_after_load, runs };
+    let report = RankReport {
+        rank,
+        experts,
+        load_s,
+        bytes_read,
+        file_bytes,
+        held_bytes,
+        expert_bytes,
+        expert_kinds,
+        rss_after_load,
+        runs,
+    };
     Ok((report, layer.into_group()))
 }
 
@@ -169,6 +203,24 @@ fn run(mut a: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let runs = &reports[0].runs;
+    let r0 = &reports[0];
+    // Each expert with rows streams its weights once a call: rank 0's active experts' bytes
+    // (as held, packed ones' values and scales) over its experts stage.
+    let per_expert = r0.expert_bytes / r0.experts.max(1) as u64;
+    let gbps: Vec<f64> = runs
+        .iter()
+        .map(|(_, s)| {
+            let active = s.rows_per_local_expert.iter().filter(|&&c| c > 0).count() as u64;
+            let t = s.gpu_times.map_or(s.times.experts, |g| g.ffn);
+            (active * per_expert) as f64 / t / 1e9
+        })
+        .collect();
+    println!(
+        "rank 0 experts {}: {} held; expert weights streamed at {:.1} GB/s (median; active experts' bytes over the experts stage)",
+        r0.expert_kinds,
+        fmt_bytes(r0.expert_bytes),
+        median(&gbps)
+    );
     let walls: Vec<f64> = runs.iter().map(|(w, _)| *w).collect();
     println!("rank 0: forward median {} over {} calls ({})", fmt_time(median(&walls)), a.iters, runs[0].1.backend);
     for (i, (name, _)) in runs[0].1.times.entries().iter().enumerate() {

@@ -204,6 +204,7 @@ impl GpuContext {
                     w: (&dev.shards[0].gate, &dev.shards[0].gate, 0),
                     part: (part, part.size()),
                     out: bufs.out,
+                    qs: None,
                     reduce_out: if up { DType::F32 } else { c.act },
                 };
                 let decoded = DecodeRows { tiles: &decode, prows };

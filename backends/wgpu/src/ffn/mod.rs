@@ -17,6 +17,7 @@
 
 mod mma;
 pub(crate) mod mma_source;
+pub mod packed;
 mod portable;
 mod upload;
 
@@ -98,6 +99,8 @@ pub(crate) struct FfnParams {
     pub up_off: u32,
     pub alpha: f32,
     pub limit: f32,
+    /// Packed experts: words of one expert's scales in the bound scale buffers.
+    pub scale_words: u32,
 }
 
 impl FfnParams {
@@ -118,7 +121,7 @@ impl FfnParams {
             self.up_off,
             self.alpha.to_bits(),
             self.limit.to_bits(),
-            0,
+            self.scale_words,
         ]
     }
 }
@@ -142,7 +145,7 @@ impl DeviceExperts {
 
     /// Parameters common to both projections' launches of shard `s`, for projection `proj`.
     pub(crate) fn params(&self, s: &Shard, proj: &Projection) -> Result<FfnParams> {
-        let (f, d) = (self.intermediate, self.hidden);
+        let f = self.intermediate;
         let vs = self.vec_stride();
         let bias_region = if self.scaled { s.count * vs } else { 0 };
         let at = if proj.up { 0 } else { 2 * f };
@@ -153,7 +156,8 @@ impl DeviceExperts {
         Ok(FfnParams {
             k: proj.k as u32,
             n: proj.n as u32,
-            expert_words: u32_of("expert matrix words", f * d * self.dtype.size() / 4)?,
+            expert_words: u32_of("expert matrix words", self.matrix_words())?,
+            scale_words: u32_of("expert scale words", self.scale_stride())?,
             vec_stride: vs as u32,
             wscale_at: at as u32,
             bias_at: u32_of("expert vectors", bias_region + at)?,
@@ -359,7 +363,7 @@ impl GpuContext {
     fn ffn_path(&self, dev: &DeviceExperts, act: DType, kernels: FfnKernels) -> Result<Path> {
         let units = self.ffn_matrix();
         let (d, f) = (dev.hidden, dev.intermediate);
-        let mma_ok = act != DType::F32 && dev.dtype == DType::F16 && d % 8 == 0 && f % 8 == 0;
+        let mma_ok = act != DType::F32 && dev.dtype == DType::F16 && dev.packed.is_none() && d % 8 == 0 && f % 8 == 0;
         match kernels {
             FfnKernels::Auto { deterministic } => Ok(match units {
                 Some(units) if mma_ok && !deterministic => {

@@ -6,7 +6,7 @@ use moe_ep::{DType, Result};
 
 use super::{Chunk, DeviceExperts, FfnParams, Projection, encode_pass, grid};
 use crate::context::GpuContext;
-use crate::kernels::{CHUNK, Epilogue, Tile, Variant, WORKGROUP};
+use crate::kernels::{CHUNK, Epilogue, Packed, Tile, Variant, WORKGROUP};
 use crate::ops::Launch;
 
 /// Row tiles of one shard: decode buckets (tile, tiles), the tiled kernel's tiles, and every
@@ -33,16 +33,31 @@ fn decode_tile(m: usize, prefetch: bool) -> Tile {
     if prefetch { t } else { Tile { bkw: 0, ..t } }
 }
 
+/// The FFN kernel of `dev`'s weights (dense or packed) for `up`, `act`, `tile`, `epi`.
+pub(super) fn ffn_variant(
+    dev: &DeviceExperts,
+    up: bool,
+    act: DType,
+    tile: Tile,
+    unpack: bool,
+    epi: Epilogue,
+) -> Variant {
+    match dev.packed {
+        Some(q) => Variant::ffn_packed(up, act, Packed::of(q), tile, unpack, epi),
+        None => Variant::ffn(up, act, dev.dtype, tile, unpack, epi),
+    }
+}
+
 /// Every pipeline the portable path may use for `dev` and `act`.
 pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec<Variant> {
     let epi = dev.epilogue();
     let unpack = ctx.unpack_f16();
     let mut v = Vec::new();
     for up in [true, false] {
-        v.push(Variant::ffn(up, act, dev.dtype, Tile::SQUARE, unpack, epi));
+        v.push(ffn_variant(dev, up, act, Tile::SQUARE, unpack, epi));
         if decode_ok(ctx, dev) {
             for m in [1, 2, 4, 8] {
-                v.push(Variant::ffn(up, act, dev.dtype, decode_tile(m, true), unpack, Epilogue::PLAIN));
+                v.push(ffn_variant(dev, up, act, decode_tile(m, true), unpack, Epilogue::PLAIN));
             }
             v.push(Variant::ffn_reduce(up, epi, DType::F32));
             if !up && act != DType::F32 {
@@ -56,11 +71,18 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
     v
 }
 
-/// Whether the decode kernel takes these sizes (its 16-byte loads) on this device.
+/// Whether the decode kernel takes these sizes (its 16-byte loads; packed: whole 16-byte
+/// words a row, each word's values in one scale group) on this device.
 pub(super) fn decode_ok(ctx: &GpuContext, dev: &DeviceExperts) -> bool {
-    dev.hidden.is_multiple_of(8)
-        && dev.intermediate.is_multiple_of(8)
-        && Tile::gemv(8).workgroup_bytes() <= ctx.limits().max_compute_workgroup_storage_size
+    let fits = Tile::gemv(8).workgroup_bytes() <= ctx.limits().max_compute_workgroup_storage_size;
+    let sizes = match dev.packed {
+        None => dev.hidden.is_multiple_of(8) && dev.intermediate.is_multiple_of(8),
+        Some(q) => {
+            let vpw = 4 * Packed::of(q).per_word() as usize;
+            dev.hidden.is_multiple_of(vpw) && dev.intermediate.is_multiple_of(vpw) && q.group() % vpw == 0
+        }
+    };
+    fits && sizes
 }
 
 impl GpuContext {
@@ -108,10 +130,15 @@ impl GpuContext {
                 (p.a_base, p.o_base, p.chunks, p.prows) =
                     (a_base as u32, o_base as u32, chunks(k) as u32, prows as u32);
                 let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
-                let w_bytes = shard.count as u64 * (f * d * dev.dtype.size()) as u64;
+                let w_bytes = shard.count as u64 * 4 * dev.matrix_words() as u64;
+                let qs = shard.scales.as_ref().map(|[g, u, dn]| {
+                    let b = shard.count as u64 * 4 * dev.scale_stride() as u64;
+                    if up { (g, u, b) } else { (dn, dn, b) }
+                });
                 let io = Io {
                     a: (a, a_bytes),
                     w: (w0, w1, w_bytes),
+                    qs,
                     part: (&part, part.size()),
                     out: (o, o_bytes),
                     reduce_out: DType::F32,
@@ -158,37 +185,29 @@ impl GpuContext {
         for (tile, tiles) in &t.decode {
             let table = self.tile_table(tiles, scratch)?;
             check_dim(tiles.len(), max_dim)?;
-            let v = Variant::ffn(proj.up, act, dev.dtype, *tile, unpack, Epilogue::PLAIN);
+            let v = ffn_variant(dev, proj.up, act, *tile, unpack, Epilogue::PLAIN);
             let groups = (chunks(proj.k) as u32, proj.n.div_ceil(tile.bn as usize) as u32, tiles.len() as u32);
+            let mut bufs = vec![(&table, tiles.len() as u64 * 16), io.a, (w0, wb), (w1, wb), io.part];
+            bufs.extend(io.qs.iter().flat_map(|&(q0, q1, b)| [(q0, b), (q1, b)]));
             // SAFETY: row tiles come from validated offsets (rows below the call's and the
             // chunk's), experts below the shard's count; the kernel keeps weight, row and
-            // column indices below K, N and the tile's end, and its partial rows below prows.
-            launches.push(unsafe {
-                self.ffn_launch(
-                    v,
-                    &words,
-                    &[(&table, tiles.len() as u64 * 16), io.a, (w0, wb), (w1, wb), io.part],
-                    groups,
-                )
-            });
+            // column indices below K, N and the tile's end, and its partial rows below prows;
+            // packed scales at the expert's block plus a row's group below N x groups.
+            launches.push(unsafe { self.ffn_launch(v, &words, &bufs, groups) });
         }
         if !t.tiled.is_empty() {
             let table = self.tile_table(&t.tiled, scratch)?;
             check_dim(t.tiled.len(), max_dim)?;
             let tile = Tile::SQUARE;
-            let v = Variant::ffn(proj.up, act, dev.dtype, tile, unpack, dev.epilogue());
+            let v = ffn_variant(dev, proj.up, act, tile, unpack, dev.epilogue());
             let groups = (t.tiled.len() as u32, proj.n.div_ceil(tile.bn as usize) as u32, 1);
             let vecs = &dev.shards[t.shard].vecs;
+            let mut bufs =
+                vec![(&table, t.tiled.len() as u64 * 16), io.a, (w0, wb), (w1, wb), io.out, (vecs, vecs.size())];
+            bufs.extend(io.qs.iter().flat_map(|&(q0, q1, b)| [(q0, b), (q1, b)]));
             // SAFETY: as above; vectors are read at expert * vec_stride + offset + n, within
             // the shard's vecs when the epilogue reads them.
-            launches.push(unsafe {
-                self.ffn_launch(
-                    v,
-                    &words,
-                    &[(&table, t.tiled.len() as u64 * 16), io.a, (w0, wb), (w1, wb), io.out, (vecs, vecs.size())],
-                    groups,
-                )
-            });
+            launches.push(unsafe { self.ffn_launch(v, &words, &bufs, groups) });
         }
         if !t.reduce.is_empty() {
             let table = self.tile_table(&t.reduce, scratch)?;
@@ -218,6 +237,8 @@ pub(super) struct Io<'a> {
     pub w: (&'a wgpu::Buffer, &'a wgpu::Buffer, u64),
     pub part: (&'a wgpu::Buffer, u64),
     pub out: (&'a wgpu::Buffer, u64),
+    /// Packed weights: their scale buffers (w0's, w1's) and bytes bound.
+    pub qs: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, u64)>,
     /// The reduction's output dtype (the down projection's: f32, or the call's 16-bit one).
     pub reduce_out: DType,
 }

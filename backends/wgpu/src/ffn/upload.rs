@@ -34,6 +34,9 @@ pub struct Shard {
     /// [`DeviceExperts::vec_stride`] values (gate `[F]`, up `[F]`, down `[D]`), then their
     /// biases (if any) in the same layout.
     pub vecs: wgpu::Buffer,
+    /// Packed experts: the quantization scales of gate, up and down, one block of
+    /// [`DeviceExperts::scale_stride`] words an expert (`wgsl/ffn_quant.wgsl`).
+    pub scales: Option<[wgpu::Buffer; 3]>,
 }
 
 /// One expert set's weights on the device, in shards that each fit one binding.
@@ -55,6 +58,9 @@ pub struct DeviceExperts {
     pub shards: Vec<Shard>,
     /// Bytes on the device.
     pub bytes: u64,
+    /// The experts' packed format (values streamed as packed words, dequantized inside the
+    /// kernels; `source` and `dtype` are then f32, unused), `None` for dense weights.
+    pub packed: Option<moe_ep::QuantFormat>,
 }
 
 /// The GPU kernels' shape rules for an FFN of `d x f` with these dtypes, as a device error
@@ -95,7 +101,11 @@ impl DeviceExperts {
         format: WeightFormat,
     ) -> Result<Self> {
         let first = experts.first().ok_or_else(|| Error::invalid("no experts to upload"))?;
-        let (source, f, d) = (first.gate.dtype(), first.gate.rows(), first.gate.cols());
+        if experts.iter().any(|w| w.is_packed()) {
+            return Self::upload_packed(ctx, experts, activation);
+        }
+        let source = first.gate.dense_or_err("expert gate").map_err(|e| backend_error(e.to_string()))?.dtype();
+        let (f, d) = (first.gate.rows(), first.gate.cols());
         check_experts(experts, source, d, f)?;
         check_shape(source, source, d, f)?;
         let scaled = format == WeightFormat::F16Scaled && source == DType::BF16;
@@ -124,6 +134,7 @@ impl DeviceExperts {
             experts: experts.len(),
             shards: Vec::new(),
             bytes: 0,
+            packed: None,
         };
         let mut pending = 0u64;
         for (s, chunk) in experts.chunks(per_shard).enumerate() {
@@ -210,12 +221,66 @@ impl DeviceExperts {
         if !host_vecs.is_empty() {
             ctx.queue.write_buffer(&vecs, 0, bytemuck::cast_slice(&host_vecs));
         }
-        Ok(Shard { first, count: chunk.len(), gate, up, down, vecs })
+        Ok(Shard { first, count: chunk.len(), gate, up, down, vecs, scales: None })
+    }
+
+    /// Packed experts ([`crate::ffn::packed`]), sharded as dense ones are.
+    fn upload_packed(ctx: &GpuContext, experts: &[&ExpertWeights], activation: Activation) -> Result<Self> {
+        let first = experts[0];
+        let (f, d) = (first.gate.rows(), first.gate.cols());
+        let q = crate::ffn::packed::check_packed(experts, d, f)?;
+        let biased = first.bias.is_some();
+        check_biases(experts, biased, d, f)?;
+        let mut dev = DeviceExperts {
+            source: DType::F32,
+            dtype: DType::F32,
+            scaled: false,
+            biased,
+            activation,
+            hidden: d,
+            intermediate: f,
+            experts: experts.len(),
+            shards: Vec::new(),
+            bytes: 0,
+            packed: Some(q),
+        };
+        let per_expert = 4 * dev.matrix_words().max(dev.scale_stride()) as u64;
+        let per_shard = (ctx.max_binding_bytes() / per_expert.max(1)) as usize;
+        if per_shard == 0 {
+            return Err(backend_error(format!(
+                "one packed expert matrix of {per_expert} bytes exceeds the binding limit"
+            )));
+        }
+        let vs = dev.vec_stride();
+        for (s, chunk) in experts.chunks(per_shard).enumerate() {
+            let mut host = vec![0f32; if biased { chunk.len() * vs } else { 0 }];
+            for (l, w) in chunk.iter().enumerate() {
+                if let Some(b) = &w.bias {
+                    host[l * vs..l * vs + f].copy_from_slice(&b.gate);
+                    host[l * vs + f..l * vs + 2 * f].copy_from_slice(&b.up);
+                    host[l * vs + 2 * f..(l + 1) * vs].copy_from_slice(&b.down);
+                }
+            }
+            let vecs = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("expert vectors"),
+                size: (4 * host.len() as u64).max(16).next_multiple_of(16),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let shard = dev.upload_packed_shard(ctx, s * per_shard, chunk, vecs, &host)?;
+            let sc = shard.scales.as_ref().map_or(0, |s| s.iter().map(wgpu::Buffer::size).sum::<u64>());
+            dev.bytes += shard.gate.size() + shard.up.size() + shard.down.size() + shard.vecs.size() + sc;
+            dev.shards.push(shard);
+            ctx.queue.submit([]);
+        }
+        ctx.check_errors()?;
+        Ok(dev)
     }
 
     /// The bytes of expert `e`'s three matrices as stored, with their row scales.
     fn store(&self, w: &ExpertWeights, e: usize) -> Result<[Stored; 3]> {
-        let one = |m: &Tensor, what: &str| -> Result<Stored> {
+        let one = |m: &moe_ep::model::weights::Weight, what: &str| -> Result<Stored> {
+            let m = m.dense_or_err(what)?;
             if self.scaled {
                 to_f16_scaled(m, e, what)
             } else {
@@ -237,6 +302,7 @@ fn check_experts(experts: &[&ExpertWeights], dtype: DType, d: usize, f: usize) -
     for (e, w) in experts.iter().enumerate() {
         let shapes = [(&w.gate, f, d, "gate"), (&w.up, f, d, "up"), (&w.down, d, f, "down")];
         for (m, rows, cols, what) in shapes {
+            let m = m.dense_or_err(what)?;
             if m.dtype() != dtype || m.rows() != rows || m.cols() != cols {
                 return Err(Error::invalid(format!(
                     "expert {e}: {what} is {} [{}, {}], expected {dtype} [{rows}, {cols}] like expert 0's",
@@ -246,6 +312,13 @@ fn check_experts(experts: &[&ExpertWeights], dtype: DType, d: usize, f: usize) -
                 )));
             }
         }
+    }
+    check_biases(experts, biased, d, f)
+}
+
+/// Biases on every expert or none, each of the right lengths.
+fn check_biases(experts: &[&ExpertWeights], biased: bool, d: usize, f: usize) -> Result<()> {
+    for (e, w) in experts.iter().enumerate() {
         if w.bias.is_some() != biased {
             return Err(Error::invalid(format!("expert {e}: biases on some experts but not all")));
         }

@@ -1,0 +1,195 @@
+//! The GPU expert FFN on packed weights (MLX affine 4/8-bit with f32/f16/bf16 scales, MXFP4,
+//! FP8 with block scales) against the f64 reference on the same packed bytes: f32
+//! activations within 1e-5, 16-bit ones within their rounding, row counts that put experts in
+//! both kernels (decode and tiled) in one call, every portable kernel choice giving the same
+//! bits (the deterministic mode's batch invariance rests on it), gpt-oss's clamped SwiGLU
+//! with biases, the GPU engine through the Engine trait, and the shapes it refuses.
+
+mod common;
+
+use common::context;
+use moe_ep::compute::engine::ffn_offsets;
+use moe_ep::model::config::Activation;
+use moe_ep::model::quant::QuantFormat;
+use moe_ep::testing::reference::{expert_f64_with, rel_error};
+use moe_ep::{DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
+use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels};
+use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
+
+const MIXED: [usize; 6] = [0, 1, 3, 8, 9, 40];
+
+const PORTABLE: [FfnKernels; 4] = [
+    FfnKernels::Portable { decode_max: 8, prefetch: true },
+    FfnKernels::Portable { decode_max: 8, prefetch: false },
+    FfnKernels::Portable { decode_max: 2, prefetch: true },
+    FfnKernels::Portable { decode_max: 0, prefetch: true },
+];
+
+fn formats() -> Vec<QuantFormat> {
+    let a = |bits, group, dt| QuantFormat::affine(bits, group, dt).unwrap();
+    vec![
+        a(4, 32, DType::BF16),
+        a(4, 64, DType::F16),
+        a(4, 128, DType::F32),
+        a(8, 32, DType::F16),
+        a(8, 64, DType::BF16),
+        a(8, 128, DType::F32),
+        QuantFormat::Mxfp4,
+        QuantFormat::fp8((128, 128)).unwrap(),
+        QuantFormat::fp8((16, 32)).unwrap(),
+    ]
+}
+
+fn reference(batch: &Tensor, offs: &[usize], experts: &[ExpertWeights], act: Activation) -> Vec<f64> {
+    let (x, d) = (batch.to_f64_vec(), batch.cols());
+    let mut y = Vec::new();
+    for (l, w) in experts.iter().enumerate() {
+        for r in offs[l]..offs[l + 1] {
+            y.extend(expert_f64_with(w, act, &x[r * d..(r + 1) * d]));
+        }
+    }
+    y
+}
+
+fn tolerance(act: DType) -> f64 {
+    match act {
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+    }
+}
+
+fn row_error(got: &Tensor, want: &[f64]) -> f64 {
+    let d = got.cols().max(1);
+    got.to_f64_vec().chunks(d).zip(want.chunks(d)).map(|(a, b)| rel_error(a, b)).fold(0.0, f64::max)
+}
+
+fn run(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usize], k: FfnKernels) -> Tensor {
+    let mut out = Tensor::zeros(batch.dtype(), batch.rows(), batch.cols());
+    ctx.ffn_host(dev, batch, offs, k, &mut out).unwrap_or_else(|e| panic!("{k:?}: {e}"));
+    out
+}
+
+/// Every portable choice within tolerance of the reference and all the same bits.
+fn check(ctx: &GpuContext, experts: &[ExpertWeights], act: Activation, batch: &Tensor, offs: &[usize], what: &str) {
+    let dev = DeviceExperts::upload(ctx, &ExpertSet::with_activation(experts.to_vec(), act)).unwrap();
+    assert!(dev.packed.is_some(), "{what}: uploaded packed");
+    let want = reference(batch, offs, experts, act);
+    let mut first: Option<Tensor> = None;
+    for k in PORTABLE.into_iter().chain([FfnKernels::Auto { deterministic: false }]) {
+        let out = run(ctx, &dev, batch, offs, k);
+        let err = row_error(&out, &want);
+        assert!(err < tolerance(batch.dtype()), "{what} {k:?}: row rel error {err:.2e}");
+        if let Some(f) = &first {
+            assert_eq!(f.as_bytes(), out.as_bytes(), "{what}: {k:?} differs in bits");
+        }
+        first.get_or_insert(out);
+    }
+}
+
+#[test]
+fn every_format_matches_the_f64_reference_in_both_kernels() {
+    let ctx = context();
+    let (d, f) = (256, 128);
+    let offs = ffn_offsets(&MIXED);
+    for (i, fmt) in formats().into_iter().enumerate() {
+        for act in [DType::F32, DType::BF16, DType::F16] {
+            let cfg = MoeConfig::new(MIXED.len(), d, f, 1).with_dtypes(act, DType::BF16);
+            let experts = random::packed_experts(&cfg, fmt, 20 + i as u64, &(0..MIXED.len()).collect::<Vec<_>>());
+            let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, i as u64, 3);
+            check(&ctx, &experts, Activation::Silu, &batch, &offs, &format!("{fmt} {act}"));
+        }
+    }
+}
+
+#[test]
+fn clamped_swiglu_with_biases_on_packed_weights() {
+    let ctx = context();
+    let (d, f) = (128, 96);
+    let act = Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 };
+    let cfg = MoeConfig::new(3, d, f, 1).with_activation(act).with_expert_bias(true);
+    let offs = ffn_offsets(&[2, 0, 30]);
+    for fmt in [QuantFormat::affine(4, 32, DType::BF16).unwrap(), QuantFormat::Mxfp4] {
+        let experts = random::packed_experts(&cfg, fmt, 4, &[0, 1, 2]);
+        let batch = random::uniform(DType::F32, 32, d, 4.0, 1, 2);
+        check(&ctx, &experts, act, &batch, &offs, &format!("gpt-oss {fmt}"));
+    }
+}
+
+#[test]
+fn the_engine_computes_packed_sets_and_refuses_what_it_cannot() {
+    let engine = GpuEngine::new(&ContextOptions::from_env()).unwrap();
+    let (d, f) = (128, 64);
+    let cfg = MoeConfig::new(2, d, f, 1);
+    let fmt = QuantFormat::affine(4, 64, DType::BF16).unwrap();
+    let set = ExpertSet::new(random::packed_experts(&cfg, fmt, 2, &[0, 1]));
+    let offs = ffn_offsets(&[3, 20]);
+    let batch = random::uniform(DType::F32, 23, d, 1.0, 5, 5);
+    for det in [false, true] {
+        let mut out = Tensor::zeros(DType::F32, 23, d);
+        engine.ffn(&batch, &offs, &set, det, &mut out).unwrap();
+        let err = row_error(&out, &reference(&batch, &offs, &set, Activation::Silu));
+        assert!(err < 1e-5, "deterministic {det}: {err:.2e}");
+    }
+    // A projection left dense beside packed ones: a device error (the layer runs it on the CPU).
+    let mut ws: Vec<ExpertWeights> = set.to_vec();
+    for w in &mut ws {
+        w.down = random::uniform(DType::BF16, d, f, 0.2, 1, 1).into();
+    }
+    let mut out = Tensor::zeros(DType::F32, 23, d);
+    let e = engine.ffn(&batch, &offs, &ExpertSet::new(ws), false, &mut out).unwrap_err();
+    assert!(matches!(e, moe_ep::Error::Backend { .. }) && e.to_string().contains("share one packed format"), "{e}");
+    // FP8 scale blocks that do not tile 32 inputs: a device error.
+    let odd = ExpertSet::new(random::packed_experts(&cfg, QuantFormat::fp8((8, 24)).unwrap(), 1, &[0, 1]));
+    let e = engine.ffn(&batch, &offs, &odd, false, &mut out).unwrap_err();
+    assert!(matches!(e, moe_ep::Error::Backend { .. }), "{e}");
+}
+
+/// The whole layer on the GPU engine (every call; `with_engine_weights` never falls back)
+/// with packed routed experts and a packed shared expert, at world sizes 1, 2 and 3 with
+/// uneven tokens (0 included), deterministic or not, against the f64 reference on the same
+/// packed bytes.
+#[test]
+fn the_layer_on_packed_experts_at_world_sizes_1_2_3() {
+    use moe_ep::testing::reference::dense_moe_full;
+    use moe_ep::{Group, LayerWeights, LocalGroup, MoeLayer, Placement};
+    let fmt = QuantFormat::affine(4, 32, DType::BF16).unwrap();
+    for det in [false, true] {
+        let cfg = MoeConfig::new(6, 64, 64, 2)
+            .with_dtypes(DType::F32, DType::BF16)
+            .with_shared_expert(64, true)
+            .with_deterministic(det);
+        let all: Vec<usize> = (0..6).collect();
+        let experts = random::packed_experts(&cfg, fmt, 8, &all);
+        let mut shared = random::shared_expert(&cfg, 8).unwrap();
+        shared.weights = random::packed_expert(&cfg, fmt, 9, 0);
+        let gate = random::gate(&cfg, 8);
+        for world in [1usize, 2, 3] {
+            let tokens = [7usize, 0, 12][..world].to_vec();
+            let outs = LocalGroup::run(world, std::time::Duration::from_secs(60), |g| {
+                let rank = g.rank();
+                let p = Placement::balanced(6, world)?;
+                let mine: Vec<ExpertWeights> = p.experts_of(rank).iter().map(|&e| experts[e].clone()).collect();
+                let w = LayerWeights {
+                    router: gate.clone(),
+                    selection_bias: None,
+                    experts: mine,
+                    shared: Some(shared.clone()),
+                };
+                let engine = GpuEngine::new(&ContextOptions::from_env())?;
+                let layer = MoeLayer::with_engine_weights(g, cfg.clone(), p, w, Box::new(engine))?;
+                let x = random::input(&cfg, tokens[rank], 3, rank);
+                let (y, s) = layer.forward_with_stats(&x)?;
+                Ok::<_, moe_ep::Error>((x, y, s.backend))
+            })
+            .unwrap();
+            for (r, o) in outs.into_iter().enumerate() {
+                let (x, y, backend) = o.unwrap().unwrap_or_else(|e| panic!("world {world} rank {r}: {e}"));
+                assert!(backend.starts_with("wgpu"), "rank {r} ran on {backend}");
+                let want = dense_moe_full(&x, &gate, None, &experts, Some(&shared), &cfg);
+                let err = rel_error(&y.to_f64_vec(), &want.y);
+                assert!(err < 1e-5, "deterministic {det} world {world} rank {r}: {err:.2e}");
+            }
+        }
+    }
+}
