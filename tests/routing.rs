@@ -187,6 +187,11 @@ fn deepseek_v3_layer_matches_the_reference_at_several_world_sizes() {
             let case = Case::new(deepseek_v3(24, 4).with_dtypes(dt, dt), world);
             let stats = case.check();
             assert!(stats.iter().any(|s| s.times.shared > 0.0), "the shared expert stage ran");
+            // Every world size (world 1 runs the experts inside its combine stretch) times them apart.
+            assert!(stats.iter().any(|s| s.times.experts > 0.0), "world {world}: no experts time in {stats:?}");
+            for s in &stats {
+                assert!(s.times.entries().iter().all(|(_, v)| v.is_finite() && *v >= 0.0), "{:?}", s.times);
+            }
         }
     }
 }

@@ -195,8 +195,10 @@ def print_table(dt, impls, rows, peer_gemm, report):
     for r in rows:
         cells = " | ".join(fmt(r["transformers_s"][i]) for i in impls)
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "n/a"
+        gflops = r["moe_ep_expert_gflops"]
+        gflops = f"{gflops:.0f}" if gflops else "n/a"
         print(f"| {r['tokens']} | {cells} | {fmt(r['moe_ep_forward_s'])} ({fmt(r['moe_ep_experts_s'])}) | "
-              f"{r['moe_ep_expert_gflops']:.0f} | {ratio} |")
+              f"{gflops} | {ratio} |")
 
 
 if __name__ == "__main__":
