@@ -58,7 +58,11 @@ pub trait Engine: Send + Sync {
     /// The activation of `experts` (SwiGLU unless the set says otherwise, with its biases) of
     /// each local expert over its rows: rows `offsets[l]..offsets[l+1]` of `batch` (`[rows, D]`)
     /// go through `experts[l]`; `out` is `[rows, D]` in `batch`'s dtype. Sums accumulate in
-    /// f32 and are cast once.
+    /// f32 and each output is cast once; for f16/bf16 rows an engine may round the
+    /// intermediate (gate and up results, or the activation between the projections) to the
+    /// rows' dtype, as PyTorch's half-precision experts do, and where it does may depend on the
+    /// rows an expert (the CPU's GEMM and bf16 dot-product paths round, see `compute::cpu::ffn`;
+    /// the GPU's portable kernels keep an f32 intermediate, its matrix-unit kernels an f16 one).
     ///
     /// With `deterministic`, every output row depends only on its own input row and its
     /// expert's weights: bitwise the same whichever other rows share the call (a fixed
