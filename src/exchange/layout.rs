@@ -15,7 +15,7 @@ use crate::stats::ForwardStats;
 pub(crate) const STATUS_BYTES: usize = 16;
 
 /// Where every row of one call goes, on this rank. Every block a rank sends a peer (both ways)
-/// ends with a status block of [`DispatchLayout::status_rows`] rows: the handle id and the
+/// ends with a status block of `DispatchLayout::status_rows` rows: the handle id and the
 /// sender's status, written by the host, so that a failed rank, or one that dispatched or
 /// combined another call, is named by every peer in the same call.
 #[derive(Debug, Clone)]

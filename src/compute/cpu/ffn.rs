@@ -1,7 +1,7 @@
 //! Grouped SwiGLU experts on the CPU: each expert's rows take the path that suits their count.
 //!
 //! - Up to [`Plan::gemm_min_rows`] rows an expert, and always in deterministic mode: the
-//!   row kernels of [`super::gemv`], split by (expert, tile of weight rows; [`tile_rows`]). Each
+//!   row kernels of [`super::gemv`], split by (expert, tile of weight rows; `tile_rows`). Each
 //!   weight element is read once per call in its own dtype and multiplied into the expert's
 //!   rows in registers; bf16 rows against bf16 weights use the CPU's bf16 dot product where it
 //!   has one (the activation between the projections is then rounded to bf16 too). A row's

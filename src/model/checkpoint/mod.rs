@@ -18,7 +18,7 @@
 //! instead, for a packed path.
 //!
 //! Every count in `config.json` is checked against the tensors' shapes before anything is
-//! allocated from it; only regular files inside the directory are opened ([`files`]).
+//! allocated from it; only regular files inside the directory are opened (`files`).
 
 pub mod dequant;
 pub(crate) mod files;

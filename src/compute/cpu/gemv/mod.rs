@@ -19,7 +19,7 @@
 //!   bf16 pairs, f32 sums) — [`Lhs::Bf16`];
 //! - x86-64 with AVX-512F: f32 rows times f32, bf16 or f16 weights widened in registers, FMA;
 //! - x86-64 with AVX2 + FMA, aarch64 (NEON), anything else: the portable kernel
-//!   ([`portable`]), vectorised by the compiler for the features it is built for.
+//!   (`portable`), vectorised by the compiler for the features it is built for.
 
 mod portable;
 // The AVX-512 intrinsics are stable from Rust 1.89, the crate's rust-version (see clippy.toml).
