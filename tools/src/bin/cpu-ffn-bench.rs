@@ -7,6 +7,10 @@
 //! - `rows`: moe-ep's row kernels (`gemv::rows_times_weight_rows`; bf16 on `vdpbf16ps` where
 //!   the CPU has it);
 //! - `gemmkit`: `gemm::gemm_bt` in the weights' dtype (bf16 on `vdpbf16ps` where it can);
+//! - `gemmkit-prepacked`: the same products with each expert's weights packed once, before
+//!   the timing, into gemmkit's panel layout (`gemmkit::prepack_rhs`; the output written
+//!   column-major, then transposed): what a weight cache that holds a second, packed copy
+//!   would buy (not in the library: it doubles the experts' memory);
 //! - `matrixmultiply`: f32 `sgemm`; for bf16 weights widened to f32 64 rows at a time first
 //!   (the CPU FFN before issue 19);
 //! - `ffn` and `ffn-det`: the whole `CpuEngine::ffn` over all those experts, default and
@@ -23,6 +27,7 @@
 //! cargo run --release -p moe-ep-tools --bin cpu-ffn-bench -- --rows 1,2,4,8,16,32,64,128,256 --dtypes bf16,f32
 //! ```
 
+use std::hint::black_box;
 use std::time::Instant;
 
 use clap::Parser;
@@ -203,8 +208,12 @@ fn time_variants(cfg: &MoeConfig, experts: &[ExpertWeights], m: usize, reps: usi
     };
     let mut out = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w))))];
     out.push(match dt {
-        DType::BF16 => ("gemmkit", time(&|| experts.par_iter().for_each(|w| gemm_expert::<bf16>(&x, w)))),
-        _ => ("gemmkit", time(&|| experts.par_iter().for_each(|w| gemm_expert::<f32>(&x, w)))),
+        DType::BF16 => ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<bf16>(&x, w)))))),
+        _ => ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<f32>(&x, w)))))),
+    });
+    out.push(match dt {
+        DType::BF16 => prepacked_variant::<bf16>(&x, experts, &time),
+        _ => prepacked_variant::<f32>(&x, experts, &time),
     });
     out.push(("matrixmultiply", time(&|| experts.par_iter().for_each(|w| mm_expert(&x, w)))));
     let set = ExpertSet::new(experts.to_vec());
@@ -245,7 +254,7 @@ fn dense(w: &moe_ep::Weight) -> &Tensor {
 }
 
 /// One expert through gemmkit in `T` (the FFN's GEMM path).
-fn gemm_expert<T: GemmElement>(x: &Tensor, w: &ExpertWeights) {
+fn gemm_expert<T: GemmElement>(x: &Tensor, w: &ExpertWeights) -> Vec<T> {
     let (m, f, d) = (x.rows(), w.gate.rows(), w.gate.cols());
     fn s<T: GemmElement>(t: &Tensor) -> &[T] {
         t.as_slice::<T>().unwrap()
@@ -260,7 +269,69 @@ fn gemm_expert<T: GemmElement>(x: &Tensor, w: &ExpertWeights) {
     Activation::Silu.apply_slice(&mut gf, &uf);
     T::narrow_slice(&gf, &mut g);
     gemm_bt(&g, wd, &mut y, m, f, d, None, false);
-    std::hint::black_box(&y);
+    y
+}
+
+/// One expert's gate, up and down packed once for gemmkit (`B = W^T`, `[in, out]`).
+struct Prepacked<T> {
+    gate: gemmkit::PackedRhs<T>,
+    up: gemmkit::PackedRhs<T>,
+    down: gemmkit::PackedRhs<T>,
+}
+
+fn prepack<T: GemmElement>(w: &ExpertWeights) -> Prepacked<T> {
+    let pack = |t: &moe_ep::Weight| {
+        let t = dense(t);
+        let (n, k) = (t.rows(), t.cols());
+        gemmkit::prepack_rhs(gemmkit::MatRef::new(t.as_slice::<T>().unwrap(), k, n, 1, k as isize))
+    };
+    Prepacked { gate: pack(&w.gate), up: pack(&w.up), down: pack(&w.down) }
+}
+
+/// `gemmkit-prepacked` on every expert: the packing outside the timing.
+fn prepacked_variant<T: GemmElement>(
+    x: &Tensor,
+    experts: &[ExpertWeights],
+    time: &dyn Fn(&(dyn Fn() + Sync)) -> f64,
+) -> (&'static str, f64) {
+    let packed: Vec<Prepacked<T>> = experts.par_iter().map(prepack::<T>).collect();
+    let (f, d) = (experts[0].gate.rows(), experts[0].gate.cols());
+    // The same products as the unpacked path, up to summation order and the intermediate's rounding.
+    let (got, want) = (prepacked_expert::<T>(x, &packed[0], f, d), gemm_expert::<T>(x, &experts[0]));
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|e| e * e).sum::<f64>().sqrt();
+    let diff = norm(&mut got.iter().zip(&want).map(|(a, b)| f64::from(a.to_f32() - b.to_f32())));
+    let rel = diff / norm(&mut want.iter().map(|b| f64::from(b.to_f32()))).max(f64::MIN_POSITIVE);
+    let tol = if T::DTYPE == DType::F32 { 1e-5 } else { 1e-2 };
+    assert!(rel < tol, "gemmkit-prepacked differs from gemmkit by {rel:.2e} (relative, over the output)");
+    ("gemmkit-prepacked", time(&|| packed.par_iter().for_each(|p| drop(black_box(prepacked_expert::<T>(x, p, f, d))))))
+}
+
+/// One expert through gemmkit on prepacked weights, as [`gemm_expert`] computes it.
+fn prepacked_expert<T: GemmElement>(x: &Tensor, p: &Prepacked<T>, f: usize, d: usize) -> Vec<T> {
+    let m = x.rows();
+    let (one, zero) = (T::from_f32(1.0), T::from_f32(0.0));
+    let serial = gemmkit::Parallelism::Serial;
+    // Outputs column-major (rs 1, cs m), as a prepacked B requires.
+    let product = |a: gemmkit::MatRef<'_, T>, b: &gemmkit::PackedRhs<T>, n: usize| {
+        let mut c = vec![T::default(); m * n];
+        gemmkit::gemm_packed_b(one, a, b, zero, gemmkit::MatMut::new(&mut c, m, n, 1, m as isize), serial);
+        c
+    };
+    let xs = gemmkit::MatRef::from_row_major(x.as_slice::<T>().unwrap(), m, d);
+    let (mut g, u) = (product(xs, &p.gate, f), product(xs, &p.up, f));
+    let (mut gf, mut uf) = (vec![0f32; m * f], vec![0f32; m * f]);
+    T::widen_slice(&g, &mut gf);
+    T::widen_slice(&u, &mut uf);
+    Activation::Silu.apply_slice(&mut gf, &uf);
+    T::narrow_slice(&gf, &mut g);
+    let yt = product(gemmkit::MatRef::new(&g, m, f, 1, m as isize), &p.down, d);
+    let mut y = vec![T::default(); m * d];
+    for (j, col) in yt.chunks_exact(m).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            y[i * d + j] = v;
+        }
+    }
+    y
 }
 
 /// One expert through matrixmultiply f32, weights widened 64 rows at a time when not f32.
