@@ -67,9 +67,13 @@ fn clamped_swiglu_with_biases_matches_the_f64_reference() {
     for (seed, counts) in [(11, vec![2, 0, 3]), (12, vec![9, 1, 70])] {
         let offs = ffn_offsets(&counts);
         let cfg = MoeConfig::new(counts.len(), d, f, 1).with_activation(act).with_expert_bias(true);
-        let experts =
-            ExpertSet::with_activation(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()), act);
+        let make =
+            || ExpertSet::with_activation(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()), act);
+        let experts = make();
         assert!(experts.iter().all(|w| w.bias.is_some()));
+        // The GEMM panels' path (f32 from 32 rows an expert) with the biases in its epilogue.
+        let with_panels = make().with_cpu_gemm_panels();
+        assert!(with_panels.cpu_gemm_panels().is_some());
         let batch = random::uniform(DType::F32, *offs.last().unwrap(), d, 12.0, seed, 5);
         let x = batch.to_f64_vec();
         let mut want = Vec::new();
@@ -83,11 +87,12 @@ fn clamped_swiglu_with_biases_matches_the_f64_reference() {
             }
         }
         assert!(clamped > 0, "the data should reach the clamp");
-        for det in [true, false] {
+        for (det, set) in [(true, &experts), (false, &experts), (false, &with_panels)] {
             let mut out = Tensor::zeros(DType::F32, batch.rows(), d);
-            CpuEngine.ffn(&batch, &offs, &experts, det, &mut out).unwrap();
+            CpuEngine.ffn(&batch, &offs, set, det, &mut out).unwrap();
             let err = rel_error(&out.to_f64_vec(), &want);
-            assert!(err < 2e-6, "counts {counts:?} deterministic {det}: rel error {err:.2e}");
+            let panels = set.cpu_gemm_panels().is_some();
+            assert!(err < 2e-6, "counts {counts:?} deterministic {det} panels {panels}: rel error {err:.2e}");
         }
     }
 }
@@ -149,6 +154,56 @@ fn every_dtype_pair_and_row_mix_matches_the_f64_reference() {
         check_mix(&counts, 70, 134, dt, dt, 10 + i as u64);
         check_mix(&counts, 64, 96, dt, dt, 20 + i as u64);
     }
+}
+
+/// Experts also held in the GEMM's panels (`ExpertSet::with_cpu_gemm_panels`): every dtype
+/// pair and a row mix across every crossover against the f64 reference; the deterministic
+/// mode's bits unchanged by them; sets they cannot serve (mixed dtypes, packed) left without.
+#[test]
+fn gemm_panels_match_the_f64_reference() {
+    let mut seed = 400;
+    for act in DType::ALL {
+        for w in DType::ALL {
+            for (d, f, counts) in [(70, 134, vec![3, 40, 0, 130, 9]), (64, 96, vec![31, 32, 300, 1])] {
+                seed += 1;
+                let offs = ffn_offsets(&counts);
+                let cfg = MoeConfig::new(counts.len(), d, f, 1).with_dtypes(act, w);
+                let make = || ExpertSet::new(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()));
+                let (plain, panels) = (make(), make().with_cpu_gemm_panels());
+                assert_eq!(panels.cpu_gemm_panels().map(|p| (p.dtype(), p.len())), Some((w, counts.len())));
+                assert_eq!(panels.panel_bytes(), panels.bytes());
+                let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, seed, 5);
+                let x = batch.to_f64_vec();
+                let mut want = Vec::new();
+                for (l, e) in plain.iter().enumerate() {
+                    for r in offs[l]..offs[l + 1] {
+                        want.extend(expert_f64(e, &x[r * d..(r + 1) * d]));
+                    }
+                }
+                let run = |set: &ExpertSet, det: bool| {
+                    let mut out = Tensor::zeros(act, batch.rows(), d);
+                    CpuEngine.ffn(&batch, &offs, set, det, &mut out).unwrap();
+                    out
+                };
+                let got = run(&panels, false);
+                let err = rel_error(&got.to_f64_vec(), &want);
+                let plan = Plan::new(act, w, false).with_panels(act);
+                assert!(err < tolerance(act), "counts {counts:?} {act}/{w} ({plan:?}): rel error {err:.2e}");
+                assert_eq!(
+                    run(&panels, true).as_bytes(),
+                    run(&plain, true).as_bytes(),
+                    "{act}/{w}: deterministic bits"
+                );
+            }
+        }
+    }
+    let cfg = MoeConfig::new(2, 64, 96, 1).with_dtypes(DType::BF16, DType::BF16);
+    let mut mixed = random::experts(&cfg, 1, &[0, 1]);
+    mixed[1].down = moe_ep::Weight::Dense(mixed[1].down.dense().unwrap().to_dtype(DType::F32));
+    assert!(ExpertSet::new(mixed).with_cpu_gemm_panels().cpu_gemm_panels().is_none());
+    let fmt = moe_ep::QuantFormat::affine(4, 32, DType::BF16).unwrap();
+    let packed = ExpertSet::new(random::packed_experts(&cfg, fmt, 2, &[0, 1])).with_cpu_gemm_panels();
+    assert!(packed.cpu_gemm_panels().is_none() && packed.panel_bytes() == 0);
 }
 
 /// Deterministic mode: each row's output bits do not depend on the other rows of the call.

@@ -312,3 +312,38 @@ fn a_gpu_that_fails_at_warm_up_leaves_the_cpu_in_charge_unless_fatal() {
         }
     }
 }
+
+/// `LayerOptions::cpu_gemm_panels`: routed and shared experts held in the CPU GEMM's panels,
+/// at worlds 1-3 with uneven tokens (enough that some experts take the GEMM), in f32 and bf16,
+/// against the f64 reference; the outcome the same as without them, within rounding.
+#[test]
+fn cpu_gemm_panels_layer_matches_the_reference_at_several_world_sizes() {
+    use common::Case;
+    for dt in [DType::F32, DType::BF16] {
+        for (world, tokens) in [(1, vec![150]), (2, vec![90, 17]), (3, vec![0, 120, 41])] {
+            let cfg = MoeConfig::new(4, 64, 96, 2).with_dtypes(dt, dt).with_shared_expert(80, false);
+            // World 3: an uneven placement (2, 1, 1 experts).
+            let map = (world == 3).then(|| vec![0, 0, 1, 2]);
+            let case = Case { tokens, map, ..Case::new(cfg, world) };
+            let options = LayerOptions { cpu_gemm_panels: true, ..LayerOptions::default() };
+            let outs = LocalGroup::run(world, TIMEOUT, |g| {
+                let rank = g.rank();
+                let p = case.placement();
+                let w = moe_ep::LayerWeights {
+                    router: case.gate(),
+                    ..random::layer_weights(&case.cfg, case.seed, &p, rank)
+                };
+                let layer = MoeLayer::from_weights(g, case.cfg.clone(), p, w, None, options.clone())?;
+                assert!(layer.options().cpu_gemm_panels);
+                layer.forward_with_stats(&case.input(rank))
+            })
+            .unwrap();
+            let got: Vec<_> = outs.into_iter().map(|o| o.expect("no panic").expect("forward")).collect();
+            // Some rank averages 32 rows an expert or more, so the f32 GEMM on panels runs.
+            let p = case.placement();
+            let busy = |r: usize| got[r].1.rows_received.iter().sum::<usize>() >= 32 * p.experts_of(r).len();
+            assert!((0..world).any(busy), "{dt} world {world}: too few rows for the GEMM");
+            case.check_outputs(got);
+        }
+    }
+}

@@ -250,8 +250,9 @@ impl<G: Group> MoeLayer<G> {
         fields.extend(replicated_fields(&gate, selection_bias.as_deref(), shared.as_ref()));
         let id = agree(&group, "MoeLayer::new", local.is_err(), &fields)?;
         let (options, crossover) = local?;
-        let experts = ExpertSet::with_activation(experts, config.activation);
-        let shared = shared.map(|s| Shared::new(s, config.activation));
+        let panels = |set: ExpertSet| if options.cpu_gemm_panels { set.with_cpu_gemm_panels() } else { set };
+        let experts = panels(ExpertSet::with_activation(experts, config.activation));
+        let shared = shared.map(|s| Shared::new(s, config.activation)).map(|s| Shared { set: panels(s.set), ..s });
         let router = RouterSet { gate: Matrix::new(gate), selection_bias };
         let mut set_ids = vec![experts.id(), router.gate.id()];
         set_ids.extend(shared.iter().flat_map(Shared::ids));

@@ -390,6 +390,8 @@ pub struct ExpertSet {
     id: u64,
     weights: Vec<ExpertWeights>,
     activation: Activation,
+    /// The weights again in the CPU GEMM's panels ([`ExpertSet::with_cpu_gemm_panels`]).
+    panels: Option<crate::compute::cpu::panels::SetPanels>,
 }
 
 impl ExpertSet {
@@ -400,7 +402,7 @@ impl ExpertSet {
 
     /// Wrap `weights` under a fresh id; every expert applies `activation`.
     pub fn with_activation(weights: Vec<ExpertWeights>, activation: Activation) -> Self {
-        ExpertSet { id: fresh_id(), weights, activation }
+        ExpertSet { id: fresh_id(), weights, activation, panels: None }
     }
 
     /// The gated activation every expert of the set applies.
@@ -431,6 +433,29 @@ impl ExpertSet {
     /// Whether any expert has a packed projection.
     pub fn is_packed(&self) -> bool {
         self.weights.iter().any(ExpertWeights::is_packed)
+    }
+
+    /// The set with every expert's weights also packed, once, into the CPU GEMM's panel
+    /// layout: the CPU FFN then multiplies experts of many rows (from
+    /// [`crate::compute::cpu::ffn::Plan::with_panels`]'s row count) without repacking their
+    /// weights on each call, which is most of a GEMM's cost at a few dozen rows an expert.
+    /// Costs as much host memory again as the dense weights ([`ExpertSet::panel_bytes`]).
+    /// Sets whose projections are not all dense in one dtype (quantized experts) are returned
+    /// unchanged. The id stays; results stay within the GEMM's rounding of the unpacked path
+    /// (the deterministic mode never uses the GEMM, so its bits do not change).
+    pub fn with_cpu_gemm_panels(mut self) -> Self {
+        self.panels = crate::compute::cpu::panels::SetPanels::new(&self.weights);
+        self
+    }
+
+    /// The CPU GEMM panels, if [`ExpertSet::with_cpu_gemm_panels`] made them.
+    pub fn cpu_gemm_panels(&self) -> Option<&crate::compute::cpu::panels::SetPanels> {
+        self.panels.as_ref()
+    }
+
+    /// Host bytes the panels hold (0 without them): about those of the dense weights.
+    pub fn panel_bytes(&self) -> usize {
+        self.panels.as_ref().map_or(0, |_| self.bytes())
     }
 }
 

@@ -97,12 +97,13 @@ def time_transformers(torch, cfg, block, dtype, n, impls, warmup, iters):
     return out, errors
 
 
-def time_moe_ep(ep_bench, dtype, tokens, warmup, iters, threads):
+def time_moe_ep(ep_bench, dtype, tokens, warmup, iters, threads, extra=()):
+    extra = list(extra)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ep.json")
         cmd = [ep_bench, "--config", "qwen3-30b-a3b", "--world", "1", "--backend", "cpu", "--dtype", dtype,
                "--tokens", ",".join(map(str, tokens)), "--warmup", str(warmup), "--iters", str(iters),
-               "--json", path]
+               "--json", path] + extra
         env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
         print("  $ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -128,6 +129,8 @@ def main():
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ep-bench", default=os.path.join("target", "release", "ep-bench"))
+    ap.add_argument("--cpu-gemm-panels", action="store_true",
+                    help="run ep-bench with --cpu-gemm-panels (experts also held in the GEMM's panels)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -147,6 +150,7 @@ def main():
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": args.threads,
+        "cpu_gemm_panels": args.cpu_gemm_panels,
         "shape": {"experts": E, "hidden": D, "intermediate": F, "top_k": K},
         "load_before": load_average(),
         "dtypes": {},
@@ -162,7 +166,8 @@ def main():
         for n in tokens:
             tr, err = time_transformers(torch, cfg, block, tdt[dt], n, impls, args.warmup, args.iters)
             errors.update(err)
-            report, points = time_moe_ep(args.ep_bench, dt, [n], args.warmup, args.iters, args.threads)
+            report, points = time_moe_ep(args.ep_bench, dt, [n], args.warmup, args.iters, args.threads,
+                                         ["--cpu-gemm-panels"] if args.cpu_gemm_panels else [])
             p = points[n]
             print(f"  moe-ep {dt} N={n:<5} {fmt(p['forward_s'])} (experts {fmt(p['experts_s'])})", flush=True)
             times = {i: t for i, t in tr.items() if t is not None}

@@ -13,13 +13,29 @@
 
 pub use half::{bf16, f16};
 
+use super::panels::{ExpertPanels, SetPanels};
 use crate::dtype::Element;
 
 /// An element type of a product: f32, bf16 or f16 operands and result, f32 sums.
-pub trait GemmElement: Element + gemmkit::FusedScalar {}
-impl GemmElement for f32 {}
-impl GemmElement for bf16 {}
-impl GemmElement for f16 {}
+pub trait GemmElement: Element + gemmkit::FusedScalar {
+    /// A set's panels if they hold this type.
+    fn panels_of(p: &SetPanels) -> Option<&[ExpertPanels<Self>]>;
+}
+impl GemmElement for f32 {
+    fn panels_of(p: &SetPanels) -> Option<&[ExpertPanels<Self>]> {
+        if let SetPanels::F32(v) = p { Some(v) } else { None }
+    }
+}
+impl GemmElement for bf16 {
+    fn panels_of(p: &SetPanels) -> Option<&[ExpertPanels<Self>]> {
+        if let SetPanels::BF16(v) = p { Some(v) } else { None }
+    }
+}
+impl GemmElement for f16 {
+    fn panels_of(p: &SetPanels) -> Option<&[ExpertPanels<Self>]> {
+        if let SetPanels::F16(v) = p { Some(v) } else { None }
+    }
+}
 
 /// `c = a · b^T` with `a` `[m, k]`, `b` `[n, k]`, `c` `[m, n]`, all row-major f32, on the
 /// calling thread, through the row kernels ([`super::gemv`]): a row of `c` is the same bits

@@ -5,6 +5,7 @@ pub mod ffn;
 pub mod gemm;
 pub mod gemv;
 pub mod packed;
+pub mod panels;
 pub mod rows;
 mod session;
 

@@ -14,7 +14,8 @@
 //! - `matrixmultiply`: f32 `sgemm`; for bf16 weights widened to f32 64 rows at a time first
 //!   (the CPU FFN before issue 19);
 //! - `ffn` and `ffn-det`: the whole `CpuEngine::ffn` over all those experts, default and
-//!   deterministic (what the layer runs).
+//!   deterministic (what the layer runs); `ffn-panels` on the set with its GEMM panels
+//!   (`ExpertSet::with_cpu_gemm_panels`).
 //!
 //! `--packed q4,q8,mxfp4,fp8` also times packed experts (rows of `--packed-act`): their row
 //! kernels (`cpu::packed`, weight rows decoded sixteen at a time) and the FFN, weight GB/s on
@@ -208,7 +209,9 @@ fn time_variants(cfg: &MoeConfig, experts: &[ExpertWeights], m: usize, reps: usi
     };
     let mut out = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w))))];
     out.push(match dt {
-        DType::BF16 => ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<bf16>(&x, w)))))),
+        DType::BF16 => {
+            ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<bf16>(&x, w))))))
+        }
         _ => ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<f32>(&x, w)))))),
     });
     out.push(match dt {
@@ -223,6 +226,8 @@ fn time_variants(cfg: &MoeConfig, experts: &[ExpertWeights], m: usize, reps: usi
     for (name, det) in [("ffn", false), ("ffn-det", true)] {
         out.push((name, time(&|| CpuEngine.ffn(&batch, &offsets, &set, det, &mut y.lock().unwrap()).unwrap())));
     }
+    let set = set.with_cpu_gemm_panels();
+    out.push(("ffn-panels", time(&|| CpuEngine.ffn(&batch, &offsets, &set, false, &mut y.lock().unwrap()).unwrap())));
     out
 }
 
