@@ -372,6 +372,25 @@ impl GpuContext {
         self.pool.take(&self.device, usage, size, label)
     }
 
+    /// The values of `n` `map_async` callbacks sent on `rx`, after [`GpuContext::wait`] has
+    /// returned. Another thread polling the same device may be the one that runs a callback
+    /// (after our wait has returned), so this keeps polling until all `n` have run, within the
+    /// context's timeout; an error if they have not by then (or their senders were dropped).
+    pub(crate) fn mapped<T>(&self, rx: &mpsc::Receiver<T>, n: usize) -> Result<Vec<T>> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(r) => got.push(r),
+                Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {
+                    let _ = self.device.poll(wgpu::PollType::Poll);
+                }
+                Err(_) => return Err(backend_error("a readback buffer was not mapped after the GPU finished")),
+            }
+        }
+        Ok(got)
+    }
+
     /// Submit `encoder` after appending a copy of `src[..out.len()]` to a staging buffer,
     /// wait (at most the context's timeout) and copy the bytes into `out`. One submit.
     pub fn submit_and_read(&self, mut encoder: wgpu::CommandEncoder, src: &wgpu::Buffer, out: &mut [u8]) -> Result<()> {
@@ -388,18 +407,7 @@ impl GpuContext {
             let _ = tx.send(r);
         });
         self.wait()?;
-        // Another thread polling the same device may be the one that runs the callback (after
-        // our wait has returned): keep polling until it has run, within the timeout.
-        let deadline = std::time::Instant::now() + self.timeout;
-        let mapped = loop {
-            match rx.recv_timeout(Duration::from_millis(1)) {
-                Ok(r) => break r,
-                Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() < deadline => {
-                    let _ = self.device.poll(wgpu::PollType::Poll);
-                }
-                Err(_) => return Err(backend_error("the readback buffer was not mapped after the GPU finished")),
-            }
-        };
+        let [mapped] = self.mapped(&rx, 1)?.try_into().expect("one callback");
         if let Err(e) = mapped {
             return Err(backend_error(format!("mapping the readback buffer failed: {e}")));
         }

@@ -743,13 +743,8 @@ impl<'a> Session<'a> for GpuSession<'a> {
             self.ctx.recycle(b);
         }
         waited?;
-        let mut done = 0;
-        while let Ok((_, r)) = rx.try_recv() {
+        for (_, r) in self.ctx.mapped(&rx, maps.len() + usize::from(stamps.is_some()))? {
             r.map_err(|e| backend_error(format!("mapping a readback buffer failed: {e}")))?;
-            done += 1;
-        }
-        if done != maps.len() + usize::from(stamps.is_some()) {
-            return Err(backend_error("a readback buffer was not mapped after the GPU finished"));
         }
         self.finish_stamps(stamps)?;
         self.finish_reads(maps)

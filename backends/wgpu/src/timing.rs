@@ -68,9 +68,9 @@ impl GpuTimer {
             let _ = tx.send(r);
         });
         ctx.wait()?;
-        rx.try_recv()
-            .map_err(|_| backend_error("timestamps not mapped"))?
-            .map_err(|e| backend_error(format!("mapping timestamps: {e}")))?;
+        for r in ctx.mapped(&rx, 1)? {
+            r.map_err(|e| backend_error(format!("mapping timestamps: {e}")))?;
+        }
         let ticks: Vec<u64> = {
             let view = self.read.slice(..bytes).get_mapped_range().map_err(|e| backend_error(e.to_string()))?;
             bytemuck::cast_slice(&view).to_vec()
