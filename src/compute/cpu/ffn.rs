@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use super::gemm::{GemmElement, gemm_bt};
 use super::gemv::{self, Lhs};
 use super::packed;
-use super::panels::{ExpertPanels, gemm_bt_panels};
+use super::panels::{ExpertPanels, Panels, gemm_bt_panels};
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::model::config::Activation;
@@ -176,10 +176,7 @@ fn gemm_path<T: GemmElement>(x: &[T], offsets: &[usize], big: &[usize], experts:
     let panels = experts.cpu_gemm_panels();
     let one = |l: usize, out: &mut [T], parallel: bool| {
         let x = &x[offsets[l] * d..offsets[l + 1] * d];
-        match panels.and_then(|p| p.get::<T>(l)) {
-            Some(p) => gemm_expert_panels(x, &experts[l], p, experts.activation(), out, parallel),
-            None => gemm_expert(x, &experts[l], experts.activation(), out, parallel),
-        }
+        gemm_expert(x, &experts[l], panels.and_then(|p| p.get::<T>(l)), experts.activation(), out, parallel)
     };
     // One expert a task while there are enough to share out; else each product in parallel.
     if big.len() >= 2 * rayon::current_num_threads() {
@@ -189,30 +186,12 @@ fn gemm_path<T: GemmElement>(x: &[T], offsets: &[usize], big: &[usize], experts:
     }
 }
 
-/// One expert's rows `x` (`[m, D]`) through the GEMM into `out` (`[m, D]`), all in `T`.
-fn gemm_expert<T: GemmElement>(x: &[T], w: &ExpertWeights, act: Activation, out: &mut [T], parallel: bool) {
-    let (f, d) = (w.gate.rows(), w.gate.cols());
-    let m = x.len() / d;
-    fn weight<T: Element>(w: &Weight) -> &[T] {
-        w.dense().and_then(Tensor::as_slice::<T>).expect("Plan: dense weights of the rows' dtype on the GEMM path")
-    }
-    let (mut g, mut u) = (vec![T::default(); m * f], vec![T::default(); m * f]);
-    gemm_bt(x, weight::<T>(&w.gate), &mut g, m, d, f, None, parallel);
-    gemm_bt(x, weight::<T>(&w.up), &mut u, m, d, f, None, parallel);
-    let (mut gf, mut uf) = (vec![0f32; m * f], vec![0f32; m * f]);
-    T::widen_slice(&g, &mut gf);
-    T::widen_slice(&u, &mut uf);
-    up_epilogue(w, act, 0, f, &mut gf, &mut uf);
-    T::narrow_slice(&gf, &mut g);
-    let bias: Option<Vec<T>> = w.bias.as_ref().map(|b| b.down.iter().map(|&v| T::from_f32(v)).collect());
-    gemm_bt(&g, weight::<T>(&w.down), out, m, f, d, bias.as_deref(), parallel);
-}
-
-/// [`gemm_expert`] with the weights from their panels (`p`, the same matrices as `w`'s).
-fn gemm_expert_panels<T: GemmElement>(
+/// One expert's rows `x` (`[m, D]`) through the GEMM into `out` (`[m, D]`), all in `T`; the
+/// weights from their panels `p` (the same matrices as `w`'s) when the set has them.
+fn gemm_expert<T: GemmElement>(
     x: &[T],
     w: &ExpertWeights,
-    p: &ExpertPanels<T>,
+    p: Option<&ExpertPanels<T>>,
     act: Activation,
     out: &mut [T],
     parallel: bool,
@@ -220,16 +199,25 @@ fn gemm_expert_panels<T: GemmElement>(
     let (f, d) = (w.gate.rows(), w.gate.cols());
     let m = x.len() / d;
     let mut scratch = Vec::new();
+    // `a · W^T (+ bias)` for one projection `wt`, from its panels `pt` where there are some.
+    let mut product = |a: &[T], wt: &Weight, pt: Option<&Panels<T>>, c: &mut [T], bias: Option<&[T]>| match pt {
+        Some(pt) => gemm_bt_panels(a, pt, c, m, bias, parallel, &mut scratch),
+        None => {
+            let b = wt.dense().and_then(Tensor::as_slice::<T>);
+            let b = b.expect("Plan: dense weights of the rows' dtype on the GEMM path");
+            gemm_bt(a, b, c, m, wt.cols(), wt.rows(), bias, parallel)
+        }
+    };
     let (mut g, mut u) = (vec![T::default(); m * f], vec![T::default(); m * f]);
-    gemm_bt_panels(x, &p.gate, &mut g, m, None, parallel, &mut scratch);
-    gemm_bt_panels(x, &p.up, &mut u, m, None, parallel, &mut scratch);
+    product(x, &w.gate, p.map(|p| &p.gate), &mut g, None);
+    product(x, &w.up, p.map(|p| &p.up), &mut u, None);
     let (mut gf, mut uf) = (vec![0f32; m * f], vec![0f32; m * f]);
     T::widen_slice(&g, &mut gf);
     T::widen_slice(&u, &mut uf);
     up_epilogue(w, act, 0, f, &mut gf, &mut uf);
     T::narrow_slice(&gf, &mut g);
     let bias: Option<Vec<T>> = w.bias.as_ref().map(|b| b.down.iter().map(|&v| T::from_f32(v)).collect());
-    gemm_bt_panels(&g, &p.down, out, m, bias.as_deref(), parallel, &mut scratch);
+    product(&g, &w.down, p.map(|p| &p.down), out, bias.as_deref());
 }
 
 /// Rows in the row kernels' input format: borrowed bf16 on the bf16 dot product, else f32.

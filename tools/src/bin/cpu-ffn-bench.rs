@@ -8,9 +8,8 @@
 //!   the CPU has it);
 //! - `gemmkit`: `gemm::gemm_bt` in the weights' dtype (bf16 on `vdpbf16ps` where it can);
 //! - `gemmkit-prepacked`: the same products with each expert's weights packed once, before
-//!   the timing, into gemmkit's panel layout (`gemmkit::prepack_rhs`; the output written
-//!   column-major, then transposed): what a weight cache that holds a second, packed copy
-//!   would buy (not in the library: it doubles the experts' memory);
+//!   the timing, into gemmkit's panels (`cpu::panels`, what `ExpertSet::with_cpu_gemm_panels`
+//!   holds: a second copy of the weights);
 //! - `matrixmultiply`: f32 `sgemm`; for bf16 weights widened to f32 64 rows at a time first
 //!   (the CPU FFN before issue 19);
 //! - `ffn` and `ffn-det`: the whole `CpuEngine::ffn` over all those experts, default and
@@ -35,6 +34,7 @@ use clap::Parser;
 use moe_ep::compute::cpu::gemm::{GemmElement, bf16, gemm_bt};
 use moe_ep::compute::cpu::gemv::{self, Lhs};
 use moe_ep::compute::cpu::packed;
+use moe_ep::compute::cpu::panels::{ExpertPanels, SetPanels, gemm_bt_panels};
 use moe_ep::compute::engine::even_offsets;
 use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
 use moe_ep_tools::{WeightsSpec, median};
@@ -277,65 +277,39 @@ fn gemm_expert<T: GemmElement>(x: &Tensor, w: &ExpertWeights) -> Vec<T> {
     y
 }
 
-/// One expert's gate, up and down packed once for gemmkit (`B = W^T`, `[in, out]`).
-struct Prepacked<T> {
-    gate: gemmkit::PackedRhs<T>,
-    up: gemmkit::PackedRhs<T>,
-    down: gemmkit::PackedRhs<T>,
-}
-
-fn prepack<T: GemmElement>(w: &ExpertWeights) -> Prepacked<T> {
-    let pack = |t: &moe_ep::Weight| {
-        let t = dense(t);
-        let (n, k) = (t.rows(), t.cols());
-        gemmkit::prepack_rhs(gemmkit::MatRef::new(t.as_slice::<T>().unwrap(), k, n, 1, k as isize))
-    };
-    Prepacked { gate: pack(&w.gate), up: pack(&w.up), down: pack(&w.down) }
-}
-
-/// `gemmkit-prepacked` on every expert: the packing outside the timing.
+/// `gemmkit-prepacked` on every expert: the library's panels (`SetPanels`) made outside the
+/// timing, checked once against the unpacked product.
 fn prepacked_variant<T: GemmElement>(
     x: &Tensor,
     experts: &[ExpertWeights],
     time: &dyn Fn(&(dyn Fn() + Sync)) -> f64,
 ) -> (&'static str, f64) {
-    let packed: Vec<Prepacked<T>> = experts.par_iter().map(prepack::<T>).collect();
-    let (f, d) = (experts[0].gate.rows(), experts[0].gate.cols());
+    let set = SetPanels::new(experts).expect("dense experts of one dtype");
+    let packed: Vec<&ExpertPanels<T>> = (0..experts.len()).map(|l| set.get::<T>(l).expect("the rows' dtype")).collect();
     // The same products as the unpacked path, up to summation order and the intermediate's rounding.
-    let (got, want) = (prepacked_expert::<T>(x, &packed[0], f, d), gemm_expert::<T>(x, &experts[0]));
+    let (got, want) = (prepacked_expert::<T>(x, packed[0]), gemm_expert::<T>(x, &experts[0]));
     let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|e| e * e).sum::<f64>().sqrt();
     let diff = norm(&mut got.iter().zip(&want).map(|(a, b)| f64::from(a.to_f32() - b.to_f32())));
     let rel = diff / norm(&mut want.iter().map(|b| f64::from(b.to_f32()))).max(f64::MIN_POSITIVE);
     let tol = if T::DTYPE == DType::F32 { 1e-5 } else { 1e-2 };
     assert!(rel < tol, "gemmkit-prepacked differs from gemmkit by {rel:.2e} (relative, over the output)");
-    ("gemmkit-prepacked", time(&|| packed.par_iter().for_each(|p| drop(black_box(prepacked_expert::<T>(x, p, f, d))))))
+    ("gemmkit-prepacked", time(&|| packed.par_iter().for_each(|p| drop(black_box(prepacked_expert::<T>(x, p))))))
 }
 
-/// One expert through gemmkit on prepacked weights, as [`gemm_expert`] computes it.
-fn prepacked_expert<T: GemmElement>(x: &Tensor, p: &Prepacked<T>, f: usize, d: usize) -> Vec<T> {
-    let m = x.rows();
-    let (one, zero) = (T::from_f32(1.0), T::from_f32(0.0));
-    let serial = gemmkit::Parallelism::Serial;
-    // Outputs column-major (rs 1, cs m), as a prepacked B requires.
-    let product = |a: gemmkit::MatRef<'_, T>, b: &gemmkit::PackedRhs<T>, n: usize| {
-        let mut c = vec![T::default(); m * n];
-        gemmkit::gemm_packed_b(one, a, b, zero, gemmkit::MatMut::new(&mut c, m, n, 1, m as isize), serial);
-        c
-    };
-    let xs = gemmkit::MatRef::from_row_major(x.as_slice::<T>().unwrap(), m, d);
-    let (mut g, u) = (product(xs, &p.gate, f), product(xs, &p.up, f));
+/// One expert through gemmkit on its panels, as [`gemm_expert`] computes it.
+fn prepacked_expert<T: GemmElement>(x: &Tensor, p: &ExpertPanels<T>) -> Vec<T> {
+    let (m, f, d) = (x.rows(), p.gate.out_features(), p.gate.in_features());
+    let mut scratch = Vec::new();
+    let xs = x.as_slice::<T>().unwrap();
+    let (mut g, mut u, mut y) = (vec![T::default(); m * f], vec![T::default(); m * f], vec![T::default(); m * d]);
+    gemm_bt_panels(xs, &p.gate, &mut g, m, None, false, &mut scratch);
+    gemm_bt_panels(xs, &p.up, &mut u, m, None, false, &mut scratch);
     let (mut gf, mut uf) = (vec![0f32; m * f], vec![0f32; m * f]);
     T::widen_slice(&g, &mut gf);
     T::widen_slice(&u, &mut uf);
     Activation::Silu.apply_slice(&mut gf, &uf);
     T::narrow_slice(&gf, &mut g);
-    let yt = product(gemmkit::MatRef::new(&g, m, f, 1, m as isize), &p.down, d);
-    let mut y = vec![T::default(); m * d];
-    for (j, col) in yt.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            y[i * d + j] = v;
-        }
-    }
+    gemm_bt_panels(&g, &p.down, &mut y, m, None, false, &mut scratch);
     y
 }
 
