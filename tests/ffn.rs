@@ -8,8 +8,8 @@ use moe_ep::compute::cpu::ffn::Plan;
 use moe_ep::compute::cpu::gemm::{GemmElement, gemm_bt, matmul_bt};
 use moe_ep::compute::cpu::gemv::{self, Kernel, Lhs};
 use moe_ep::compute::engine::ffn_offsets;
-use moe_ep::testing::reference::{expert_f64, rel_error};
-use moe_ep::{CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
+use moe_ep::testing::reference::{ffn_f64, rel_error};
+use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
 
 /// Row counts of one call: none, decode, the mid range, and past every GEMM crossover.
 const MIX: [usize; 7] = [0, 1, 2, 5, 17, 64, 200];
@@ -34,13 +34,7 @@ fn both_paths_match_the_f64_reference() {
                 let cfg = MoeConfig::new(counts.len(), d, f, 1).with_dtypes(act, w);
                 let experts = ExpertSet::new(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()));
                 let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, seed, 5);
-                let x = batch.to_f64_vec();
-                let mut want = Vec::new();
-                for (l, e) in experts.iter().enumerate() {
-                    for r in offs[l]..offs[l + 1] {
-                        want.extend(expert_f64(e, &x[r * d..(r + 1) * d]));
-                    }
-                }
+                let want = ffn_f64(&batch, &offs, &experts, Activation::Silu);
                 for det in [true, false] {
                     let mut out = Tensor::zeros(act, batch.rows(), d);
                     CpuEngine.ffn(&batch, &offs, &experts, det, &mut out).unwrap();
@@ -60,7 +54,6 @@ fn both_paths_match_the_f64_reference() {
 /// for a good share of the values.
 #[test]
 fn clamped_swiglu_with_biases_matches_the_f64_reference() {
-    use moe_ep::Activation;
     use moe_ep::testing::reference::expert_f64_with;
     let (d, f) = (64, 96);
     let act = Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 };
@@ -118,13 +111,7 @@ fn check_mix(counts: &[usize], d: usize, f: usize, act: DType, w: DType, seed: u
     let cfg = MoeConfig::new(counts.len(), d, f, 1).with_dtypes(act, w);
     let experts = ExpertSet::new(random::experts(&cfg, seed, &(0..counts.len()).collect::<Vec<_>>()));
     let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, seed, 5);
-    let x = batch.to_f64_vec();
-    let mut want = Vec::new();
-    for (l, e) in experts.iter().enumerate() {
-        for r in offs[l]..offs[l + 1] {
-            want.extend(expert_f64(e, &x[r * d..(r + 1) * d]));
-        }
-    }
+    let want = ffn_f64(&batch, &offs, &experts, Activation::Silu);
     for det in [true, false] {
         let mut out = Tensor::zeros(act, batch.rows(), d);
         CpuEngine.ffn(&batch, &offs, &experts, det, &mut out).unwrap();
@@ -173,13 +160,7 @@ fn gemm_panels_match_the_f64_reference() {
                 assert_eq!(panels.cpu_gemm_panels().map(|p| (p.dtype(), p.len())), Some((w, counts.len())));
                 assert_eq!(panels.panel_bytes(), panels.bytes());
                 let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, seed, 5);
-                let x = batch.to_f64_vec();
-                let mut want = Vec::new();
-                for (l, e) in plain.iter().enumerate() {
-                    for r in offs[l]..offs[l + 1] {
-                        want.extend(expert_f64(e, &x[r * d..(r + 1) * d]));
-                    }
-                }
+                let want = ffn_f64(&batch, &offs, &plain, Activation::Silu);
                 let run = |set: &ExpertSet, det: bool| {
                     let mut out = Tensor::zeros(act, batch.rows(), d);
                     CpuEngine.ffn(&batch, &offs, set, det, &mut out).unwrap();

@@ -7,7 +7,7 @@
 
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::model::quant::QuantFormat;
-use moe_ep::testing::reference::{expert_f64_with, rel_error};
+use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
 
 fn formats() -> Vec<QuantFormat> {
@@ -33,18 +33,6 @@ fn tolerance(act: DType) -> f64 {
     }
 }
 
-/// The reference rows of `batch` through `experts` by `offs`.
-fn reference(batch: &Tensor, offs: &[usize], experts: &ExpertSet) -> Vec<f64> {
-    let (x, d) = (batch.to_f64_vec(), batch.cols());
-    let mut want = Vec::new();
-    for (l, e) in experts.iter().enumerate() {
-        for r in offs[l]..offs[l + 1] {
-            want.extend(expert_f64_with(e, experts.activation(), &x[r * d..(r + 1) * d]));
-        }
-    }
-    want
-}
-
 fn run(batch: &Tensor, offs: &[usize], experts: &ExpertSet, det: bool) -> Tensor {
     let mut out = Tensor::zeros(batch.dtype(), batch.rows(), batch.cols());
     CpuEngine.ffn(batch, offs, experts, det, &mut out).unwrap();
@@ -63,7 +51,7 @@ fn every_format_matches_the_f64_reference_on_the_same_bytes() {
                 let ids: Vec<usize> = (0..counts.len()).collect();
                 let experts = ExpertSet::new(random::packed_experts(&cfg, fmt, 7 + i as u64, &ids));
                 let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, i as u64, 5);
-                let want = reference(&batch, &offs, &experts);
+                let want = ffn_f64(&batch, &offs, &experts, experts.activation());
                 for det in [true, false] {
                     let err = rel_error(&run(&batch, &offs, &experts, det).to_f64_vec(), &want);
                     assert!(err < tolerance(act), "{fmt} counts {counts:?} {act} deterministic {det}: {err:.2e}");
@@ -93,7 +81,7 @@ fn clamped_swiglu_with_biases_and_a_dense_projection() {
     let counts = [2usize, 0, 9];
     let offs = ffn_offsets(&counts);
     let batch = random::uniform(DType::F32, 11, d, 4.0, 1, 2);
-    let want = reference(&batch, &offs, &set);
+    let want = ffn_f64(&batch, &offs, &set, set.activation());
     for det in [true, false] {
         let err = rel_error(&run(&batch, &offs, &set, det).to_f64_vec(), &want);
         assert!(err < 1e-5, "deterministic {det}: {err:.2e}");

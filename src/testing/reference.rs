@@ -141,6 +141,19 @@ pub fn drops_f64(ids: &[u32], n: usize, cfg: &MoeConfig) -> Vec<bool> {
     dropped
 }
 
+/// The f64 reference of a grouped FFN call ([`crate::Engine::ffn`]): rows
+/// `offsets[l]..offsets[l + 1]` of `batch` through `experts[l]` with `act`, `[rows * D]`.
+pub fn ffn_f64(batch: &Tensor, offsets: &[usize], experts: &[ExpertWeights], act: Activation) -> Vec<f64> {
+    let (x, d) = (batch.to_f64_vec(), batch.cols());
+    let mut y = Vec::with_capacity(x.len());
+    for (l, w) in experts.iter().enumerate() {
+        for r in offsets[l]..offsets[l + 1] {
+            y.extend(expert_f64_with(w, act, &x[r * d..(r + 1) * d]));
+        }
+    }
+    y
+}
+
 /// One SwiGLU expert applied to one row, in f64.
 pub fn expert_f64(w: &ExpertWeights, h: &[f64]) -> Vec<f64> {
     expert_f64_with(w, Activation::Silu, h)

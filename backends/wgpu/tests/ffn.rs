@@ -14,7 +14,7 @@ use std::sync::Arc;
 use common::{context, context_with};
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::model::config::Activation;
-use moe_ep::testing::reference::{expert_f64_with, rel_error};
+use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
 use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, Run, WeightFormat, default_tiles};
 use moe_ep_wgpu::kernels::MmaTile;
@@ -34,19 +34,6 @@ const PORTABLE: [FfnKernels; 4] = [
 /// Say, past libtest's capture, that a variant did not run.
 fn skipped(what: &str, why: &str) {
     let _ = std::io::stderr().write_all(format!("SKIPPED {what}: {why}\n").as_bytes());
-}
-
-/// The f64 reference of a grouped FFN call, `[rows * D]`.
-fn reference(batch: &Tensor, offs: &[usize], experts: &[ExpertWeights], act: Activation) -> Vec<f64> {
-    let d = batch.cols();
-    let x = batch.to_f64_vec();
-    let mut y = Vec::with_capacity(x.len());
-    for (l, w) in experts.iter().enumerate() {
-        for r in offs[l]..offs[l + 1] {
-            y.extend(expert_f64_with(w, act, &x[r * d..(r + 1) * d]));
-        }
-    }
-    y
 }
 
 /// The largest relative error of a row (each against its own norm): rows of very different
@@ -164,7 +151,7 @@ fn every_kernel_matches_the_f64_reference_for_every_dtype_pair() {
                 seed += 1;
                 let w = experts_for(act, weights, d, f, counts.len(), false, seed);
                 let batch = batch_for(act, &offs, d, seed);
-                let want = reference(&batch, &offs, &w, Activation::Silu);
+                let want = ffn_f64(&batch, &offs, &w, Activation::Silu);
                 let what = format!("{d}x{f} act {act} weights {weights}");
                 let dev = upload(&ctx, &w, Activation::Silu, WeightFormat::Native);
                 let plain = check_portable(&ctx, &dev, &batch, &offs, &want, &what);
@@ -189,7 +176,7 @@ fn every_kernel_matches_the_f64_reference_for_every_dtype_pair() {
 }
 
 #[test]
-fn gpt_oss_clamped_swiglu_with_biases_matches_the_reference() {
+fn gpt_oss_clamped_swiglu_with_biases_matches_the_ffn_f64() {
     let ctx = context();
     let act_fn = Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 };
     let (d, f) = (96, 64);
@@ -198,7 +185,7 @@ fn gpt_oss_clamped_swiglu_with_biases_matches_the_reference() {
         let w = experts_for(act, weights, d, f, MIXED.len(), true, 40);
         // Inputs large enough that the clamp at 7 binds for some outputs.
         let batch = random::uniform(act, *offs.last().unwrap(), d, 6.0, 41, 99);
-        let want = reference(&batch, &offs, &w, act_fn);
+        let want = ffn_f64(&batch, &offs, &w, act_fn);
         let what = format!("gpt-oss act {act} weights {weights}");
         for format in [WeightFormat::Native, WeightFormat::F16Scaled] {
             let dev = upload(&ctx, &w, act_fn, format);
@@ -251,7 +238,7 @@ fn bf16_weights_beyond_f16_range_convert_with_row_scales() {
             *v *= 2.0e5;
         }
         let batch = Tensor::from_f32(act, *offs.last().unwrap(), d, &x).unwrap();
-        let want = reference(&batch, &offs, &w, Activation::Silu);
+        let want = ffn_f64(&batch, &offs, &w, Activation::Silu);
         let native = upload(&ctx, &w, Activation::Silu, WeightFormat::Native);
         let scaled = upload(&ctx, &w, Activation::Silu, WeightFormat::F16Scaled);
         let what = format!("wide-range bf16 weights, act {act}");
@@ -309,7 +296,7 @@ fn weights_split_over_bindings_give_the_same_result() {
     split.ffn(&batch, &offs, &experts, true, &mut b).unwrap();
     assert_eq!(split.resident(&experts).unwrap().shards.len(), 3);
     assert_eq!(a.as_bytes(), b.as_bytes());
-    let err = row_error(&a, &reference(&batch, &offs, &w, Activation::Silu));
+    let err = row_error(&a, &ffn_f64(&batch, &offs, &w, Activation::Silu));
     assert!(err < tolerance(DType::F32, false), "rel error {err:.2e}");
 }
 
@@ -333,7 +320,7 @@ fn calls_over_the_binding_limit_run_in_row_chunks_with_the_same_bits() {
         if deterministic {
             assert_eq!(a.as_bytes(), b.as_bytes(), "chunked and whole calls differ");
         }
-        let err = row_error(&b, &reference(&batch, &offs, &w, Activation::Silu));
+        let err = row_error(&b, &ffn_f64(&batch, &offs, &w, Activation::Silu));
         assert!(err < tolerance(DType::BF16, true), "rel error {err:.2e}");
     }
 }

@@ -11,7 +11,7 @@ use common::context;
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::model::config::Activation;
 use moe_ep::model::quant::QuantFormat;
-use moe_ep::testing::reference::{expert_f64_with, rel_error};
+use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
 use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels};
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
@@ -40,17 +40,6 @@ fn formats() -> Vec<QuantFormat> {
     ]
 }
 
-fn reference(batch: &Tensor, offs: &[usize], experts: &[ExpertWeights], act: Activation) -> Vec<f64> {
-    let (x, d) = (batch.to_f64_vec(), batch.cols());
-    let mut y = Vec::new();
-    for (l, w) in experts.iter().enumerate() {
-        for r in offs[l]..offs[l + 1] {
-            y.extend(expert_f64_with(w, act, &x[r * d..(r + 1) * d]));
-        }
-    }
-    y
-}
-
 fn tolerance(act: DType) -> f64 {
     match act {
         DType::F32 => 1e-5,
@@ -74,7 +63,7 @@ fn run(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usize], k:
 fn check(ctx: &GpuContext, experts: &[ExpertWeights], act: Activation, batch: &Tensor, offs: &[usize], what: &str) {
     let dev = DeviceExperts::upload(ctx, &ExpertSet::with_activation(experts.to_vec(), act)).unwrap();
     assert!(dev.packed.is_some(), "{what}: uploaded packed");
-    let want = reference(batch, offs, experts, act);
+    let want = ffn_f64(batch, offs, experts, act);
     let mut first: Option<Tensor> = None;
     for k in PORTABLE.into_iter().chain([FfnKernels::Auto { deterministic: false }]) {
         let out = run(ctx, &dev, batch, offs, k);
@@ -128,7 +117,7 @@ fn the_engine_computes_packed_sets_and_refuses_what_it_cannot() {
     for det in [false, true] {
         let mut out = Tensor::zeros(DType::F32, 23, d);
         engine.ffn(&batch, &offs, &set, det, &mut out).unwrap();
-        let err = row_error(&out, &reference(&batch, &offs, &set, Activation::Silu));
+        let err = row_error(&out, &ffn_f64(&batch, &offs, &set, Activation::Silu));
         assert!(err < 1e-5, "deterministic {det}: {err:.2e}");
     }
     // A projection left dense beside packed ones: a device error (the layer runs it on the CPU).
