@@ -7,6 +7,7 @@
 use moe_ep::compute::cpu::ffn::Plan;
 use moe_ep::compute::cpu::gemm::{GemmElement, gemm_bt, matmul_bt};
 use moe_ep::compute::cpu::gemv::{self, Kernel, Lhs};
+use moe_ep::compute::cpu::panels::gemm_bt_panels;
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, MoeConfig, Tensor, random};
@@ -185,6 +186,18 @@ fn gemm_panels_match_the_f64_reference() {
     let fmt = moe_ep::QuantFormat::affine(4, 32, DType::BF16).unwrap();
     let packed = ExpertSet::new(random::packed_experts(&cfg, fmt, 2, &[0, 1])).with_cpu_gemm_panels();
     assert!(packed.cpu_gemm_panels().is_none() && packed.panel_bytes() == 0);
+    // Short slices are errors, with nothing written.
+    let cfg = MoeConfig::new(1, 64, 96, 1).with_dtypes(DType::F32, DType::F32);
+    let set = ExpertSet::new(random::experts(&cfg, 3, &[0])).with_cpu_gemm_panels();
+    let p = set.cpu_gemm_panels().unwrap().get::<f32>(0).unwrap();
+    let (mut c, mut scratch) = (vec![7f32; 2 * 96], Vec::new());
+    let e = gemm_bt_panels(&[1f32; 64], &p.gate, &mut c, 2, None, false, &mut scratch).unwrap_err();
+    assert!(e.to_string().contains("a has 64 elements"), "{e}");
+    let e = gemm_bt_panels(&[1f32; 128], &p.gate, &mut c[..100], 2, None, false, &mut scratch).unwrap_err();
+    assert!(e.to_string().contains("c has 100 elements"), "{e}");
+    let e = gemm_bt_panels(&[1f32; 128], &p.gate, &mut c, 2, Some(&[0f32; 3]), false, &mut scratch).unwrap_err();
+    assert!(e.to_string().contains("bias has 3 elements"), "{e}");
+    assert!(c.iter().all(|&v| v == 7.0), "nothing written");
 }
 
 /// Deterministic mode: each row's output bits do not depend on the other rows of the call.

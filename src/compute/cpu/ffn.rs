@@ -201,7 +201,7 @@ fn gemm_expert<T: GemmElement>(
     let mut scratch = Vec::new();
     // `a · W^T (+ bias)` for one projection `wt`, from its panels `pt` where there are some.
     let mut product = |a: &[T], wt: &Weight, pt: Option<&Panels<T>>, c: &mut [T], bias: Option<&[T]>| match pt {
-        Some(pt) => gemm_bt_panels(a, pt, c, m, bias, parallel, &mut scratch),
+        Some(pt) => gemm_bt_panels(a, pt, c, m, bias, parallel, &mut scratch).expect("check_ffn: the shapes fit"),
         None => {
             let b = wt.dense().and_then(Tensor::as_slice::<T>);
             let b = b.expect("Plan: dense weights of the rows' dtype on the GEMM path");

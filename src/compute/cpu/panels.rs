@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::gemm::{GemmElement, gemm_bt};
 use crate::dtype::DType;
+use crate::error::{Error, Result};
 use crate::model::weights::{ExpertWeights, Weight};
 use crate::tensor::Tensor;
 
@@ -22,9 +23,8 @@ pub struct Panels<T> {
 }
 
 impl<T: GemmElement> Panels<T> {
-    /// Pack `b` (`[n, k]` row-major). Panics only if `b` holds fewer than `n * k` elements.
-    pub fn new(b: &[T], n: usize, k: usize) -> Self {
-        assert!(b.len() >= n * k, "Panels::new: short slice");
+    /// Pack `b` (`[n, k]` row-major; [`SetPanels::new`] calls it on checked tensors).
+    fn new(b: &[T], n: usize, k: usize) -> Self {
         // b^T: element (i, j) is b[j * k + i].
         Panels { packed: gemmkit::prepack_rhs(gemmkit::MatRef::new(&b[..n * k], k, n, 1, k as isize)) }
     }
@@ -42,9 +42,8 @@ impl<T: GemmElement> Panels<T> {
 /// row-major, `bias` (`[n]`) optional; sums and the bias in f32, one rounding to `T`, as
 /// [`gemm_bt`] computes it (its summation order may differ). `scratch` is resized to `m * n`
 /// (the product is written column-major there, as gemmkit requires with a packed `b`, then
-/// transposed into `c`). With `parallel` the product is split over the rayon pool.
-///
-/// Panics only on slice lengths that do not match the dimensions (a bug in the caller).
+/// transposed into `c`). With `parallel` the product is split over the rayon pool. An error
+/// (nothing written) when `a`, `c` or `bias` is shorter than the dimensions need.
 pub fn gemm_bt_panels<T: GemmElement>(
     a: &[T],
     b: &Panels<T>,
@@ -53,11 +52,23 @@ pub fn gemm_bt_panels<T: GemmElement>(
     bias: Option<&[T]>,
     parallel: bool,
     scratch: &mut Vec<T>,
-) {
+) -> Result<()> {
     let (n, k) = (b.out_features(), b.in_features());
-    assert!(a.len() >= m * k && c.len() >= m * n && bias.is_none_or(|v| v.len() >= n), "gemm_bt_panels: short slices");
+    let short = |what: &str, len: usize, need: usize| {
+        Error::invalid(format!("gemm_bt_panels: {what} has {len} elements, [{m}, {k}] x [{n}, {k}]^T needs {need}"))
+    };
+    if a.len() < m * k {
+        return Err(short("a", a.len(), m * k));
+    }
+    if c.len() < m * n {
+        return Err(short("c", c.len(), m * n));
+    }
+    if let Some(v) = bias.filter(|v| v.len() < n) {
+        return Err(short("bias", v.len(), n));
+    }
     if m == 0 || n == 0 || k == 0 {
-        return gemm_bt(a, &[], c, m, 0, n, bias, parallel);
+        gemm_bt(a, &[], c, m, 0, n, bias, parallel);
+        return Ok(());
     }
     scratch.clear();
     scratch.resize(m * n, T::default());
@@ -77,6 +88,7 @@ pub fn gemm_bt_panels<T: GemmElement>(
             c[i * n + j] = v;
         }
     }
+    Ok(())
 }
 
 /// One expert's three projections in panels.

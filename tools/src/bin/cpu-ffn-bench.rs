@@ -302,14 +302,14 @@ fn prepacked_expert<T: GemmElement>(x: &Tensor, p: &ExpertPanels<T>) -> Vec<T> {
     let mut scratch = Vec::new();
     let xs = x.as_slice::<T>().unwrap();
     let (mut g, mut u, mut y) = (vec![T::default(); m * f], vec![T::default(); m * f], vec![T::default(); m * d]);
-    gemm_bt_panels(xs, &p.gate, &mut g, m, None, false, &mut scratch);
-    gemm_bt_panels(xs, &p.up, &mut u, m, None, false, &mut scratch);
+    gemm_bt_panels(xs, &p.gate, &mut g, m, None, false, &mut scratch).unwrap();
+    gemm_bt_panels(xs, &p.up, &mut u, m, None, false, &mut scratch).unwrap();
     let (mut gf, mut uf) = (vec![0f32; m * f], vec![0f32; m * f]);
     T::widen_slice(&g, &mut gf);
     T::widen_slice(&u, &mut uf);
     Activation::Silu.apply_slice(&mut gf, &uf);
     T::narrow_slice(&gf, &mut g);
-    gemm_bt_panels(&g, &p.down, &mut y, m, None, false, &mut scratch);
+    gemm_bt_panels(&g, &p.down, &mut y, m, None, false, &mut scratch).unwrap();
     y
 }
 
