@@ -46,8 +46,12 @@ struct Params {
 }
 
 const WPE: u32 = select(2u, 1u, WT == 0u);
+// Values of one 16-byte word.
+const WV: u32 = 4u * WPE;
+// Values a fetch loads of each row (the generated fetch's stage).
+const STAGE: u32 = PIECE;
 // 16-byte words of one row's piece, and the staged row's stride (padded against bank conflicts).
-const VPR: u32 = PIECE / (4u * WPE);
+const VPR: u32 = PIECE / WV;
 const VROW: u32 = VPR + 1u;
 const T1_LEN: u32 = select(1u, BN * VROW, UP);
 
@@ -80,38 +84,6 @@ fn load_a(i: u32) -> f32 {
     return widen(a[i >> 1u], i & 1u, AT);
 }
 
-// Load the piece of the workgroup's BN weight rows that starts at k0 (zeros past k_end or N):
-// the j-th register of thread t holds 16-byte word i % VPR of row i / VPR, i = t + j * BN, so
-// that a warp's loads are contiguous runs of whole pieces.
-fn fetch(
-    g_r: ptr<function, array<vec4<u32>, VPR>>,
-    u_r: ptr<function, array<vec4<u32>, VPR>>,
-    base: u32,
-    row_vecs: u32,
-    n0: u32,
-    k0: u32,
-    k_end: u32,
-    lid: u32,
-) {
-    let vecs = min(PIECE, k_end - k0) / (4u * WPE);
-    for (var j = 0u; j < VPR; j++) {
-        let i = lid + j * BN;
-        let nn = i / VPR;
-        let q = i % VPR;
-        var g = vec4<u32>(0u);
-        var u = vec4<u32>(0u);
-        if n0 + nn < p.n_len && q < vecs {
-            let at = base + (n0 + nn) * row_vecs + k0 / (4u * WPE) + q;
-            g = w0[at];
-            if UP {
-                u = w1[at];
-            }
-        }
-        (*g_r)[j] = g;
-        (*u_r)[j] = u;
-    }
-}
-
 @compute @workgroup_size(BN)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let tile = tiles[wid.z];
@@ -122,32 +94,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let n0 = wid.y * BN;
     let k_begin = wid.x * CHUNK;
     let k_end = min(K, k_begin + CHUNK);
-    let row_vecs = K / (4u * WPE);
+    let row_vecs = K / WV;
     let base = tile.x * p.expert_words / 4u;
 
     let z = bitcast<f32>(p.zero);
-    var sum0: array<f32, BM>;
-    var sum1: array<f32, BM>;
-    for (var r = 0u; r < BM; r++) {
-        sum0[r] = z;
-        sum1[r] = z;
-    }
+    // Generated (`backends/wgpu/src/ffn/gemv_source.rs`): the accumulators sum0_r (sum1_r)
+    // for the BM rows, the registers g_j (u_j) that hold this thread's VPR 16-byte words of a
+    // piece, and where each goes in workgroup memory.
+    //@DECLS
     // Software pipeline (PREFETCH): the next piece's weights are loaded into registers while
     // the workgroup computes on the current one from workgroup memory; without, it loads after
-    // computing (fewer live registers).
-    var g_r: array<vec4<u32>, VPR>;
-    var u_r: array<vec4<u32>, VPR>;
-    fetch(&g_r, &u_r, base, row_vecs, n0, k_begin, k_end, lid);
+    // computing (fewer live registers). A fetch loads the piece of the workgroup's BN weight
+    // rows that starts at k0 (zeros past k_end or N): register g_j of thread t holds 16-byte
+    // word i % VPR of row i / VPR, i = t + j * BN, so that a warp's loads are contiguous runs
+    // of whole pieces.
+    //@FETCH k_begin
     for (var k0 = k_begin; k0 < k_end; k0 += PIECE) {
         let len = min(PIECE, k_end - k0);
-        let vecs = len / (4u * WPE);
-        for (var j = 0u; j < VPR; j++) {
-            let i = lid + j * BN;
-            t0[(i / VPR) * VROW + i % VPR] = g_r[j];
-            if UP {
-                t1[(i / VPR) * VROW + i % VPR] = u_r[j];
-            }
-        }
+        let vecs = len / WV;
+        //@STORE
         for (var i = lid; i < BM * PIECE / 4u; i += BN) {
             let r = r0 + i / (PIECE / 4u);
             let kk = (i % (PIECE / 4u)) * 4u;
@@ -161,48 +126,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         if PREFETCH && k0 + PIECE < k_end {
-            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
+            //@FETCH k0 + PIECE
         }
-        var part0: array<f32, BM>;
-        var part1: array<f32, BM>;
-        for (var r = 0u; r < BM; r++) {
-            part0[r] = z;
-            part1[r] = z;
-        }
+        //@PARTS
         for (var q = 0u; q < vecs; q++) {
             let g = t0[lid * VROW + q];
             var u = vec4<u32>(0u);
             if UP {
                 u = t1[lid * VROW + q];
             }
-            // The 4 * WPE weights of this word, in k order.
-            var wg: array<f32, 4u * WPE>;
-            var wu: array<f32, 4u * WPE>;
-            for (var e = 0u; e < 4u * WPE; e++) {
-                wg[e] = widen(g[e / WPE], e % WPE, WT);
-                wu[e] = widen(u[e / WPE], e % WPE, WT);
-            }
-            for (var r = 0u; r < BM; r++) {
-                for (var v = 0u; v < WPE; v++) {
-                    let a4 = a_s[r * (PIECE / 4u) + q * WPE + v];
-                    for (var c = 0u; c < 4u; c++) {
-                        part0[r] = fma(a4[c], wg[v * 4u + c], part0[r]);
-                        if UP {
-                            part1[r] = fma(a4[c], wu[v * 4u + c], part1[r]);
-                        }
-                    }
-                }
-            }
+            // The WV weights of this word, in k order (wg_e, wu_e), and for each row r and
+            // 16-byte word v of it the fma of each of its 4 values, in k order.
+            //@DOT
         }
-        for (var r = 0u; r < BM; r++) {
-            sum0[r] = sum0[r] + part0[r];
-            if UP {
-                sum1[r] = sum1[r] + part1[r];
-            }
-        }
+        //@FOLD
         workgroupBarrier();
         if !PREFETCH && k0 + PIECE < k_end {
-            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + PIECE, k_end, lid);
+            //@FETCH k0 + PIECE
         }
     }
 
@@ -210,13 +150,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if n >= N {
         return;
     }
-    for (var r = 0u; r < BM; r++) {
-        if r0 + r < r1 {
-            let at = (wid.x * p.prows + tile.w + r) * N + n;
-            out[at] = sum0[r];
-            if UP {
-                out[at + p.chunks * p.prows * N] = sum1[r];
-            }
-        }
-    }
+    //@WRITE
 }

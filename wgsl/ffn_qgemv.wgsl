@@ -38,6 +38,9 @@ const SPIECE: u32 = 1024u / BITS;
 // 16-byte words of one row's stage, of one piece, and the staged row's stride (padded
 // against bank conflicts).
 const VPR: u32 = SPIECE / VPW;
+// The generated fetch's stage and values per 16-byte word.
+const STAGE: u32 = SPIECE;
+const WV: u32 = VPW;
 const QPP: u32 = PIECE / VPW;
 const VROW: u32 = VPR + 1u;
 const T1_LEN: u32 = select(1u, BN * VROW, UP);
@@ -74,38 +77,6 @@ fn load_a(i: u32) -> f32 {
     return widen(a[i >> 1u], i & 1u, AT);
 }
 
-// Load the stage of the workgroup's BN weight rows that starts at k0 (zeros past k_end or N):
-// the j-th register of thread t holds 16-byte word i % VPR of row i / VPR, i = t + j * BN, so
-// that a warp's loads are contiguous runs of whole stages.
-fn fetch(
-    g_r: ptr<function, array<vec4<u32>, VPR>>,
-    u_r: ptr<function, array<vec4<u32>, VPR>>,
-    base: u32,
-    row_vecs: u32,
-    n0: u32,
-    k0: u32,
-    k_end: u32,
-    lid: u32,
-) {
-    let vecs = min(SPIECE, k_end - k0) / VPW;
-    for (var j = 0u; j < VPR; j++) {
-        let i = lid + j * BN;
-        let nn = i / VPR;
-        let q = i % VPR;
-        var g = vec4<u32>(0u);
-        var u = vec4<u32>(0u);
-        if n0 + nn < p.n_len && q < vecs {
-            let at = base + (n0 + nn) * row_vecs + k0 / VPW + q;
-            g = w0[at];
-            if UP {
-                u = w1[at];
-            }
-        }
-        (*g_r)[j] = g;
-        (*u_r)[j] = u;
-    }
-}
-
 @compute @workgroup_size(BN)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let tile = tiles[wid.z];
@@ -123,28 +94,21 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let nrow = min(n0 + lid, N - 1u);
 
     let z = bitcast<f32>(p.zero);
-    var sum0: array<f32, BM>;
-    var sum1: array<f32, BM>;
-    for (var r = 0u; r < BM; r++) {
-        sum0[r] = z;
-        sum1[r] = z;
-    }
-    // Software pipeline (PREFETCH): the next piece's weights are loaded into registers while
+    // Generated (`backends/wgpu/src/ffn/gemv_source.rs`): the accumulators sum0_r (sum1_r)
+    // for the BM rows, the registers g_j (u_j) that hold this thread's VPR 16-byte words of a
+    // stage, and where each goes in workgroup memory.
+    //@DECLS
+    // Software pipeline (PREFETCH): the next stage's weights are loaded into registers while
     // the workgroup computes on the current one from workgroup memory; without, it loads after
-    // computing (fewer live registers).
-    var g_r: array<vec4<u32>, VPR>;
-    var u_r: array<vec4<u32>, VPR>;
-    fetch(&g_r, &u_r, base, row_vecs, n0, k_begin, k_end, lid);
+    // computing (fewer live registers). A fetch loads the stage of the workgroup's BN weight
+    // rows that starts at k0 (zeros past k_end or N): register g_j of thread t holds 16-byte
+    // word i % VPR of row i / VPR, i = t + j * BN, so that a warp's loads are contiguous runs
+    // of whole stages.
+    //@FETCH k_begin
     for (var k0 = k_begin; k0 < k_end; k0 += SPIECE) {
         let len = min(SPIECE, k_end - k0);
         let vecs = len / VPW;
-        for (var j = 0u; j < VPR; j++) {
-            let i = lid + j * BN;
-            t0[(i / VPR) * VROW + i % VPR] = g_r[j];
-            if UP {
-                t1[(i / VPR) * VROW + i % VPR] = u_r[j];
-            }
-        }
+        //@STORE
         for (var i = lid; i < BM * SPIECE / 4u; i += BN) {
             let r = r0 + i / (SPIECE / 4u);
             let kk = (i % (SPIECE / 4u)) * 4u;
@@ -158,14 +122,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         if PREFETCH && k0 + SPIECE < k_end {
-            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + SPIECE, k_end, lid);
+            //@FETCH k0 + SPIECE
         }
-        var part0: array<f32, BM>;
-        var part1: array<f32, BM>;
-        for (var r = 0u; r < BM; r++) {
-            part0[r] = z;
-            part1[r] = z;
-        }
+        //@PARTS
         for (var q = 0u; q < vecs; q++) {
             let g = t0[lid * VROW + q];
             var u = vec4<u32>(0u);
@@ -181,38 +140,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if UP {
                 s1 = decode_sb(qs1[at], qs1[at + select(0u, 1u, QK == 1u && ST == 0u)], nrow, grp, groups);
             }
-            var wg: array<f32, VPW>;
-            var wu: array<f32, VPW>;
-            for (var e = 0u; e < VPW; e++) {
-                wg[e] = fma(s0.x, qvalue(g[e / EPW], e % EPW), s0.y);
-                wu[e] = fma(s1.x, qvalue(u[e / EPW], e % EPW), s1.y);
-            }
-            for (var r = 0u; r < BM; r++) {
-                for (var v = 0u; v < EPW; v++) {
-                    let a4 = a_s[r * (SPIECE / 4u) + q * EPW + v];
-                    for (var c = 0u; c < 4u; c++) {
-                        part0[r] = fma(a4[c], wg[v * 4u + c], part0[r]);
-                        if UP {
-                            part1[r] = fma(a4[c], wu[v * 4u + c], part1[r]);
-                        }
-                    }
-                }
-            }
+            // wg_e, wu_e, then for each row r and 16-byte word v of it the fma of each of its
+            // 4 values, in k order.
+            //@DOT
             // End of a piece of the summation order (or of the stage): fold it into the chunk.
             if (q + 1u) % QPP == 0u || q + 1u == vecs {
-                for (var r = 0u; r < BM; r++) {
-                    sum0[r] = sum0[r] + part0[r];
-                    part0[r] = z;
-                    if UP {
-                        sum1[r] = sum1[r] + part1[r];
-                        part1[r] = z;
-                    }
-                }
+                //@FOLD
+                //@RESET
             }
         }
         workgroupBarrier();
         if !PREFETCH && k0 + SPIECE < k_end {
-            fetch(&g_r, &u_r, base, row_vecs, n0, k0 + SPIECE, k_end, lid);
+            //@FETCH k0 + SPIECE
         }
     }
 
@@ -220,13 +159,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if n >= N {
         return;
     }
-    for (var r = 0u; r < BM; r++) {
-        if r0 + r < r1 {
-            let at = (wid.x * p.prows + tile.w + r) * N + n;
-            out[at] = sum0[r];
-            if UP {
-                out[at + p.chunks * p.prows * N] = sum1[r];
-            }
-        }
-    }
+    //@WRITE
 }

@@ -94,6 +94,8 @@ pub struct GpuContext {
     /// by size; a used one comes back once the GPU has copied out of it and it is mapped again.
     staging: Arc<Mutex<Vec<wgpu::Buffer>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Benchmarks: FFN launches are timed one by one while set.
+    pub(crate) profile: Mutex<Option<Arc<crate::timing::LaunchProfile>>>,
 }
 
 /// Name, backend and type of every adapter wgpu finds (honouring `WGPU_BACKEND`).
@@ -231,6 +233,7 @@ impl GpuContext {
             pool: BufferPool::default(),
             staging: Arc::default(),
             errors,
+            profile: Mutex::new(None),
         })
     }
 
@@ -264,6 +267,13 @@ impl GpuContext {
     /// [`ContextOptions::mapped_exchange`]).
     pub fn mapped_exchange(&self) -> bool {
         self.mapped_exchange
+    }
+
+    /// Benchmarks: time every FFN launch recorded from now on with `profile` (its own pass
+    /// between two timestamps), or stop with `None`. Launches in one pass may overlap where
+    /// they do not depend on each other; profiled, they do not.
+    pub fn profile_launches(&self, profile: Option<Arc<crate::timing::LaunchProfile>>) {
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = profile;
     }
 
     /// Largest storage binding, in bytes, any kernel may use on this device.

@@ -7,6 +7,8 @@
 
 use moe_ep::DType;
 
+use crate::ffn::gemv_source::GemvShape;
+
 /// Row gather: pack, scatter and gather back (`wgsl/gather_rows.wgsl`).
 pub const GATHER_ROWS: &str = include_str!("../../../wgsl/gather_rows.wgsl");
 /// Weighted zero-copy combine (`wgsl/combine.wgsl`).
@@ -259,7 +261,13 @@ impl Tile {
 
     /// Workgroup memory of the up kernel (the larger) with 16-bit weights (the larger), bytes.
     pub fn workgroup_bytes(&self) -> u32 {
-        if self.split { 4 * self.bm * CHUNK } else { 4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1)) }
+        // Decode tiles: A's staged values (at most 256 a row: packed 4-bit stages) and the
+        // weights' two staged streams (BN rows of 9 16-byte words).
+        if self.split {
+            4 * self.bm * 256 + 2 * self.bn * 9 * 16
+        } else {
+            4 * (self.bm * 2 * self.bkw + 2 * self.bn * (self.bkw + 1))
+        }
     }
 }
 
@@ -636,17 +644,23 @@ impl Variant {
             }
             Kernel::FfnMma { up } => self.mma_source(up),
             Kernel::FfnUp | Kernel::FfnDown if self.quant.kind != 0 => self.packed_source(widen),
-            Kernel::FfnUp | Kernel::FfnDown if self.tile.split => format!(
-                "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
-                 const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\
-                 const PREFETCH: bool = {};\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",
-                self.kernel == Kernel::FfnUp,
-                code(self.dtype),
-                code(self.weights),
-                self.tile.bm,
-                self.tile.bn,
-                self.tile.bkw != 0,
-            ),
+            Kernel::FfnUp | Kernel::FfnDown if self.tile.split => {
+                let up = self.kernel == Kernel::FfnUp;
+                let per_word = if self.weights == DType::F32 { 1 } else { 2 };
+                let text = format!(
+                    "const UP: bool = {up};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
+                     const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\
+                     const PREFETCH: bool = {};\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",
+                    code(self.dtype),
+                    code(self.weights),
+                    self.tile.bm,
+                    self.tile.bn,
+                    self.tile.bkw != 0,
+                );
+                let vpr = PIECE / (4 * per_word);
+                let shape = GemvShape { up, bm: self.tile.bm, per_word, vpr, packed: false };
+                crate::ffn::gemv_source::expand(&text, shape)
+            }
             Kernel::FfnUp | Kernel::FfnDown => {
                 let t = self.tile;
                 format!(
@@ -686,7 +700,7 @@ impl Variant {
         let (t, q, up) = (self.tile, self.quant.prelude(), self.kernel == Kernel::FfnUp);
         let at = dtype_code(self.dtype);
         if t.split {
-            return format!(
+            let text = format!(
                 "const UP: bool = {up};\nconst AT: u32 = {at}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
                  const PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\nconst PREFETCH: bool = {};\n{q}{widen}\n\n\
                  {CONVERT}\n{FFN_QUANT}\n{FFN_QGEMV}",
@@ -694,6 +708,11 @@ impl Variant {
                 t.bn,
                 t.bkw != 0,
             );
+            // ffn_qgemv.wgsl stages 1024 bits of each row: 8 words of 16 bytes in every format.
+            let per_word = self.quant.per_word();
+            let vpr = (1024 / self.quant.bits) / (4 * per_word);
+            let shape = GemvShape { up, bm: t.bm, per_word, vpr, packed: true };
+            return crate::ffn::gemv_source::expand(&text, shape);
         }
         format!(
             "const UP: bool = {up};\nconst AT: u32 = {at}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\

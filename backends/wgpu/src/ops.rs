@@ -118,6 +118,11 @@ impl Launch {
     pub fn label(&self) -> &str {
         &self.label
     }
+
+    /// The grid: workgroups in x, y, z.
+    pub fn groups(&self) -> (u32, u32, u32) {
+        self.groups
+    }
 }
 
 /// The word a row of `row_bytes` moves in, or an error for rows that are not whole 32-bit words.

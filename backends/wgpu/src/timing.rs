@@ -63,6 +63,12 @@ impl GpuTimer {
         let bytes = 8 * u64::from(n);
         enc.copy_buffer_to_buffer(&self.resolve, 0, &self.read, 0, bytes);
         ctx.submit(enc)?;
+        let ticks = self.read_ticks(ctx, bytes)?;
+        Ok(ticks.chunks(2).map(|p| p[1].wrapping_sub(p[0]) as f64 * self.ns_per_tick * 1e-9).collect())
+    }
+
+    /// Wait for the submitted work, then read the first `bytes` of resolved timestamps.
+    fn read_ticks(&self, ctx: &GpuContext, bytes: u64) -> Result<Vec<u64>> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.read.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
@@ -76,6 +82,57 @@ impl GpuTimer {
             bytemuck::cast_slice(&view).to_vec()
         };
         self.read.unmap();
-        Ok(ticks.chunks(2).map(|p| p[1].wrapping_sub(p[0]) as f64 * self.ns_per_tick * 1e-9).collect())
+        Ok(ticks)
+    }
+}
+
+/// Per-launch GPU times of FFN calls, for benchmarks: while installed on a context
+/// ([`GpuContext::profile_launches`]), every FFN launch is recorded in a compute pass of its
+/// own between two timestamps (up to the capacity; later launches run untimed).
+#[derive(Debug)]
+pub struct LaunchProfile {
+    timer: GpuTimer,
+    labels: std::sync::Mutex<Vec<String>>,
+}
+
+impl LaunchProfile {
+    /// A profile of up to `launches` launches. Errors as [`GpuTimer::new`].
+    pub fn new(ctx: &GpuContext, launches: u32) -> Result<Self> {
+        Ok(LaunchProfile { timer: GpuTimer::new(ctx, launches)?, labels: Default::default() })
+    }
+
+    /// Record `launch` in its own pass, timed while there is room.
+    pub(crate) fn encode(&self, enc: &mut wgpu::CommandEncoder, launch: &crate::ops::Launch) {
+        let mut labels = self.labels.lock().unwrap_or_else(|p| p.into_inner());
+        let i = labels.len() as u32;
+        if i >= self.timer.runs {
+            launch.encode_pass(enc);
+            return;
+        }
+        enc.write_timestamp(&self.timer.set, 2 * i);
+        launch.encode_pass(enc);
+        enc.write_timestamp(&self.timer.set, 2 * i + 1);
+        labels.push(format!("{} {:?}", launch.label(), launch.groups()));
+    }
+
+    /// After the recorded work was submitted: each timed launch's label and GPU seconds, in
+    /// order; the profile is then empty again.
+    pub fn take(&self, ctx: &GpuContext) -> Result<Vec<(String, f64)>> {
+        let labels = std::mem::take(&mut *self.labels.lock().unwrap_or_else(|p| p.into_inner()));
+        if labels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = 2 * labels.len() as u32;
+        let mut enc = ctx.encoder("launch profile");
+        enc.resolve_query_set(&self.timer.set, 0..n, &self.timer.resolve, 0);
+        let bytes = 8 * u64::from(n);
+        enc.copy_buffer_to_buffer(&self.timer.resolve, 0, &self.timer.read, 0, bytes);
+        ctx.submit(enc)?;
+        let ticks = self.timer.read_ticks(ctx, bytes)?;
+        Ok(labels
+            .into_iter()
+            .zip(ticks.chunks(2))
+            .map(|(l, p)| (l, p[1].wrapping_sub(p[0]) as f64 * self.timer.ns_per_tick * 1e-9))
+            .collect())
     }
 }

@@ -24,7 +24,8 @@ use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 const MIXED: [usize; 7] = [0, 1, 3, 8, 9, 40, 200];
 
 /// The portable kernel choices (all the same bits).
-const PORTABLE: [FfnKernels; 4] = [
+const PORTABLE: [FfnKernels; 5] = [
+    FfnKernels::Portable { decode_max: 16, prefetch: true },
     FfnKernels::Portable { decode_max: 8, prefetch: true },
     FfnKernels::Portable { decode_max: 8, prefetch: false },
     FfnKernels::Portable { decode_max: 2, prefetch: true },
@@ -123,7 +124,8 @@ fn check_mma(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usiz
     forced.extend(forced.clone().into_iter().filter(|t| t.sv == 1).map(|t| MmaTile { nbuf: 3 - t.nbuf, ..t }));
     forced.retain(|t| t.workgroup_bytes(true) <= limit);
     forced.dedup();
-    let mut choices = vec![FfnKernels::Auto { deterministic: false }, FfnKernels::MMA];
+    let mut choices =
+        vec![FfnKernels::Auto { deterministic: false }, FfnKernels::MMA, FfnKernels::Mixed { decode_max: 16 }];
     choices.extend(forced.iter().map(|&t| FfnKernels::Mma { up: Some(t), down: Some(t), run: Run::Both }));
     for k in choices {
         let out = run(ctx, dev, batch, offs, k);

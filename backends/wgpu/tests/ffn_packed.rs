@@ -18,7 +18,8 @@ use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 
 const MIXED: [usize; 6] = [0, 1, 3, 8, 9, 40];
 
-const PORTABLE: [FfnKernels; 4] = [
+const PORTABLE: [FfnKernels; 5] = [
+    FfnKernels::Portable { decode_max: 16, prefetch: true },
     FfnKernels::Portable { decode_max: 8, prefetch: true },
     FfnKernels::Portable { decode_max: 8, prefetch: false },
     FfnKernels::Portable { decode_max: 2, prefetch: true },

@@ -3,7 +3,7 @@
 
 use moe_ep::{DType, Result};
 
-use super::portable::{self, Io, ShardTiles};
+use super::portable::{self, Io, Part, ShardTiles};
 use super::{Chunk, DeviceExperts, MmaPlan, Projection, Run, encode_pass, grid};
 use crate::context::{GpuContext, backend_error};
 use crate::kernels::{MmaTile, Variant};
@@ -44,9 +44,12 @@ pub fn matrix_units(adapter: &wgpu::Adapter, fast: bool) -> Option<MatrixUnits> 
 /// The tiles of each projection (up, down), smallest first, for `units` and `limit` bytes
 /// of workgroup memory: a tile takes up to `bm` rows of one expert; an expert of `m` rows
 /// takes `m / bm` tiles of the largest and its remainder goes to the first tile that holds it.
-/// Chosen from a sweep on the H200 (BENCHMARKS.md): 16-row tiles stream the weights of
-/// experts with a few rows, the 128-row ones with eight subgroups of 64 x 32 outputs run
-/// everything larger (the kernel is limited by its fragment loads, so wasted rows cost little).
+/// Chosen from sweeps on the H200 (BENCHMARKS.md): for the up projection 16-row tiles stream
+/// the weights of experts with a few rows, 32-row ones (eight subgroups of 16 x 32 outputs)
+/// take 17-32 rows, the 128-row ones with eight subgroups of 64 x 32 outputs everything larger
+/// (the kernel is limited by its fragment loads, so wasted rows cost little); for the down
+/// projection the 32-row tile was faster than the 16-row one at every size it was timed
+/// (Mixtral-8x7B N=64: 741 us against 1.40 ms; Qwen3-30B-A3B N=128: 336 us against 497 us).
 pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     let (s, sg) = (units.size, units.subgroup);
     // vec4 staging where the backend takes vector pointers for cooperative loads (Vulkan);
@@ -55,8 +58,8 @@ pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     let t = |bm, bn, bk, wm, wn, nbuf| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
     let (up, down) = if s == 16 {
         (
-            vec![t(16, 64, 128, 1, 4, 1), t(128, 128, 32, 2, 4, 1)],
-            vec![t(16, 128, 64, 1, 4, 2), t(128, 128, 32, 2, 4, 1)],
+            vec![t(16, 64, 128, 1, 4, 1), t(32, 128, 32, 2, 4, 1), t(128, 128, 32, 2, 4, 1)],
+            vec![t(32, 128, 32, 2, 4, 1), t(128, 128, 32, 2, 4, 1)],
         )
     } else {
         (vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)], vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)])
@@ -157,11 +160,11 @@ impl GpuContext {
         let (mut decode, prows) = portable::plan(dev, c, decode_max, true);
         let part_bytes = 4 * (prows * portable::partial_per_row(d, f)) as u64;
         let decode_max = if prows == 0 || part_bytes > self.max_binding_bytes() { 0 } else { decode_max };
-        let part = if decode_max > 0 {
+        let parts = if decode_max > 0 {
             decode.iter_mut().for_each(|t| t.tiled.clear());
-            Some(self.ffn_scratch("ffn partial sums", part_bytes, scratch)?)
+            self.partial_buffers(&decode, d, f, scratch)?
         } else {
-            None
+            Vec::new()
         };
         let xmax = if c.act == DType::BF16 && run != Run::Down {
             Some(self.batch_rowmax(c, d, &mut launches, scratch)?)
@@ -193,25 +196,26 @@ impl GpuContext {
                     omax: (&dummy_w, 16),
                 }
             };
+            // The decode launches first (each shard into its own partial sums, so they need
+            // not wait for each other), then the cooperative ones, then the reductions.
+            let io = Io {
+                a: bufs.a,
+                w: (&dev.shards[0].gate, &dev.shards[0].gate, 0),
+                part: (&dummy_w, 16),
+                out: bufs.out,
+                qs: None,
+                reduce_out: if up { DType::F32 } else { c.act },
+            };
+            let decoded = DecodeRows { tiles: &decode, parts: &parts };
+            self.decode_launches(dev, c, &proj, &decoded, &io, Part::Decode, scratch, &mut launches)?;
             for s in 0..dev.shards.len() {
                 for (tile, rows) in bucket_tiles(dev, s, c, &tiles, decode_max) {
                     launches.push(self.mma_launch(dev, s, c, &proj, tile, &rows, &bufs, scratch)?);
                 }
             }
-            if let Some(part) = &part {
-                let io = Io {
-                    a: bufs.a,
-                    w: (&dev.shards[0].gate, &dev.shards[0].gate, 0),
-                    part: (part, part.size()),
-                    out: bufs.out,
-                    qs: None,
-                    reduce_out: if up { DType::F32 } else { c.act },
-                };
-                let decoded = DecodeRows { tiles: &decode, prows };
-                self.decode_launches(dev, c, &proj, &decoded, &io, scratch, &mut launches)?;
-            }
+            self.decode_launches(dev, c, &proj, &decoded, &io, Part::Finish, scratch, &mut launches)?;
         }
-        encode_pass(enc, &launches);
+        encode_pass(self, enc, &launches);
         Ok(())
     }
 
@@ -241,8 +245,9 @@ impl GpuContext {
         Ok(xmax)
     }
 
-    /// The decode kernel's launches of projection `proj` for the experts of at most
-    /// `decode_max` rows, in the cooperative path's pass.
+    /// The decode kernel's launches (`part`: the partial sums or their reductions) of
+    /// projection `proj` for the experts of at most `decode_max` rows, in the cooperative
+    /// path's pass; none without decode rows.
     #[allow(clippy::too_many_arguments)]
     fn decode_launches(
         &self,
@@ -251,21 +256,23 @@ impl GpuContext {
         proj: &Projection,
         decoded: &DecodeRows<'_>,
         io: &Io<'_>,
+        part: Part,
         scratch: &mut Vec<wgpu::Buffer>,
         launches: &mut Vec<Launch>,
     ) -> Result<()> {
         let (d, f) = (dev.hidden, dev.intermediate);
-        for t in decoded.tiles {
+        for (t, part_buf) in decoded.tiles.iter().zip(decoded.parts) {
             let shard = &dev.shards[t.shard];
             let mut p = dev.params(shard, proj)?;
             let (a_base, o_base) = if proj.up { (0, c.c0) } else { (c.c0, 0) };
             p.a_base = a_base as u32;
             p.o_base = o_base as u32;
             p.chunks = portable::chunks(proj.k) as u32;
-            p.prows = decoded.prows as u32;
+            p.prows = t.prows as u32;
             let (w0, w1) = if proj.up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
-            let io = Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), ..*io };
-            self.portable_launches(dev, c.act, t, proj, &p, &io, scratch, launches)?;
+            let io =
+                Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), part: (part_buf, part_buf.size()), ..*io };
+            self.portable_launches(dev, c.act, t, proj, &p, &io, part, scratch, launches)?;
         }
         Ok(())
     }
@@ -334,8 +341,9 @@ struct MmaIo<'a> {
     omax: (&'a wgpu::Buffer, u64),
 }
 
-/// The decode kernel's row tiles of a chunk and the rows of its partial sums.
+/// The decode kernel's row tiles of a chunk (per shard) and each shard's partial sums (none
+/// without decode rows).
 struct DecodeRows<'t> {
     tiles: &'t [ShardTiles],
-    prows: usize,
+    parts: &'t [wgpu::Buffer],
 }

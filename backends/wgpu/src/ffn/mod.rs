@@ -15,6 +15,7 @@
 //! Every launch of a call is recorded in one compute pass per row chunk (a call whose f32
 //! intermediate would exceed one binding runs in chunks of rows), so one submit runs it all.
 
+pub(crate) mod gemv_source;
 mod mma;
 pub(crate) mod mma_source;
 pub mod packed;
@@ -30,8 +31,11 @@ use crate::context::{GpuContext, STORAGE, backend_error};
 use crate::kernels::{Epilogue, MmaTile, Variant};
 use crate::ops::{Launch, binding, u32_of};
 
-/// Rows per expert up to which the portable path uses the decode kernel.
+/// Rows per expert up to which a call uses the decode kernel (both paths, by default).
 pub const DECODE_MAX_ROWS: usize = 8;
+/// The largest decode tile: rows per expert up to which [`FfnKernels::Portable`] and
+/// [`FfnKernels::Mixed`] may be asked to use the decode kernel.
+pub const DECODE_TILE_MAX_ROWS: usize = 16;
 
 /// Which kernels a call may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,9 +46,14 @@ pub enum FfnKernels {
     /// a row's bits independent of its batch).
     Auto { deterministic: bool },
     /// The portable kernels: the decode kernel for experts with at most `decode_max` rows
-    /// (0: never; at most [`DECODE_MAX_ROWS`]), with or without its prefetch, the tiled
+    /// (0: never; at most [`DECODE_TILE_MAX_ROWS`]), with or without its prefetch, the tiled
     /// kernel for the others. Every choice gives the same bits.
     Portable { decode_max: usize, prefetch: bool },
+    /// What `Auto { deterministic: false }` runs on matrix units, with the decode kernel for
+    /// experts of at most `decode_max` rows (at most [`DECODE_TILE_MAX_ROWS`]) instead of
+    /// [`DECODE_MAX_ROWS`]: the cooperative kernel for the others. Errors where the
+    /// cooperative kernel does not apply. For tuning the split.
+    Mixed { decode_max: usize },
     /// The cooperative-matrix kernel with every row tile of the up (or down) projection in the
     /// given tile (`None`: the default tile of each bucket), running `run`. Errors where it
     /// does not apply.
@@ -373,8 +382,16 @@ impl GpuContext {
                 _ => Path::Portable { decode_max: DECODE_MAX_ROWS, prefetch: true },
             }),
             FfnKernels::Portable { decode_max, prefetch } => {
-                Ok(Path::Portable { decode_max: decode_max.min(DECODE_MAX_ROWS), prefetch })
+                Ok(Path::Portable { decode_max: decode_max.min(portable::decode_limit(self)), prefetch })
             }
+            FfnKernels::Mixed { decode_max } => match self.ffn_path(dev, act, FfnKernels::MMA)? {
+                Path::Mma(plan) => {
+                    let decode_max =
+                        if portable::decode_ok(self, dev) { decode_max.min(portable::decode_limit(self)) } else { 0 };
+                    Ok(Path::Mma(MmaPlan { decode_max, ..plan }))
+                }
+                other => Ok(other),
+            },
             FfnKernels::Mma { up, down, run } => {
                 let units = units.ok_or_else(|| {
                     backend_error(format!("{} offers no matrix units the FFN kernel takes", self.describe()))
@@ -475,8 +492,14 @@ impl Chunk<'_> {
     }
 }
 
-/// Record `launches` in one compute pass.
-pub(crate) fn encode_pass(enc: &mut wgpu::CommandEncoder, launches: &[Launch]) {
+/// Record `launches` in one compute pass (each in its own, timed, while `ctx` profiles).
+pub(crate) fn encode_pass(ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, launches: &[Launch]) {
+    if let Some(p) = ctx.profile.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        for l in launches {
+            p.encode(enc, l);
+        }
+        return;
+    }
     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("ffn"), timestamp_writes: None });
     for l in launches {
         l.encode(&mut pass);

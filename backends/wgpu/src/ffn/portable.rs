@@ -16,6 +16,19 @@ pub(super) struct ShardTiles {
     pub decode: Vec<(Tile, Vec<[u32; 4]>)>,
     pub tiled: Vec<[u32; 4]>,
     pub reduce: Vec<[u32; 4]>,
+    /// Rows of this shard's partial sums (its decode rows, numbered from 0): each shard has
+    /// a partial-sum buffer of its own, so that its decode launches need not wait for
+    /// another shard's.
+    pub prows: usize,
+}
+
+/// Which launches of a shard's projection [`GpuContext::portable_launches`] records: the
+/// decode kernel's (into the shard's partial sums), or the tiled kernel's and the reduction.
+/// A call records every shard's decode launches first, so that they can overlap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Part {
+    Decode,
+    Finish,
 }
 
 pub(super) fn chunks(k: usize) -> usize {
@@ -27,7 +40,7 @@ pub(super) fn partial_per_row(d: usize, f: usize) -> usize {
     (2 * chunks(d) * f).max(chunks(f) * d)
 }
 
-/// The decode tile for an expert of `m` (1..=8) rows.
+/// The decode tile for an expert of `m` (1..=16) rows.
 fn decode_tile(m: usize, prefetch: bool) -> Tile {
     let t = Tile::gemv(m.next_power_of_two() as u32);
     if prefetch { t } else { Tile { bkw: 0, ..t } }
@@ -56,7 +69,8 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
     for up in [true, false] {
         v.push(ffn_variant(dev, up, act, Tile::SQUARE, unpack, epi));
         if decode_ok(ctx, dev) {
-            for m in [1, 2, 4, 8] {
+            // Larger tiles (up to DECODE_TILE_MAX_ROWS) compile when a call first asks for them.
+            for m in [1, 2, 4, 8].into_iter().filter(|&m| m <= super::DECODE_MAX_ROWS) {
                 v.push(ffn_variant(dev, up, act, decode_tile(m, true), unpack, Epilogue::PLAIN));
             }
             v.push(Variant::ffn_reduce(up, epi, DType::F32));
@@ -71,10 +85,20 @@ pub(super) fn variants(ctx: &GpuContext, dev: &DeviceExperts, act: DType) -> Vec
     v
 }
 
+/// The most rows an expert may have for the decode kernel on this device: the largest decode
+/// tile (up to [`super::DECODE_TILE_MAX_ROWS`]) whose workgroup memory fits, 0 if none does.
+pub(super) fn decode_limit(ctx: &GpuContext) -> usize {
+    let limit = ctx.limits().max_compute_workgroup_storage_size;
+    [super::DECODE_TILE_MAX_ROWS, super::DECODE_MAX_ROWS]
+        .into_iter()
+        .find(|&m| Tile::gemv(m as u32).workgroup_bytes() <= limit)
+        .unwrap_or(0)
+}
+
 /// Whether the decode kernel takes these sizes (its 16-byte loads; packed: whole 16-byte
 /// words a row, each word's values in one scale group) on this device.
 pub(super) fn decode_ok(ctx: &GpuContext, dev: &DeviceExperts) -> bool {
-    let fits = Tile::gemv(8).workgroup_bytes() <= ctx.limits().max_compute_workgroup_storage_size;
+    let fits = decode_limit(ctx) > 0;
     let sizes = match dev.packed {
         None => dev.hidden.is_multiple_of(8) && dev.intermediate.is_multiple_of(8),
         Some(q) => {
@@ -99,13 +123,13 @@ impl GpuContext {
         let (d, f) = (dev.hidden, dev.intermediate);
         let n = c.len();
         let decode_max = if decode_ok(self, dev) { decode_max } else { 0 };
-        let (mut plan, mut prows) = plan(dev, c, decode_max, prefetch);
+        let (mut plan, prows) = plan(dev, c, decode_max, prefetch);
         if 4 * (prows * partial_per_row(d, f)) as u64 > self.max_binding_bytes() {
             // Partial sums too large for one binding: the tiled kernel, same bits.
-            (plan, prows) = self::plan(dev, c, 0, prefetch);
+            plan = self::plan(dev, c, 0, prefetch).0;
         }
         let inter = self.ffn_scratch("ffn intermediate", (n * f * 4) as u64, scratch)?;
-        let part = self.ffn_scratch("ffn partial sums", (4 * prows * partial_per_row(d, f)) as u64, scratch)?;
+        let parts = self.partial_buffers(&plan, d, f, scratch)?;
         let out32 = if c.act == DType::F32 {
             None
         } else {
@@ -124,11 +148,14 @@ impl GpuContext {
                 (false, Some(o)) => (o, (n * d * 4) as u64, c.c0),
                 (false, None) => (c.out, (c.rows * d * 4) as u64, 0),
             };
-            for t in &plan {
+            // Every shard's decode launches, then every shard's tiled and reduce launches.
+            let steps =
+                [Part::Decode, Part::Finish].into_iter().flat_map(|x| plan.iter().zip(&parts).map(move |t| (x, t)));
+            for (part, (t, part_buf)) in steps {
                 let shard = &dev.shards[t.shard];
                 let mut p = dev.params(shard, &proj)?;
                 (p.a_base, p.o_base, p.chunks, p.prows) =
-                    (a_base as u32, o_base as u32, chunks(k) as u32, prows as u32);
+                    (a_base as u32, o_base as u32, chunks(k) as u32, t.prows as u32);
                 let (w0, w1) = if up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
                 let w_bytes = shard.count as u64 * 4 * dev.matrix_words() as u64;
                 let qs = shard.scales.as_ref().map(|[g, u, dn]| {
@@ -139,11 +166,11 @@ impl GpuContext {
                     a: (a, a_bytes),
                     w: (w0, w1, w_bytes),
                     qs,
-                    part: (&part, part.size()),
+                    part: (part_buf, part_buf.size()),
                     out: (o, o_bytes),
                     reduce_out: DType::F32,
                 };
-                self.portable_launches(dev, c.act, t, &proj, &p, &io, scratch, &mut launches)?;
+                self.portable_launches(dev, c.act, t, &proj, &p, &io, part, scratch, &mut launches)?;
             }
         }
         if let Some(o32) = &out32 {
@@ -161,11 +188,25 @@ impl GpuContext {
                 )
             });
         }
-        encode_pass(enc, &launches);
+        encode_pass(self, enc, &launches);
         Ok(())
     }
 
-    /// The decode, tiled and reduce launches of one shard for one projection.
+    /// One partial-sum buffer per shard of `plan` (16 bytes where it has no decode rows).
+    pub(super) fn partial_buffers(
+        &self,
+        plan: &[ShardTiles],
+        d: usize,
+        f: usize,
+        scratch: &mut Vec<wgpu::Buffer>,
+    ) -> Result<Vec<wgpu::Buffer>> {
+        plan.iter()
+            .map(|t| self.ffn_scratch("ffn partial sums", (4 * t.prows * partial_per_row(d, f)) as u64, scratch))
+            .collect()
+    }
+
+    /// The decode launches (`Part::Decode`), or the tiled and reduce launches
+    /// (`Part::Finish`), of one shard for one projection.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn portable_launches(
         &self,
@@ -175,12 +216,16 @@ impl GpuContext {
         proj: &Projection,
         p: &FfnParams,
         io: &Io<'_>,
+        part: Part,
         scratch: &mut Vec<wgpu::Buffer>,
         launches: &mut Vec<Launch>,
     ) -> Result<()> {
+        let words = p.words();
+        if part == Part::Finish {
+            return self.finish_launches(dev, act, t, proj, &words, io, scratch, launches);
+        }
         let max_dim = self.limits().max_compute_workgroups_per_dimension;
         let unpack = self.unpack_f16();
-        let words = p.words();
         let (w0, w1, wb) = io.w;
         for (tile, tiles) in &t.decode {
             let table = self.tile_table(tiles, scratch)?;
@@ -195,6 +240,25 @@ impl GpuContext {
             // packed scales at the expert's block plus a row's group below N x groups.
             launches.push(unsafe { self.ffn_launch(v, &words, &bufs, groups) });
         }
+        Ok(())
+    }
+
+    /// The tiled and reduce launches of one shard for one projection.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_launches(
+        &self,
+        dev: &DeviceExperts,
+        act: DType,
+        t: &ShardTiles,
+        proj: &Projection,
+        words: &[u32],
+        io: &Io<'_>,
+        scratch: &mut Vec<wgpu::Buffer>,
+        launches: &mut Vec<Launch>,
+    ) -> Result<()> {
+        let max_dim = self.limits().max_compute_workgroups_per_dimension;
+        let unpack = self.unpack_f16();
+        let (w0, w1, wb) = io.w;
         if !t.tiled.is_empty() {
             let table = self.tile_table(&t.tiled, scratch)?;
             check_dim(t.tiled.len(), max_dim)?;
@@ -207,7 +271,7 @@ impl GpuContext {
             bufs.extend(io.qs.iter().flat_map(|&(q0, q1, b)| [(q0, b), (q1, b)]));
             // SAFETY: as above; vectors are read at expert * vec_stride + offset + n, within
             // the shard's vecs when the epilogue reads them.
-            launches.push(unsafe { self.ffn_launch(v, &words, &bufs, groups) });
+            launches.push(unsafe { self.ffn_launch(v, words, &bufs, groups) });
         }
         if !t.reduce.is_empty() {
             let table = self.tile_table(&t.reduce, scratch)?;
@@ -221,7 +285,7 @@ impl GpuContext {
             launches.push(unsafe {
                 self.ffn_launch(
                     v,
-                    &words,
+                    words,
                     &[(&table, t.reduce.len() as u64 * 16), io.part, (vecs, vecs.size()), io.out],
                     groups,
                 )
@@ -253,13 +317,14 @@ fn check_dim(n: usize, max_dim: u32) -> Result<()> {
 }
 
 /// Row tiles of every shard for chunk `c`: experts of 1..=decode_max rows in decode buckets
-/// (partial rows numbered from 0 across the chunk), the others in 64-row tiles. Also the
-/// partial rows' count.
+/// (partial rows numbered from 0 in each shard), the others in 64-row tiles. Also the most
+/// partial rows of a shard (0: no decode rows).
 pub(super) fn plan(dev: &DeviceExperts, c: &Chunk<'_>, decode_max: usize, prefetch: bool) -> (Vec<ShardTiles>, usize) {
     let mut out = Vec::new();
-    let mut prows = 0usize;
+    let mut most = 0usize;
     for (s, shard) in dev.shards.iter().enumerate() {
-        let mut t = ShardTiles { shard: s, decode: Vec::new(), tiled: Vec::new(), reduce: Vec::new() };
+        let mut prows = 0usize;
+        let mut t = ShardTiles { shard: s, decode: Vec::new(), tiled: Vec::new(), reduce: Vec::new(), prows: 0 };
         for l in shard.first..shard.first + shard.count {
             let (r0, r1) = (c.offs[l], c.offs[l + 1]);
             let m = r1 - r0;
@@ -283,7 +348,9 @@ pub(super) fn plan(dev: &DeviceExperts, c: &Chunk<'_>, decode_max: usize, prefet
                 }
             }
         }
+        t.prows = prows;
+        most = most.max(prows);
         out.push(t);
     }
-    (out, prows)
+    (out, most)
 }
