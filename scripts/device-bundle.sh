@@ -9,7 +9,7 @@ out=$(cargo test --release --locked -p moe-ep-wgpu --no-run 2>&1)
 rm -rf .devbin && mkdir -p .devbin
 cp target/release/gpu-bench target/release/ep-bench target/release/ffn-bench target/release/ep-vs-tp target/release/moe-run .devbin/
 cp tools/scripts/*.py .devbin/
-for t in kernels ep ffn policy resident; do
+for t in kernels ep ffn ffn_packed policy resident; do
     exe=$(grep -o "tests/$t.rs ([^)]*)" <<<"$out" | sed 's/.*(\(.*\))/\1/')
     cp "$exe" ".devbin/test-$t"
 done

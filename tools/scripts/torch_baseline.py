@@ -6,13 +6,20 @@
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
 
-def timed(fn, iters):
-    fn()
-    torch.cuda.synchronize()
+def timed(fn, iters, warm_s=0.3):
+    """Median seconds of `iters` runs of `fn` (CUDA events), after untimed runs for at least
+    `warm_s` of wall time (the card's clocks leave their idle state; the first run compiles)."""
+    start = time.perf_counter()
+    while True:
+        fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - start >= warm_s:
+            break
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

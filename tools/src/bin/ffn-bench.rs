@@ -19,7 +19,7 @@
 //! cooperative-matrix tiles (`BMxBNxBKwWMxWNbNBUFvSVsS`, e.g. `16x64x64w1x4b2v1s16`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use moe_ep::compute::engine::ffn_offsets;
@@ -28,7 +28,7 @@ use moe_ep_tools::{WeightsSpec, fmt_time, init_tracing, median, preset};
 use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, Run, WeightFormat};
 use moe_ep_wgpu::kernels::MmaTile;
 use moe_ep_wgpu::ops::Gather;
-use moe_ep_wgpu::timing::GpuTimer;
+use moe_ep_wgpu::timing::{GpuTimer, LaunchProfile};
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 use rand::SeedableRng;
 use rand::seq::index::sample;
@@ -64,6 +64,13 @@ struct Args {
     /// Timed runs per point on the GPU (the CPU does a quarter, at least 3).
     #[arg(long, default_value_t = 20)]
     iters: u32,
+    /// GPU: run each point's call untimed for at least this long first (milliseconds), so the
+    /// card's clocks have left their idle state (an idle H200's SM clock reads 345 MHz, 1980
+    /// under load); a few milliseconds of timed runs after seconds of host-side work measure
+    /// the idle clocks (on the H200: Mixtral-8x7B N=1 1.35 ms cold, 304 us warm; 300 ms of
+    /// warm-up once left a point at 2.4x its time in the runs before and after).
+    #[arg(long, default_value_t = 1000)]
+    warm_ms: u64,
     /// Also time the up projection alone with each of these cooperative-matrix tiles
     /// (tuning), as BMxBNxBKwWMxWNbNBUFvSVsS, e.g. 16x64x64w1x4b2v1s16.
     #[arg(long, value_delimiter = ',')]
@@ -71,6 +78,14 @@ struct Args {
     /// Likewise for the down projection.
     #[arg(long, value_delimiter = ',')]
     sweep_down: Vec<String>,
+    /// Also time each point with the decode kernel for experts of up to each of these row
+    /// counts (at most 16) and the cooperative kernel above (tuning the split).
+    #[arg(long, value_delimiter = ',')]
+    decode_max: Vec<usize>,
+    /// Also time each launch of one call of each point alone (its own pass between two
+    /// timestamps) and print them.
+    #[arg(long)]
+    launches: bool,
     /// Run issue 15's suite (three shapes, GPU only) instead of one preset.
     #[arg(long)]
     suite: bool,
@@ -277,12 +292,16 @@ fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         let engine = GpuEngine::with_context(ctx.clone());
         let dev = engine.resident(&experts)?;
         let sweep = Sweep::parse(&a, &ctx)?;
+        let warm = Duration::from_millis(a.warm_ms);
         for &(phase, tokens) in &sizes {
             let counts = route_counts(tokens, k, local, tokens as u64);
             let call = Call::new(&ctx, act, d, &counts, tokens)?;
             let kernels = FfnKernels::Auto { deterministic: a.deterministic };
-            let secs = call.time(&ctx, &timer, &dev, kernels, a.iters)?;
+            let secs = call.time(&ctx, &timer, &dev, kernels, a.iters, warm)?;
             rep.points.push(point("gpu", phase, tokens, &counts, secs, copy, None));
+            if a.launches {
+                call.profile(&ctx, &dev, kernels)?;
+            }
             sweep.run(&ctx, &timer, &dev, &call, a.iters)?;
             call.recycle(&ctx);
         }
@@ -374,7 +393,8 @@ impl Call {
         Ok(Call { act, offs, batch, out })
     }
 
-    /// Median GPU time of `iters` calls with `kernels` (after one untimed call: compiles).
+    /// Median GPU time of `iters` calls with `kernels`, after untimed calls (the first
+    /// compiles) repeated for at least `warm` of wall time.
     fn time(
         &self,
         ctx: &GpuContext,
@@ -382,12 +402,35 @@ impl Call {
         dev: &DeviceExperts,
         kernels: FfnKernels,
         iters: u32,
+        warm: Duration,
     ) -> Res<f64> {
         let mut scratch = Vec::new();
-        let mut enc = ctx.encoder("ffn warm");
-        ctx.encode_ffn_with(&mut enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, &mut scratch)?;
-        ctx.submit(enc)?;
-        ctx.wait()?;
+        let start = Instant::now();
+        let mut batch = 1;
+        loop {
+            let mut enc = ctx.encoder("ffn warm");
+            for _ in 0..batch {
+                ctx.encode_ffn_with(
+                    &mut enc,
+                    dev,
+                    self.act,
+                    &self.offs,
+                    kernels,
+                    &self.batch,
+                    &self.out,
+                    &mut scratch,
+                )?;
+            }
+            ctx.submit(enc)?;
+            ctx.wait()?;
+            for b in scratch.drain(..) {
+                ctx.recycle(b);
+            }
+            if start.elapsed() >= warm {
+                break;
+            }
+            batch = (batch * 2).min(64);
+        }
         let mut failed = None;
         let times = timer.time(ctx, iters, |enc| {
             if let Err(e) =
@@ -405,6 +448,29 @@ impl Call {
         Ok(median(&times?))
     }
 
+    /// Time each launch of one call with `kernels` alone and print them with their sum.
+    fn profile(&self, ctx: &GpuContext, dev: &DeviceExperts, kernels: FfnKernels) -> Res<()> {
+        let profile = Arc::new(LaunchProfile::new(ctx, 512)?);
+        ctx.profile_launches(Some(profile.clone()));
+        let mut scratch = Vec::new();
+        let mut enc = ctx.encoder("ffn profiled");
+        let res =
+            ctx.encode_ffn_with(&mut enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, &mut scratch);
+        ctx.profile_launches(None);
+        res?;
+        ctx.submit(enc)?;
+        let launches = profile.take(ctx)?;
+        for b in scratch {
+            ctx.recycle(b);
+        }
+        let total: f64 = launches.iter().map(|l| l.1).sum();
+        println!("    launches, each alone ({} in all, {}):", launches.len(), fmt_time(total));
+        for (label, secs) in launches {
+            println!("      {:>10}  {label}", fmt_time(secs));
+        }
+        Ok(())
+    }
+
     fn recycle(self, ctx: &GpuContext) {
         ctx.recycle(self.batch);
         ctx.recycle(self.out);
@@ -415,6 +481,7 @@ impl Call {
 struct Sweep {
     up: Vec<MmaTile>,
     down: Vec<MmaTile>,
+    decode_max: Vec<usize>,
 }
 
 impl Sweep {
@@ -428,22 +495,29 @@ impl Sweep {
                 })
                 .collect()
         };
-        Ok(Sweep { up: parse(&a.sweep_up)?, down: parse(&a.sweep_down)? })
+        Ok(Sweep { up: parse(&a.sweep_up)?, down: parse(&a.sweep_down)?, decode_max: a.decode_max.clone() })
     }
 
     /// Time the default tiles' projections alone, then each listed tile's; print them.
     fn run(&self, ctx: &GpuContext, timer: &GpuTimer, dev: &DeviceExperts, call: &Call, iters: u32) -> Res<()> {
-        if ctx.ffn_matrix().is_none() || (self.up.is_empty() && self.down.is_empty()) {
+        if ctx.ffn_matrix().is_none() {
             return Ok(());
         }
-        let iters = iters.min(10);
-        let line = |label: String, k: FfnKernels| -> Res<()> {
-            match call.time(ctx, timer, dev, k, iters) {
+        let line = |label: String, k: FfnKernels, iters: u32| -> Res<()> {
+            match call.time(ctx, timer, dev, k, iters, Duration::from_millis(20)) {
                 Ok(t) => println!("    {label:<40} {}", fmt_time(t)),
                 Err(e) => println!("    {label:<40} failed: {e}"),
             }
             Ok(())
         };
+        for &m in &self.decode_max {
+            line(format!("decode kernel up to {m} rows"), FfnKernels::Mixed { decode_max: m }, iters)?;
+        }
+        if self.up.is_empty() && self.down.is_empty() {
+            return Ok(());
+        }
+        let iters = iters.min(10);
+        let line = |label: String, k: FfnKernels| line(label, k, iters);
         line("up alone, default tiles".into(), FfnKernels::Mma { up: None, down: None, run: Run::Up })?;
         line("down alone, default tiles".into(), FfnKernels::Mma { up: None, down: None, run: Run::Down })?;
         for &t in &self.up {
@@ -549,10 +623,11 @@ fn suite_shape(
     );
     let mut points = Vec::new();
     let mut calls = Vec::new();
+    let warm = Duration::from_millis(a.warm_ms);
     for &n in tokens {
         let counts = route_counts(n, k, e, n as u64);
         let call = Call::new(ctx, act, d, &counts, n)?;
-        let secs = call.time(ctx, timer, &dev, FfnKernels::Auto { deterministic: false }, a.iters)?;
+        let secs = call.time(ctx, timer, &dev, FfnKernels::Auto { deterministic: false }, a.iters, warm)?;
         let rows: usize = counts.iter().sum();
         let active = counts.iter().filter(|&&c| c > 0).count();
         let most = counts.iter().max().copied().unwrap_or(0);
@@ -566,6 +641,9 @@ fn suite_shape(
             fmt_time(secs),
             100.0 * gbps / copy
         );
+        if a.launches {
+            call.profile(ctx, &dev, FfnKernels::Auto { deterministic: false })?;
+        }
         if a.sweep_tokens.is_empty() || a.sweep_tokens.contains(&n) {
             sweep.run(ctx, timer, &dev, &call, a.iters)?;
         }
