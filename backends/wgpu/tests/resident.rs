@@ -7,6 +7,7 @@
 mod harness;
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use harness::{Case, TIMEOUT, uneven_tokens};
 use moe_ep::compute::session::{Matrix, RouterSet};
@@ -16,11 +17,21 @@ use moe_ep::{
     DType, Engine, ForwardStats, Group, GroupScore, LayerWeights, LocalGroup, MoeConfig, MoeLayer, RouterConfig,
     Scoring, Tensor, random,
 };
-use moe_ep_wgpu::{ContextOptions, GpuEngine};
+use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 
+/// An engine on the one device context of exchange mode `mapped` that every rank and test
+/// shares (a context per rank compiled every pipeline per forward: on the H200 this file did
+/// not finish in 150 s).
 fn engine(mapped: Option<bool>) -> GpuEngine {
+    static CONTEXTS: Mutex<Vec<(Option<bool>, Arc<GpuContext>)>> = Mutex::new(Vec::new());
+    let mut all = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = all.iter().find(|(m, _)| *m == mapped) {
+        return GpuEngine::with_context(c.clone());
+    }
     let opts = ContextOptions { mapped_exchange: mapped, ..ContextOptions::from_env() };
-    GpuEngine::new(&opts).unwrap_or_else(|e| panic!("GPU test needs a wgpu adapter: {e}"))
+    let ctx = Arc::new(GpuContext::new(&opts).unwrap_or_else(|e| panic!("GPU test needs a wgpu adapter: {e}")));
+    all.push((mapped, ctx.clone()));
+    GpuEngine::with_context(ctx)
 }
 
 /// Say, uncaptured, that a variant did not run.
@@ -86,7 +97,10 @@ fn a_forward_moves_what_it_must_and_nothing_else() {
             for device in [false, true] {
                 let case = Case::new(cfg(), world);
                 let cpu = case.run();
-                for (r, (y, s)) in run(&case, mapped, device).iter().enumerate() {
+                let t = std::time::Instant::now();
+                let outs = run(&case, mapped, device);
+                eprintln!("world {world} mapped {mapped:?} device {device}: {:.2} s", t.elapsed().as_secs_f64());
+                for (r, (y, s)) in outs.iter().enumerate() {
                     let what = format!("world {world} rank {r} mapped {mapped:?} device {device}");
                     let (up, back) = expected(s, &case.cfg, device);
                     assert_eq!((s.host_upload_bytes, s.host_readback_bytes), (up, back), "{what}: host bytes");
