@@ -66,6 +66,12 @@ struct Args {
     backend: String,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// After the warm-up forwards, more untimed forwards until the ranks have spent this long
+    /// on a token count (milliseconds, the ranks' mean, agreed so that every rank runs the
+    /// same number): an idle GPU runs at idle clocks (an H200's SMs at 345 MHz) and decode-sized
+    /// forwards read several times slower. Default 1000 with a GPU backend, 0 with cpu.
+    #[arg(long)]
+    warm_ms: Option<u64>,
     #[arg(long, default_value_t = 10)]
     iters: usize,
     #[arg(long, default_value_t = 42)]
@@ -143,6 +149,7 @@ struct RankJob<'a> {
     seed: u64,
     skew: bool,
     warmup: usize,
+    warm: std::time::Duration,
     iters: usize,
     bar: Option<&'a ProgressBar>,
 }
@@ -150,8 +157,9 @@ struct RankJob<'a> {
 /// Per token count, the timed calls' (wall seconds, stats).
 type Sweep = Vec<Vec<(f64, ForwardStats)>>;
 
-/// One rank: build its layer and warm it up, then for each token count time `warmup + iters`
-/// forwards (each after a barrier). The warm-up report, the sweep, and the group back.
+/// One rank: build its layer and warm it up, then for each token count run `warmup` untimed
+/// forwards, more until the ranks' mean time on it reaches `warm`, and time `iters` forwards
+/// (each after a barrier). The warm-up report, the sweep, and the group back.
 fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<((WarmUpReport, Sweep), G)> {
     let (cfg, rank) = (job.cfg, g.rank());
     let mut w = random::layer_weights(cfg, job.seed, job.placement, rank);
@@ -190,14 +198,24 @@ fn run_rank<G: Group>(g: G, job: &RankJob<'_>) -> moe_ep::Result<((WarmUpReport,
             x = random::skewed_input(&x);
         }
         let mut out = Vec::with_capacity(job.iters);
-        for i in 0..job.warmup + job.iters {
+        let start = Instant::now();
+        for _ in 0..job.warmup {
+            layer.group().barrier()?;
+            layer.forward_with_stats(&x)?;
+        }
+        loop {
+            let mut spent = [start.elapsed().as_secs_f32()];
+            layer.group().all_reduce_sum_f32(&mut spent)?;
+            if f64::from(spent[0]) / layer.group().size() as f64 >= job.warm.as_secs_f64() {
+                break;
+            }
+            layer.forward_with_stats(&x)?;
+        }
+        for _ in 0..job.iters {
             layer.group().barrier()?;
             let t = Instant::now();
             let (_, stats) = layer.forward_with_stats(&x)?;
-            let wall = t.elapsed().as_secs_f64();
-            if i >= job.warmup {
-                out.push((wall, stats));
-            }
+            out.push((t.elapsed().as_secs_f64(), stats));
         }
         sweep.push(out);
         if let Some(b) = job.bar {
@@ -317,6 +335,7 @@ fn run(mut args: Args) -> Result<(), String> {
             seed: args.seed,
             skew,
             warmup: args.warmup,
+            warm: std::time::Duration::from_millis(args.warm_ms.unwrap_or(if backend == "cpu" { 0 } else { 1000 })),
             iters: args.iters,
             bar: bar.as_ref(),
         };
