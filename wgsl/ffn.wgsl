@@ -28,24 +28,7 @@
 // PIECE), WS, BIAS, ACT, and widen_f16(word, h); `wgsl/convert.wgsl`, `wgsl/ffn_act.wgsl`
 // and `wgsl/ffn_epi.wgsl` precede this file.
 
-struct Params {
-    k_len: u32,        // K: elements per A row and per weight row
-    n_len: u32,        // N: weight rows, the output columns
-    expert_words: u32, // 32-bit words of one expert's matrix in the bound weight buffers
-    zero: u32,         // always 0, unknown to the compiler: the accumulators' start
-    a_base: u32,       // row subtracted from A's row index
-    o_base: u32,       // row subtracted from out's row index
-    _m_base: u32,
-    chunks: u32,       // decode kernel: chunks of K
-    prows: u32,        // decode kernel: rows of the partial sums
-    vec_stride: u32,   // f32 values per expert in `vecs`
-    wscale_at: u32,    // offset of this projection's row scales in an expert's vecs (WS)
-    bias_at: u32,      // offset of this projection's biases (BIAS)
-    up_off: u32,       // up: offset of the up projection's vectors after the gate's
-    alpha: u32,        // f32 bits of the clamped SwiGLU's alpha (ACT = 1)
-    limit: u32,        // f32 bits of its limit
-    _pad0: u32,
-}
+// struct Params: `wgsl/ffn_params.wgsl` (in the prelude).
 
 const THREADS: u32 = (BN / TN) * (BM / TM);
 // Weight elements per 32-bit word, and words per staged weight row.

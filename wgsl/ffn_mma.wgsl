@@ -41,24 +41,7 @@
 // WN, SG (subgroup size), NBUF, SV, AT, OT, WS, BIAS, ACT; `wgsl/convert.wgsl`,
 // `wgsl/ffn_act.wgsl` and `wgsl/ffn_epi.wgsl` precede this file.
 
-struct Params {
-    k_len: u32,        // K: elements per A row and per weight row
-    n_len: u32,        // N: weight rows, the output columns
-    expert_words: u32, // 32-bit words of one expert's matrix in w0 / w1
-    never: u32,        // always 0 (keeps every binding in the layout)
-    a_base: u32,       // row subtracted from A's row index (the chunk's first row for down)
-    o_base: u32,       // row subtracted from out's row index (the chunk's first row for up)
-    m_base: u32,       // row subtracted from amax's and omax's row index (the chunk's first row)
-    _chunks: u32,
-    _prows: u32,
-    vec_stride: u32,   // f32 values per expert in `vecs`
-    wscale_at: u32,    // offset of this projection's row scales in an expert's vecs (WS)
-    bias_at: u32,      // offset of this projection's biases: region start + projection offset
-    up_off: u32,       // up: offset of the up projection's vectors after the gate's (F)
-    alpha: u32,        // f32 bits of the clamped SwiGLU's alpha (ACT = 1)
-    limit: u32,        // f32 bits of its limit
-    _pad0: u32,
-}
+// struct Params: `wgsl/ffn_params.wgsl` (in the prelude).
 
 const WARPS: u32 = WM * WN;
 const THREADS: u32 = WARPS * SG;
@@ -141,7 +124,7 @@ fn emit_down(expert: u32, r: u32, ml: u32, n: u32, y0: f32, y1: f32) {
 
 @compute @workgroup_size(THREADS)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    if p.never != 0u {
+    if p.zero != 0u {
         // Never runs: keeps every binding in the pipeline's layout whatever the constants.
         out[0] = amax[0] + bitcast<u32>(f32(w0[0].x + w1[0].x) + vecs[0]);
         atomicStore(&omax[0], 0u);

@@ -33,6 +33,8 @@ pub const FFN_QUANT: &str = include_str!("../../../wgsl/ffn_quant.wgsl");
 pub const FFN_Q: &str = include_str!("../../../wgsl/ffn_q.wgsl");
 /// Decode-shaped grouped expert GEMM on packed weights (`wgsl/ffn_qgemv.wgsl`).
 pub const FFN_QGEMV: &str = include_str!("../../../wgsl/ffn_qgemv.wgsl");
+/// The FFN kernels' launch parameters (`struct Params`), in each one's prelude.
+pub const FFN_PARAMS: &str = include_str!("../../../wgsl/ffn_params.wgsl");
 /// Elements of the reduction per chunk in the FFN kernels' summation order (`wgsl/ffn.wgsl`):
 /// the unit the decode kernel splits the reduction by.
 pub const CHUNK: u32 = 1024;
@@ -650,7 +652,7 @@ impl Variant {
                 let text = format!(
                     "const UP: bool = {up};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\nconst BM: u32 = {}u;\n\
                      const BN: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n\
-                     const PREFETCH: bool = {};\n{widen}\n\n{CONVERT}\n{FFN_GEMV}",
+                     const PREFETCH: bool = {};\n{widen}\n\n{CONVERT}\n{FFN_PARAMS}\n{FFN_GEMV}",
                     code(self.dtype),
                     code(self.weights),
                     self.tile.bm,
@@ -667,7 +669,7 @@ impl Variant {
                     "const UP: bool = {};\nconst AT: u32 = {}u;\nconst WT: u32 = {}u;\n\
                      const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst TM: u32 = {}u;\nconst TN: u32 = {}u;\n\
                      const BKW: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\n{epi}{widen}\n\n\
-                     {CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN}",
+                     {CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_PARAMS}\n{FFN}",
                     self.kernel == Kernel::FfnUp,
                     code(self.dtype),
                     code(self.weights),
@@ -679,7 +681,7 @@ impl Variant {
                 )
             }
             Kernel::FfnReduce { up } => format!(
-                "const UP: bool = {up};\nconst OT: u32 = {}u;\n{epi}\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_REDUCE}",
+                "const UP: bool = {up};\nconst OT: u32 = {}u;\n{epi}\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_PARAMS}\n{FFN_REDUCE}",
                 code(self.out)
             ),
             Kernel::FfnRowMax => FFN_ROWMAX.to_string(),
@@ -703,7 +705,7 @@ impl Variant {
             let text = format!(
                 "const UP: bool = {up};\nconst AT: u32 = {at}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
                  const PIECE: u32 = {PIECE}u;\nconst CHUNK: u32 = {CHUNK}u;\nconst PREFETCH: bool = {};\n{q}{widen}\n\n\
-                 {CONVERT}\n{FFN_QUANT}\n{FFN_QGEMV}",
+                 {CONVERT}\n{FFN_QUANT}\n{FFN_PARAMS}\n{FFN_QGEMV}",
                 t.bm,
                 t.bn,
                 t.bkw != 0,
@@ -717,7 +719,7 @@ impl Variant {
         format!(
             "const UP: bool = {up};\nconst AT: u32 = {at}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
              const TM: u32 = {}u;\nconst TN: u32 = {}u;\nconst BKW: u32 = {}u;\nconst PIECE: u32 = {PIECE}u;\n\
-             const CHUNK: u32 = {CHUNK}u;\n{}{q}{widen}\n\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_QUANT}\n{FFN_Q}",
+             const CHUNK: u32 = {CHUNK}u;\n{}{q}{widen}\n\n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_QUANT}\n{FFN_PARAMS}\n{FFN_Q}",
             t.bm,
             t.bn,
             t.tm,
@@ -738,7 +740,7 @@ impl Variant {
              const UP: bool = {up};\nconst S: u32 = {s}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
              const BK: u32 = {}u;\nconst WM: u32 = {}u;\nconst WN: u32 = {}u;\nconst SG: u32 = {}u;\n\
              const NBUF: u32 = {}u;\nconst SV: u32 = {}u;\nconst AT: u32 = {}u;\nconst OT: u32 = {}u;\n{}\
-             \n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_MMA}",
+             \n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_PARAMS}\n{FFN_MMA}",
             t.bm,
             t.bn,
             t.bk,

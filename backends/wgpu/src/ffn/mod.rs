@@ -91,7 +91,7 @@ pub(crate) struct MmaPlan {
     pub decode_max: usize,
 }
 
-/// The launch parameters every FFN kernel reads (the `Params` of `wgsl/ffn*.wgsl`).
+/// The launch parameters every FFN kernel reads (`struct Params`, `wgsl/ffn_params.wgsl`).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct FfnParams {
     pub k: u32,

@@ -269,8 +269,10 @@ impl GpuContext {
             let mut bufs =
                 vec![(&table, t.tiled.len() as u64 * 16), io.a, (w0, wb), (w1, wb), io.out, (vecs, vecs.size())];
             bufs.extend(io.qs.iter().flat_map(|&(q0, q1, b)| [(q0, b), (q1, b)]));
-            // SAFETY: as above; vectors are read at expert * vec_stride + offset + n, within
-            // the shard's vecs when the epilogue reads them.
+            // SAFETY: row tiles come from validated offsets (rows below the call's and the
+            // chunk's), experts below the shard's count; the kernel keeps weight, row and column
+            // indices below K, N and the tile's end; vectors are read at expert * vec_stride +
+            // offset + n, within the shard's vecs when the epilogue reads them.
             launches.push(unsafe { self.ffn_launch(v, words, &bufs, groups) });
         }
         if !t.reduce.is_empty() {
