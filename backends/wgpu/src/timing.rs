@@ -58,6 +58,12 @@ impl GpuTimer {
             work(&mut enc);
             enc.write_timestamp(&self.set, 2 * i + 1);
         }
+        self.finish(ctx, enc, runs)
+    }
+
+    /// Append the resolution of the first `runs` pairs of timestamps to `enc`, submit it,
+    /// wait, and return each pair's interval in seconds.
+    fn finish(&self, ctx: &GpuContext, mut enc: wgpu::CommandEncoder, runs: u32) -> Result<Vec<f64>> {
         let n = 2 * runs;
         enc.resolve_query_set(&self.set, 0..n, &self.resolve, 0);
         let bytes = 8 * u64::from(n);
@@ -122,17 +128,7 @@ impl LaunchProfile {
         if labels.is_empty() {
             return Ok(Vec::new());
         }
-        let n = 2 * labels.len() as u32;
-        let mut enc = ctx.encoder("launch profile");
-        enc.resolve_query_set(&self.timer.set, 0..n, &self.timer.resolve, 0);
-        let bytes = 8 * u64::from(n);
-        enc.copy_buffer_to_buffer(&self.timer.resolve, 0, &self.timer.read, 0, bytes);
-        ctx.submit(enc)?;
-        let ticks = self.timer.read_ticks(ctx, bytes)?;
-        Ok(labels
-            .into_iter()
-            .zip(ticks.chunks(2))
-            .map(|(l, p)| (l, p[1].wrapping_sub(p[0]) as f64 * self.timer.ns_per_tick * 1e-9))
-            .collect())
+        let secs = self.timer.finish(ctx, ctx.encoder("launch profile"), labels.len() as u32)?;
+        Ok(labels.into_iter().zip(secs).collect())
     }
 }

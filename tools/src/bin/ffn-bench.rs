@@ -393,6 +393,18 @@ impl Call {
         Ok(Call { act, offs, batch, out })
     }
 
+    /// Record this call with `kernels` into `enc` (its scratch buffers pushed on `scratch`).
+    fn encode(
+        &self,
+        ctx: &GpuContext,
+        dev: &DeviceExperts,
+        kernels: FfnKernels,
+        enc: &mut moe_ep_wgpu::wgpu::CommandEncoder,
+        scratch: &mut Vec<moe_ep_wgpu::wgpu::Buffer>,
+    ) -> moe_ep::Result<()> {
+        ctx.encode_ffn_with(enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, scratch)
+    }
+
     /// Median GPU time of `iters` calls with `kernels`, after untimed calls (the first
     /// compiles) repeated for at least `warm` of wall time.
     fn time(
@@ -410,16 +422,7 @@ impl Call {
         loop {
             let mut enc = ctx.encoder("ffn warm");
             for _ in 0..batch {
-                ctx.encode_ffn_with(
-                    &mut enc,
-                    dev,
-                    self.act,
-                    &self.offs,
-                    kernels,
-                    &self.batch,
-                    &self.out,
-                    &mut scratch,
-                )?;
+                self.encode(ctx, dev, kernels, &mut enc, &mut scratch)?;
             }
             ctx.submit(enc)?;
             ctx.wait()?;
@@ -433,9 +436,7 @@ impl Call {
         }
         let mut failed = None;
         let times = timer.time(ctx, iters, |enc| {
-            if let Err(e) =
-                ctx.encode_ffn_with(enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, &mut scratch)
-            {
+            if let Err(e) = self.encode(ctx, dev, kernels, enc, &mut scratch) {
                 failed = Some(e);
             }
         });
@@ -454,8 +455,7 @@ impl Call {
         ctx.profile_launches(Some(profile.clone()));
         let mut scratch = Vec::new();
         let mut enc = ctx.encoder("ffn profiled");
-        let res =
-            ctx.encode_ffn_with(&mut enc, dev, self.act, &self.offs, kernels, &self.batch, &self.out, &mut scratch);
+        let res = self.encode(ctx, dev, kernels, &mut enc, &mut scratch);
         ctx.profile_launches(None);
         res?;
         ctx.submit(enc)?;
@@ -503,28 +503,34 @@ impl Sweep {
         if ctx.ffn_matrix().is_none() {
             return Ok(());
         }
-        let line = |label: String, k: FfnKernels, iters: u32| -> Res<()> {
-            match call.time(ctx, timer, dev, k, iters, Duration::from_millis(20)) {
-                Ok(t) => println!("    {label:<40} {}", fmt_time(t)),
-                Err(e) => println!("    {label:<40} failed: {e}"),
-            }
-            Ok(())
+        let line = |label: String, k: FfnKernels, iters: u32| match call.time(
+            ctx,
+            timer,
+            dev,
+            k,
+            iters,
+            Duration::from_millis(20),
+        ) {
+            Ok(t) => println!("    {label:<40} {}", fmt_time(t)),
+            Err(e) => println!("    {label:<40} failed: {e}"),
         };
         for &m in &self.decode_max {
-            line(format!("decode kernel up to {m} rows"), FfnKernels::Mixed { decode_max: m }, iters)?;
+            line(format!("decode kernel up to {m} rows"), FfnKernels::Mixed { decode_max: m }, iters);
         }
         if self.up.is_empty() && self.down.is_empty() {
             return Ok(());
         }
-        let iters = iters.min(10);
-        let line = |label: String, k: FfnKernels| line(label, k, iters);
-        line("up alone, default tiles".into(), FfnKernels::Mma { up: None, down: None, run: Run::Up })?;
-        line("down alone, default tiles".into(), FfnKernels::Mma { up: None, down: None, run: Run::Down })?;
+        // Each projection alone, with fewer runs (the tiles' sweeps are long).
+        let tile_iters = iters.min(10);
+        let up = |t| FfnKernels::Mma { up: t, down: None, run: Run::Up };
+        let down = |t| FfnKernels::Mma { up: None, down: t, run: Run::Down };
+        line("up alone, default tiles".into(), up(None), tile_iters);
+        line("down alone, default tiles".into(), down(None), tile_iters);
         for &t in &self.up {
-            line(format!("up alone, {}", t.label()), FfnKernels::Mma { up: Some(t), down: None, run: Run::Up })?;
+            line(format!("up alone, {}", t.label()), up(Some(t)), tile_iters);
         }
         for &t in &self.down {
-            line(format!("down alone, {}", t.label()), FfnKernels::Mma { up: None, down: Some(t), run: Run::Down })?;
+            line(format!("down alone, {}", t.label()), down(Some(t)), tile_iters);
         }
         Ok(())
     }
