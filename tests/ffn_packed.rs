@@ -5,6 +5,8 @@
 //! clamped SwiGLU with biases, a projection left dense beside packed ones, and deterministic
 //! mode's batch invariance.
 
+use moe_ep::compute::cpu::gemv::Lhs;
+use moe_ep::compute::cpu::packed::{PackedPath, rows_times_weight_rows_via};
 use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::model::quant::QuantFormat;
 use moe_ep::testing::reference::{ffn_f64, rel_error};
@@ -120,4 +122,62 @@ fn packed_sets_check_their_kinds() {
     let mut out = Tensor::zeros(DType::F32, 2, 64);
     let e = CpuEngine.ffn(&batch, &[0, 1, 2], &set, false, &mut out).unwrap_err().to_string();
     assert!(e.contains("local expert 1 has weights"), "{e}");
+}
+
+/// The two packed paths (weights decoded in registers, where this CPU has the kernel; weight
+/// rows decoded to f32 first) give the same bits for every format, row count and weight-row
+/// range (odd starts, counts off the 4-row blocks), and both are within f32 rounding of the
+/// f64 dot product of the decoded values. FP8 with 32-column blocks and K = 112 has a
+/// partial last step; 16-column blocks take the decoding path under either choice.
+#[test]
+fn register_and_decoded_packed_paths_agree_in_bits() {
+    use moe_ep::compute::cpu::gemv::{self, Kernel};
+    let avx512 = Kernel::available().contains(&Kernel::Avx512);
+    if !avx512 {
+        eprintln!("SKIPPED the register path: no AVX-512 on this CPU (both calls decode; compared anyway)");
+    }
+    let mut cases: Vec<(QuantFormat, usize)> = formats().into_iter().map(|f| (f, 256)).collect();
+    cases.push((QuantFormat::fp8((4, 32)).unwrap(), 112));
+    cases.push((QuantFormat::fp8((32, 16)).unwrap(), 96));
+    for (i, (fmt, k)) in cases.into_iter().enumerate() {
+        let n = 45;
+        let w: moe_ep::Weight = random::packed(fmt, n, k, 40 + i as u64, 1).into();
+        let moe_ep::Weight::Packed(p) = &w else { unreachable!() };
+        // The register kernel takes every format but FP8 blocks narrower than 32 columns.
+        let registers = avx512 && !matches!(fmt, QuantFormat::Fp8 { block_cols: 16, .. });
+        let mut one = [0f32];
+        assert_eq!(gemv::packed_rows(&vec![1.0; k], 1, p, 0, 1, &mut one), registers, "{fmt}: register kernel");
+        let mut decoded = vec![0f32; n * k];
+        for (r, row) in decoded.chunks_mut(k).enumerate() {
+            p.decode_row(r, row);
+        }
+        for m in [1usize, 2, 3, 4, 5, 9, 17] {
+            let x = random::uniform(DType::F32, m, k, 1.0, i as u64, m as u64).to_f32_vec();
+            for (n0, n1) in [(0, n), (3, 10), (13, 14), (8, 45)] {
+                let run = |path| {
+                    let mut out = vec![f32::NAN; m * (n1 - n0)];
+                    rows_times_weight_rows_via(Lhs::F32(&x), m, &w, n0, n1, &mut out, path);
+                    out
+                };
+                let (reg, dec) = (run(PackedPath::Registers), run(PackedPath::Decode));
+                let what = format!("{fmt} K={k} m={m} rows {n0}..{n1}");
+                assert_eq!(
+                    reg.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    dec.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{what}: the paths differ in bits"
+                );
+                // Each output against the f64 dot product, relative to the sum of its
+                // products' magnitudes (a dot product's rounding bound; a single output can
+                // cancel to near 0).
+                for r in 0..m {
+                    for (i, j) in (n0..n1).enumerate() {
+                        let terms = (0..k).map(|c| x[r * k + c] as f64 * decoded[j * k + c] as f64);
+                        let (want, size) = terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                        let err = (reg[r * (n1 - n0) + i] as f64 - want).abs() / size.max(f64::MIN_POSITIVE);
+                        assert!(err < 1e-6, "{what} output [{r}, {j}]: {err:.2e} of the products' size from f64");
+                    }
+                }
+            }
+        }
+    }
 }

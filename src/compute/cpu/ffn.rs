@@ -13,8 +13,9 @@
 //!   where there is one; the gate and up results are rounded to bf16 before the activation,
 //!   as PyTorch's bf16 experts do.
 //!
-//! - Packed (quantized) experts: the row kernels at every row count, each task's weight rows
-//!   decoded to f32 a few at a time ([`super::packed`]).
+//! - Packed (quantized) experts: the row kernels at every row count, the weights decoded in
+//!   registers straight from the packed bytes on AVX-512, else each task's weight rows decoded
+//!   to f32 a few at a time (the same bits; [`super::packed`]).
 //!
 //! Sums accumulate in f32; the output is cast once.
 

@@ -17,8 +17,9 @@
 //!   (`ExpertSet::with_cpu_gemm_panels`).
 //!
 //! `--packed q4,q8,mxfp4,fp8` also times packed experts (rows of `--packed-act`): their row
-//! kernels (`cpu::packed`, weight rows decoded sixteen at a time) and the FFN, weight GB/s on
-//! the packed bytes (values and scales).
+//! kernels by both paths (`rows`: decoded in registers, the library's; `rows-decode`: weight
+//! rows decoded sixteen at a time; `cpu::packed::PackedPath`) and the FFN, weight GB/s on the
+//! packed bytes (values and scales).
 //!
 //! Each figure prints beside its floors, measured in the same run: read bandwidth (weights
 //! GB/s) and the square GEMM rate of gemmkit in that dtype (GFLOP/s).
@@ -33,7 +34,7 @@ use std::time::Instant;
 use clap::Parser;
 use moe_ep::compute::cpu::gemm::{GemmElement, bf16, gemm_bt};
 use moe_ep::compute::cpu::gemv::{self, Lhs};
-use moe_ep::compute::cpu::packed;
+use moe_ep::compute::cpu::packed::{self, PackedPath};
 use moe_ep::compute::cpu::panels::{ExpertPanels, SetPanels, gemm_bt_panels};
 use moe_ep::compute::engine::even_offsets;
 use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
@@ -168,7 +169,10 @@ fn packed_runs(args: &Args, spec: WeightsSpec, read: f64, report: &mut Report) {
             g();
             median(&(0..args.reps).map(|_| timed(g)).collect::<Vec<_>>())
         };
-        let mut v = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w))))];
+        let mut v = vec![];
+        for (name, path) in [("rows", PackedPath::Registers), ("rows-decode", PackedPath::Decode)] {
+            v.push((name, time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w, path)))));
+        }
         let set = ExpertSet::new(experts.clone());
         let batch = random::uniform(dt, m * e, d, 1.0, 3, 2);
         let offsets = even_offsets(batch.rows(), e);
@@ -207,7 +211,7 @@ fn time_variants(cfg: &MoeConfig, experts: &[ExpertWeights], m: usize, reps: usi
         f();
         median(&(0..reps).map(|_| timed(f)).collect::<Vec<_>>())
     };
-    let mut out = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w))))];
+    let mut out = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w, PackedPath::Registers))))];
     out.push(match dt {
         DType::BF16 => {
             ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<bf16>(&x, w))))))
@@ -237,19 +241,20 @@ fn timed(f: &(dyn Fn() + Sync)) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-/// One expert through the row kernels, as the FFN's row path does (no tiling).
-fn rows_expert(x: &Tensor, w: &ExpertWeights) {
+/// One expert through the row kernels, as the FFN's row path does (no tiling), packed weights
+/// by `path`.
+fn rows_expert(x: &Tensor, w: &ExpertWeights, path: PackedPath) {
     let (m, f, d) = (x.rows(), w.gate.rows(), w.gate.cols());
     let xf = x.to_f32_vec();
     let native = x.dtype() == DType::BF16 && gemv::native_bf16() && !w.is_packed();
     let lhs = if native { Lhs::Bf16(x.as_slice().unwrap()) } else { Lhs::F32(&xf) };
     let (mut g, mut u, mut y) = (vec![0f32; m * f], vec![0f32; m * f], vec![0f32; m * d]);
-    packed::rows_times_weight_rows(lhs, m, &w.gate, 0, f, &mut g);
-    packed::rows_times_weight_rows(lhs, m, &w.up, 0, f, &mut u);
+    packed::rows_times_weight_rows_via(lhs, m, &w.gate, 0, f, &mut g, path);
+    packed::rows_times_weight_rows_via(lhs, m, &w.up, 0, f, &mut u, path);
     Activation::Silu.apply_slice(&mut g, &u);
     let a = Tensor::from_f32(x.dtype(), m, f, &g).unwrap();
     let lhs = if native { Lhs::Bf16(a.as_slice().unwrap()) } else { Lhs::F32(&g) };
-    packed::rows_times_weight_rows(lhs, m, &w.down, 0, d, &mut y);
+    packed::rows_times_weight_rows_via(lhs, m, &w.down, 0, d, &mut y, path);
     std::hint::black_box(&y);
 }
 

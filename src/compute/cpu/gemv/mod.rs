@@ -26,10 +26,14 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod x86_packed;
 
 use half::bf16;
 
 use crate::dtype::Element;
+use crate::model::quant::PackedMatrix;
 #[cfg(target_arch = "x86_64")]
 use crate::tensor::Storage;
 use crate::tensor::Tensor;
@@ -107,12 +111,40 @@ pub fn rows_times_rows_f32(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [
     f32_rows(&x[..m * k], m, &w[..n * k], k, out);
 }
 
+/// `out[r * (n1 - n0) + i] = x_r · w[n0 + i]` for the `m` rows of `x` (`[m, K]` f32) and
+/// weight rows `n0..n1` of the packed `w`, each weight value decoded in registers straight
+/// from the packed bytes. For 4-bit formats the columns are taken in pair order (per 32
+/// columns the even ones, then the odd ones; [`crate::compute::cpu::packed`]), and `x`'s rows
+/// must come in that order. The values are exactly [`PackedMatrix::decode_row`]'s and the
+/// sums run in the f32 kernel's order, so the result has the same bits as those rows decoded,
+/// put in the same order and passed to [`rows_times_rows_f32`]. Returns `false`, leaving `out` alone, where this CPU or
+/// layout has no such kernel (no AVX-512; FP8 blocks not a multiple of 16 columns wide): the
+/// caller decodes instead.
+///
+/// Panics only on lengths that do not match the dimensions (a bug in the caller).
+pub fn packed_rows(x: &[f32], m: usize, w: &PackedMatrix, n0: usize, n1: usize, out: &mut [f32]) -> bool {
+    if m == 0 || n0 == n1 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if f32_kernel() == Kernel::Avx512 {
+            return x86_packed::packed_rows(x, m, w, n0, n1, out);
+        }
+    }
+    let _ = (x, w, out);
+    false
+}
+
+/// The kernel [`rows_times_rows_f32`] and f32 rows run on this CPU.
+fn f32_kernel() -> Kernel {
+    static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| Kernel::available().into_iter().find(|&k| k != Kernel::Bf16Dot).unwrap_or(Kernel::Portable))
+}
+
 /// f32 rows times weight rows of any dtype: the best kernel this CPU has.
 fn f32_rows<W: portable::Widen + WideLoad>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
-    static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-    let best = *BEST
-        .get_or_init(|| Kernel::available().into_iter().find(|&k| k != Kernel::Bf16Dot).unwrap_or(Kernel::Portable));
-    f32_rows_on(best, x, m, w, k, out);
+    f32_rows_on(f32_kernel(), x, m, w, k, out);
 }
 
 fn f32_rows_on<W: portable::Widen + WideLoad>(kernel: Kernel, x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {

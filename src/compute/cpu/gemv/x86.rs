@@ -166,7 +166,7 @@ unsafe fn bf16_block<const M: usize, const Q: usize>(
 /// # Safety
 /// `out[r * ldo + q]` writable for `r < M`, `q < Q`; `M, Q <= 4`; AVX-512F.
 #[inline(always)]
-unsafe fn store_sums<const M: usize, const Q: usize>(acc: &[[__m512; Q]; M], out: *mut f32, ldo: usize) {
+pub(super) unsafe fn store_sums<const M: usize, const Q: usize>(acc: &[[__m512; Q]; M], out: *mut f32, ldo: usize) {
     // SAFETY: AVX-512F (caller).
     let mut v = [unsafe { _mm512_setzero_ps() }; 16];
     for (r, a) in acc.iter().enumerate() {
@@ -211,12 +211,12 @@ fn reduce16(v: &[__m512; 16]) -> __m512 {
 /// are short streams (one row of K), so the hardware prefetchers alone leave bandwidth unused
 /// (at N=1 on dev-2c this halved the experts' time). Never faults, whatever `p` is.
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(super) fn prefetch<T>(p: *const T) {
     // SAFETY: a prefetch is a hint; it reads nothing architecturally and cannot fault.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
 }
 /// How many weight blocks ahead [`prefetch`] reaches.
-const PREFETCH_BLOCKS: usize = 1;
+pub(super) const PREFETCH_BLOCKS: usize = 1;
 
 #[inline(always)]
 fn bh(v: __m512i) -> __m512bh {
