@@ -1,7 +1,16 @@
 //! The device context: adapter choice, the adapter's own limits, the pipeline cache, the
 //! buffer pool, uploads and readbacks, and wgpu errors turned into [`Error`]s.
+//!
+//! Devices are opened once per process and adapter (and feature set), and never closed:
+//! every context on that adapter shares the one device and queue, with its own pipeline
+//! cache, buffer pool and staging buffers. NVIDIA's Vulkan driver (580, H200) hangs or
+//! crashes when devices and instances are created and destroyed on some threads while others
+//! use their own devices (per-rank contexts, one per rank thread: 6 hangs and 4 segmentation
+//! faults in 27 runs of the resident tests, stacks in `vkDestroyDevice`, `vkDestroyInstance`
+//! and pipeline creation; BENCHMARKS.md). One instance and one device per adapter never
+//! destroy anything while another thread works.
 
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use moe_ep::{Error, Result};
@@ -75,7 +84,29 @@ pub(crate) fn backend_error(what: impl Into<String>) -> Error {
     Error::Backend { rank: None, backend: "wgpu", what: what.into() }
 }
 
-/// One wgpu device and everything cached on it. Cheap to share (`Arc`); thread-safe.
+/// The process's wgpu instance (created once, on first use, honouring `WGPU_BACKEND` then).
+fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
+    INSTANCE.get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env()))
+}
+
+/// A device this process opened, kept open for the rest of the process (module doc).
+struct Opened {
+    info: wgpu::AdapterInfo,
+    features: wgpu::Features,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    /// wgpu errors reported on the device, for every context that shares it.
+    errors: Arc<Mutex<Vec<String>>>,
+    /// Set by the device-lost callback: a lost device is not handed out again.
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Every device opened so far; held while a context opens, so contexts open one at a time.
+static OPENED: Mutex<Vec<Opened>> = Mutex::new(Vec::new());
+
+/// One wgpu device (shared with every other context on the same adapter and features; module
+/// doc) and everything this context cached on it. Cheap to share (`Arc`); thread-safe.
 #[derive(Debug)]
 pub struct GpuContext {
     pub(crate) device: wgpu::Device,
@@ -100,8 +131,7 @@ pub struct GpuContext {
 
 /// Name, backend and type of every adapter wgpu finds (honouring `WGPU_BACKEND`).
 pub fn list_adapters() -> Vec<wgpu::AdapterInfo> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())).iter().map(|a| a.get_info()).collect()
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all())).iter().map(|a| a.get_info()).collect()
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u8 {
@@ -122,8 +152,7 @@ pub const NO_ADAPTER_HELP: &str = "wgpu found no adapter. On Linux install a Vul
 /// The adapter `opts` asks for: the best device type among those whose name matches, then the
 /// `device_index`-th of them. Errors list the adapters found.
 fn pick_adapter(opts: &ContextOptions) -> Result<wgpu::Adapter> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let mut adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
     let found: Vec<String> = adapters
         .iter()
         .map(|a| a.get_info())
@@ -153,12 +182,53 @@ fn pick_adapter(opts: &ContextOptions) -> Result<wgpu::Adapter> {
     Ok(adapters.swap_remove(index))
 }
 
+/// A new device on `adapter` with `features` and `limits` (and wgpu's experimental features
+/// for the cooperative-matrix kernel where `matrix`), its errors and loss collected.
+fn open_device(
+    adapter: &wgpu::Adapter,
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+    limits: &wgpu::Limits,
+    matrix: bool,
+) -> Result<Opened> {
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("moe-ep"),
+        required_features: features,
+        required_limits: limits.clone(),
+        experimental_features: if matrix {
+            // SAFETY: wgpu's experimental cooperative matrices, used only by the FFN's
+            // cooperative variant, which the tests compare with the portable kernel.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        },
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    }))
+    .map_err(|e| backend_error(format!("cannot open a device on {}: {e}", info.name)))?;
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = errors.clone();
+    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+    }));
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sink, flag) = (errors.clone(), lost.clone());
+    device.set_device_lost_callback(move |reason, msg| {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        sink.lock().unwrap_or_else(|p| p.into_inner()).push(format!("device lost ({reason:?}): {msg}"));
+    });
+    tracing::info!(adapter = %info.name, backend = ?info.backend, "wgpu device open");
+    Ok(Opened { info: info.clone(), features, device, queue, errors, lost })
+}
+
 impl GpuContext {
-    /// Open a device on the adapter `opts` names (or the best one), with the adapter's own
-    /// limits and, where offered, timestamp queries. Errors when no adapter matches (the
-    /// message lists those found and says how to get one) or the device cannot be created.
+    /// A context on the adapter `opts` names (or the best one), with the adapter's own limits
+    /// and, where offered, timestamp queries: on the device this process already opened there
+    /// with the same features, else on a new one. Errors when no adapter matches (the message
+    /// lists those found and says how to get one) or the device cannot be created.
     pub fn new(opts: &ContextOptions) -> Result<Self> {
         let _span = tracing::debug_span!("gpu_context").entered();
+        let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
         let adapter = pick_adapter(opts)?;
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
@@ -189,35 +259,23 @@ impl GpuContext {
         let limits = adapter.limits();
         let unpack_f16 = opts.fast_variants
             && adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("moe-ep"),
-            required_features: features,
-            required_limits: limits.clone(),
-            experimental_features: if matrix.is_some() {
-                // SAFETY: wgpu's experimental cooperative matrices, used only by the FFN's
-                // cooperative variant, which the tests compare with the portable kernel.
-                unsafe { wgpu::ExperimentalFeatures::enabled() }
-            } else {
-                wgpu::ExperimentalFeatures::disabled()
-            },
-            memory_hints: wgpu::MemoryHints::Performance,
-            trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| backend_error(format!("cannot open a device on {}: {e}", info.name)))?;
-        let errors: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = errors.clone();
-        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
-        }));
-        let lost = errors.clone();
-        device.set_device_lost_callback(move |reason, msg| {
-            lost.lock().unwrap_or_else(|p| p.into_inner()).push(format!("device lost ({reason:?}): {msg}"));
-        });
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let known = opened.iter().find(|o| o.info == info && o.features == features && !o.lost.load(relaxed));
+        let (device, queue, errors) = match known {
+            Some(o) => (o.device.clone(), o.queue.clone(), o.errors.clone()),
+            None => {
+                let o = open_device(&adapter, &info, features, &limits, matrix.is_some())?;
+                let shared = (o.device.clone(), o.queue.clone(), o.errors.clone());
+                opened.push(o);
+                shared
+            }
+        };
+        drop(opened);
         let mut max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         if let Some(cap) = opts.max_binding_bytes {
             max_binding = max_binding.min(cap);
         }
-        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, "wgpu device open");
+        tracing::info!(adapter = %info.name, backend = ?info.backend, max_binding, "wgpu context open");
         Ok(GpuContext {
             device,
             queue,
@@ -279,6 +337,12 @@ impl GpuContext {
     /// Largest storage binding, in bytes, any kernel may use on this device.
     pub fn max_binding_bytes(&self) -> u64 {
         self.max_binding
+    }
+
+    /// Whether `self` and `other` run on the same wgpu device (contexts on one adapter with
+    /// the same features do: module doc).
+    pub fn shares_device(&self, other: &GpuContext) -> bool {
+        self.device == other.device
     }
 
     /// The wgpu device, for callers who encode their own work around the launches.
@@ -453,7 +517,7 @@ impl GpuContext {
     }
 
     /// Error with every wgpu error reported since the last check (validation, out of memory,
-    /// device lost), or Ok.
+    /// device lost) on this context's device, by any context that shares it, or Ok.
     pub fn check_errors(&self) -> Result<()> {
         let mut errs = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         if errs.is_empty() {

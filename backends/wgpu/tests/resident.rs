@@ -302,3 +302,39 @@ fn gpu_router_matches_the_cpu_router_for_every_rule() {
 fn uneven_tokens_include_an_empty_rank() {
     assert!(uneven_tokens(4).contains(&0));
 }
+
+/// Every rank thread opening its own context at the same time, computing and dropping it
+/// while the others still compute (what `ep-bench` does): the contexts share the process's
+/// one device on the adapter, and the outputs are the shared context's bits. On the H200 this
+/// pattern, with a device per context, hung in 6 and crashed in 4 of 27 runs of this file's
+/// previous version (NVIDIA's driver destroying devices beside other threads' work).
+#[test]
+fn contexts_opened_and_dropped_on_every_rank_thread_share_one_device() {
+    for mapped in modes() {
+        for world in [2, 4] {
+            let case = Case::new(cfg(), world);
+            let shared = run(&case, mapped, true);
+            for round in 0..3 {
+                let out = LocalGroup::run(world, TIMEOUT, |g| -> moe_ep::Result<(Tensor, bool)> {
+                    let rank = g.rank();
+                    let opts = ContextOptions { mapped_exchange: mapped, ..ContextOptions::from_env() };
+                    let e = GpuEngine::new(&opts)?;
+                    let same = e.context().shares_device(engine(mapped).context());
+                    let p = case.placement();
+                    let w =
+                        LayerWeights { router: case.gate(), ..random::layer_weights(&case.cfg, case.seed, &p, rank) };
+                    let layer = MoeLayer::with_engine_weights(g, case.cfg.clone(), p, w, Box::new(e.clone()))?;
+                    let (y, _) = layer.forward_device(&e.to_device(&case.input(rank))?)?;
+                    Ok((e.to_host(&y)?, same))
+                })
+                .unwrap();
+                for (r, o) in out.into_iter().enumerate() {
+                    let what = format!("world {world} mapped {mapped:?} round {round} rank {r}");
+                    let (y, same) = o.expect("no panic").unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert!(same, "{what}: a second device on the adapter");
+                    assert!(y.as_bytes() == shared[r].0.as_bytes(), "{what}: differs from the shared context");
+                }
+            }
+        }
+    }
+}
