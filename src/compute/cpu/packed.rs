@@ -16,7 +16,7 @@ use std::cell::RefCell;
 
 use super::gemv::{self, Lhs};
 use crate::dtype::Element;
-use crate::model::quant::PackedMatrix;
+use crate::model::quant::{PackedMatrix, QuantFormat};
 use crate::model::weights::Weight;
 
 /// Weight rows decoded at a time: 16 rows of K f32 values (448 KiB at K = 7168).
@@ -31,19 +31,26 @@ thread_local! {
 /// module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackedPath {
-    /// Decoded in registers where this CPU has the kernel, else as `Decode`: the library's
-    /// choice at every row count (`cpu-ffn-bench --packed` on an AVX-512 Ice Lake, 1-64 rows
-    /// an expert: 3-7x faster than `Decode` up to 16 rows, level with it or faster at 64).
+    /// The library's choice: `Registers`, except FP8 from [`FP8_DECODE_MIN_ROWS`] rows a
+    /// task (its conversion costs more per value than the other formats'; decoded once per
+    /// block it was 1.26x faster at 64 rows an expert on a 16-core Sapphire Rapids, level on
+    /// a 2-core Ice Lake). `cpu-ffn-bench --packed`, 1-64 rows an expert: `Registers` 3-11x
+    /// faster than `Decode` up to 4 rows, 1.1-2.6x at 16, level to 1.3x at 64.
+    Auto,
+    /// Decoded in registers where this CPU has the kernel, else as `Decode`.
     Registers,
     /// Weight rows decoded to f32 a block at a time.
     Decode,
 }
 
+/// Rows from which [`PackedPath::Auto`] decodes FP8 weight rows first.
+pub const FP8_DECODE_MIN_ROWS: usize = 64;
+
 /// [`gemv::rows_times_weight_rows`] for a dense or packed weight: `out[r * (n1 - n0) + i] =
 /// x_r · w[n0 + i]` (`out` `[m, n1 - n0]`). Packed weights take f32 rows (bf16 rows are
 /// widened first; 4-bit formats' rows are put in pair order, see [`pair_order`]).
 pub fn rows_times_weight_rows(x: Lhs<'_>, m: usize, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
-    rows_times_weight_rows_via(x, m, w, n0, n1, out, PackedPath::Registers)
+    rows_times_weight_rows_via(x, m, w, n0, n1, out, PackedPath::Auto)
 }
 
 /// [`rows_times_weight_rows`] with packed weights taking `path`.
@@ -78,7 +85,12 @@ pub fn rows_times_weight_rows_via(
                     xf
                 }
             };
-            if !(path == PackedPath::Registers && gemv::packed_rows(x, m, p, n0, n1, out)) {
+            let registers = match path {
+                PackedPath::Auto => !(matches!(p.format(), QuantFormat::Fp8 { .. }) && m >= FP8_DECODE_MIN_ROWS),
+                PackedPath::Registers => true,
+                PackedPath::Decode => false,
+            };
+            if !(registers && gemv::packed_rows(x, m, p, n0, n1, out)) {
                 packed_rows(x, m, p, n0, n1, block, tmp, out)
             }
         }),

@@ -17,9 +17,9 @@
 //!   (`ExpertSet::with_cpu_gemm_panels`).
 //!
 //! `--packed q4,q8,mxfp4,fp8` also times packed experts (rows of `--packed-act`): their row
-//! kernels by both paths (`rows`: decoded in registers, the library's; `rows-decode`: weight
-//! rows decoded sixteen at a time; `cpu::packed::PackedPath`) and the FFN, weight GB/s on the
-//! packed bytes (values and scales).
+//! kernels by both paths (`rows`: decoded in registers; `rows-decode`: weight rows decoded
+//! sixteen at a time; `cpu::packed::PackedPath`) and the FFN (the library's choice), weight
+//! GB/s on the packed bytes (values and scales).
 //!
 //! Each figure prints beside its floors, measured in the same run: read bandwidth (weights
 //! GB/s) and the square GEMM rate of gemmkit in that dtype (GFLOP/s).
@@ -171,6 +171,7 @@ fn packed_runs(args: &Args, spec: WeightsSpec, read: f64, report: &mut Report) {
         };
         let mut v = vec![];
         for (name, path) in [("rows", PackedPath::Registers), ("rows-decode", PackedPath::Decode)] {
+            // `ffn` below runs the library's choice (PackedPath::Auto).
             v.push((name, time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w, path)))));
         }
         let set = ExpertSet::new(experts.clone());
@@ -211,7 +212,7 @@ fn time_variants(cfg: &MoeConfig, experts: &[ExpertWeights], m: usize, reps: usi
         f();
         median(&(0..reps).map(|_| timed(f)).collect::<Vec<_>>())
     };
-    let mut out = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w, PackedPath::Registers))))];
+    let mut out = vec![("rows", time(&|| experts.par_iter().for_each(|w| rows_expert(&x, w, PackedPath::Auto))))];
     out.push(match dt {
         DType::BF16 => {
             ("gemmkit", time(&|| experts.par_iter().for_each(|w| drop(black_box(gemm_expert::<bf16>(&x, w))))))
