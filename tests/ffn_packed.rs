@@ -11,6 +11,7 @@ use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::model::quant::QuantFormat;
 use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{Activation, CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
+use std::io::Write;
 
 fn formats() -> Vec<QuantFormat> {
     let a = |bits, group, dt| QuantFormat::affine(bits, group, dt).unwrap();
@@ -134,7 +135,10 @@ fn register_and_decoded_packed_paths_agree_in_bits() {
     use moe_ep::compute::cpu::gemv::{self, Kernel};
     let avx512 = Kernel::available().contains(&Kernel::Avx512);
     if !avx512 {
-        eprintln!("SKIPPED the register path: no AVX-512 on this CPU (both calls decode; compared anyway)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the register path: no AVX-512 on this CPU (both calls decode; compared anyway)"
+        );
     }
     let mut cases: Vec<(QuantFormat, usize)> = formats().into_iter().map(|f| (f, 256)).collect();
     cases.push((QuantFormat::fp8((4, 32)).unwrap(), 112));

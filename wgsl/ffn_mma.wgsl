@@ -10,7 +10,9 @@
 // with E = floor(log2(max |row|)) from `amax` (so the largest value lies in [2^14, 2^15) and
 // no value overflows f16; bf16 values convert exactly), and s_x, s_h the inverse powers.
 // Weights are f16, optionally with per-row power-of-two scales s_g, s_u, s_d (WS: bf16
-// checkpoints converted at upload); b_* are the optional biases (BIAS). Scales by powers of
+// checkpoints converted at upload), or packed (QK, BITS, ..: dequantized in f32 and rounded to
+// f16 as they are staged; the loader uses this only where every value fits f16); b_* are the
+// optional biases (BIAS). Scales by powers of
 // two are exact, so the result is that of the unscaled product.
 //
 // Workgroup (wid.x, wid.y) computes columns wid.x * BN .. of row tile tiles[wid.y] (one
@@ -38,8 +40,9 @@
 //
 // Prelude (added by the loader): `enable` lines, AMat/BMat/CMat aliases of S x S
 // cooperative matrices, SVT (the staged element: f16 or vec4<f16>), UP, S, BM, BN, BK, WM,
-// WN, SG (subgroup size), NBUF, SV, AT, OT, WS, BIAS, ACT; `wgsl/convert.wgsl`,
-// `wgsl/ffn_act.wgsl` and `wgsl/ffn_epi.wgsl` precede this file.
+// WN, SG (subgroup size), NBUF, SV, AT, OT, WS, BIAS, ACT, WT and touch_weights (and for packed
+// weights QK, BITS, GROUP, ST, FBN, widen_f16); `wgsl/convert.wgsl`, `wgsl/ffn_act.wgsl`,
+// `wgsl/ffn_epi.wgsl` (and `wgsl/ffn_quant.wgsl`) precede this file.
 
 // struct Params: `wgsl/ffn_params.wgsl` (in the prelude).
 
@@ -68,12 +71,16 @@ const EPT: u32 = SS / SG / PAIR;
 @group(0) @binding(2) var<storage, read> a: array<vec4<u32>>;
 // f32 bits of max |row| of A (AT = 0, 2).
 @group(0) @binding(3) var<storage, read> amax: array<u32>;
-// f16 weights, four a word (8-byte loads, two per 8 elements).
-@group(0) @binding(4) var<storage, read> w0: array<vec4<f16>>;
-@group(0) @binding(5) var<storage, read> w1: array<vec4<f16>>;
+// Weights (WT): f16, four a vec4 (8-byte loads, two per 8 elements), or packed words
+// (`wgsl/ffn_quant.wgsl`: 8 elements in one word of 4 bits, two of 8 bits), dequantized in f32
+// with their scales (qs0 for w0, qs1 for w1; unused for f16) and rounded to f16 as staged.
+@group(0) @binding(4) var<storage, read> w0: array<WT>;
+@group(0) @binding(5) var<storage, read> w1: array<WT>;
 @group(0) @binding(6) var<storage, read> vecs: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out: array<u32>;
 @group(0) @binding(8) var<storage, read_write> omax: array<atomic<u32>>;
+@group(0) @binding(9) var<storage, read> qs0: array<u32>;
+@group(0) @binding(10) var<storage, read> qs1: array<u32>;
 
 var<workgroup> a_s: array<SVT, NBUF * BM * AST / SV>;
 var<workgroup> b_s: array<SVT, NBUF * NB * AST / SV>;
@@ -126,7 +133,7 @@ fn emit_down(expert: u32, r: u32, ml: u32, n: u32, y0: f32, y1: f32) {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     if p.zero != 0u {
         // Never runs: keeps every binding in the pipeline's layout whatever the constants.
-        out[0] = amax[0] + bitcast<u32>(f32(w0[0].x + w1[0].x) + vecs[0]);
+        out[0] = amax[0] + touch_weights() + bitcast<u32>(vecs[0]);
         atomicStore(&omax[0], 0u);
     }
     let tile = tiles[wid.y];

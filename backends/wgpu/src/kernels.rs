@@ -404,8 +404,9 @@ impl Variant {
     }
 
     /// The cooperative-matrix kernel: up (A the batch in `act`, f16 or bf16) or down (A the
-    /// f32 intermediate, output in `act`), f16 weights, `tile`, `epi`.
-    pub fn ffn_mma(up: bool, act: DType, tile: MmaTile, epi: Epilogue) -> Self {
+    /// f32 intermediate, output in `act`), f16 weights or packed ones (`quant`, dequantized to
+    /// f16 as they are staged), `tile`, `epi`.
+    pub fn ffn_mma(up: bool, act: DType, tile: MmaTile, epi: Epilogue, quant: Packed) -> Self {
         Variant {
             kernel: Kernel::FfnMma { up },
             dtype: if up { act } else { DType::F32 },
@@ -413,6 +414,7 @@ impl Variant {
             mma: tile,
             epi,
             out: if up { DType::F32 } else { act },
+            quant,
             ..BASE
         }
     }
@@ -530,9 +532,29 @@ impl Variant {
         for tile in crate::ffn::mma_tiles_for_validation() {
             for epi in [Epilogue::PLAIN, full] {
                 for act in [DType::F16, DType::BF16] {
-                    v.push(Variant::ffn_mma(true, act, tile, epi));
-                    v.push(Variant::ffn_mma(false, act, tile, epi));
+                    v.push(Variant::ffn_mma(true, act, tile, epi, Packed::NONE));
+                    v.push(Variant::ffn_mma(false, act, tile, epi, Packed::NONE));
                 }
+            }
+        }
+        // Packed weights on the matrix units: every format on each tile of the 16x16 shape, and
+        // one format on the 8x8 ones.
+        let packed = |q| Packed::of(q);
+        for tile in crate::ffn::mma_tiles_for_validation() {
+            let formats: Vec<Packed> = if tile.s == 16 {
+                vec![
+                    packed(moe_ep::QuantFormat::affine(4, 64, DType::BF16).expect("a format")),
+                    packed(moe_ep::QuantFormat::affine(8, 32, DType::F32).expect("a format")),
+                    packed(moe_ep::QuantFormat::affine(4, 128, DType::F16).expect("a format")),
+                    packed(moe_ep::QuantFormat::Mxfp4),
+                    packed(moe_ep::QuantFormat::fp8((128, 128)).expect("a format")),
+                ]
+            } else {
+                vec![packed(moe_ep::QuantFormat::affine(4, 64, DType::BF16).expect("a format"))]
+            };
+            for q in formats {
+                v.push(Variant::ffn_mma(true, DType::BF16, tile, full, q));
+                v.push(Variant::ffn_mma(false, DType::BF16, tile, Epilogue::PLAIN, q));
             }
         }
         v.push(Variant::ffn_rowmax());
@@ -593,11 +615,12 @@ impl Variant {
             }
             Kernel::FfnReduce { up } => format!("ffn_reduce.{}.{}{epi}", if up { "up" } else { "down" }, self.out),
             Kernel::FfnMma { up } => format!(
-                "ffn_mma_{}.{}.{}.{}{epi}",
+                "ffn_mma_{}.{}.{}.{}{epi}{}",
                 if up { "up" } else { "down" },
                 self.dtype,
                 self.out,
-                self.mma.label()
+                self.mma.label(),
+                self.quant.label()
             ),
             Kernel::FfnRowMax => "ffn_rowmax".into(),
             Kernel::Narrow => format!("narrow.{}", self.dtype),
@@ -644,7 +667,7 @@ impl Variant {
                 let dt = code(self.dtype);
                 format!("{prelude}const DT: u32 = {dt}u;\nconst K: u32 = {}u;\n{widen}\n\n{CONVERT}\n{COMBINE}", self.k)
             }
-            Kernel::FfnMma { up } => self.mma_source(up),
+            Kernel::FfnMma { up } => self.mma_source(up, widen),
             Kernel::FfnUp | Kernel::FfnDown if self.quant.kind != 0 => self.packed_source(widen),
             Kernel::FfnUp | Kernel::FfnDown if self.tile.split => {
                 let up = self.kernel == Kernel::FfnUp;
@@ -729,18 +752,35 @@ impl Variant {
         )
     }
 
-    fn mma_source(&self, up: bool) -> String {
+    fn mma_source(&self, up: bool, widen: &str) -> String {
         let t = self.mma;
         let s = t.s;
         let svt = if t.sv == 4 { "vec4<f16>" } else { "f16" };
+        // Dense weights: f16, four to a vec4; packed ones: their words, dequantized as staged
+        // (`wgsl/ffn_quant.wgsl`), with the scales at bindings 9 and 10 (dense: unused).
+        let (weights, quant) = if self.quant.kind == 0 {
+            (
+                "alias WT = vec4<f16>;\nfn touch_weights() -> u32 { return bitcast<u32>(f32(w0[0].x + w1[0].x)) + qs0[0] + qs1[0]; }\n"
+                    .to_string(),
+                String::new(),
+            )
+        } else {
+            (
+                format!(
+                    "alias WT = u32;\nfn touch_weights() -> u32 {{ return w0[0] + w1[0] + qs0[0] + qs1[0]; }}\n{}{widen}\n",
+                    self.quant.prelude()
+                ),
+                FFN_QUANT.to_string(),
+            )
+        };
         let text = format!(
             "enable f16;\nenable wgpu_cooperative_matrix;\n\
              alias AMat = coop_mat{s}x{s}<f16, A>;\nalias BMat = coop_mat{s}x{s}<f16, B>;\n\
-             alias CMat = coop_mat{s}x{s}<f32, C>;\nalias SVT = {svt};\n\
+             alias CMat = coop_mat{s}x{s}<f32, C>;\nalias SVT = {svt};\n{weights}\
              const UP: bool = {up};\nconst S: u32 = {s}u;\nconst BM: u32 = {}u;\nconst BN: u32 = {}u;\n\
              const BK: u32 = {}u;\nconst WM: u32 = {}u;\nconst WN: u32 = {}u;\nconst SG: u32 = {}u;\n\
              const NBUF: u32 = {}u;\nconst SV: u32 = {}u;\nconst AT: u32 = {}u;\nconst OT: u32 = {}u;\n{}\
-             \n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{FFN_PARAMS}\n{FFN_MMA}",
+             \n{CONVERT}\n{FFN_ACT}\n{FFN_EPI}\n{quant}\n{FFN_PARAMS}\n{FFN_MMA}",
             t.bm,
             t.bn,
             t.bk,
@@ -753,6 +793,7 @@ impl Variant {
             dtype_code(self.out),
             self.epi.prelude(),
         );
-        crate::ffn::mma_source::expand(&text, t, up, dtype_code(self.dtype), self.out != DType::F32)
+        let packed_bits = (self.quant.kind != 0).then_some(self.quant.bits);
+        crate::ffn::mma_source::expand(&text, t, up, dtype_code(self.dtype), self.out != DType::F32, packed_bits)
     }
 }

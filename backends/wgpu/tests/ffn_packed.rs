@@ -15,6 +15,7 @@ use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
 use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels};
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
+use std::io::Write;
 
 const MIXED: [usize; 6] = [0, 1, 3, 8, 9, 40];
 
@@ -60,13 +61,21 @@ fn run(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usize], k:
     out
 }
 
-/// Every portable choice within tolerance of the reference and all the same bits.
+/// The tolerance of the matrix units' path, where the dequantized weights are rounded to f16
+/// as they are staged (about 2^-12 of a weight).
+fn mma_tolerance(act: DType) -> f64 {
+    tolerance(act).max(2e-3)
+}
+
+/// Every portable choice (and the deterministic mode) within tolerance of the reference and
+/// all the same bits; the fast default within tolerance (on the matrix units where the
+/// adapter has them: their summation order is the hardware's).
 fn check(ctx: &GpuContext, experts: &[ExpertWeights], act: Activation, batch: &Tensor, offs: &[usize], what: &str) {
     let dev = DeviceExperts::upload(ctx, &ExpertSet::with_activation(experts.to_vec(), act)).unwrap();
     assert!(dev.packed.is_some(), "{what}: uploaded packed");
     let want = ffn_f64(batch, offs, experts, act);
     let mut first: Option<Tensor> = None;
-    for k in PORTABLE.into_iter().chain([FfnKernels::Auto { deterministic: false }]) {
+    for k in PORTABLE.into_iter().chain([FfnKernels::Auto { deterministic: true }]) {
         let out = run(ctx, &dev, batch, offs, k);
         let err = row_error(&out, &want);
         assert!(err < tolerance(batch.dtype()), "{what} {k:?}: row rel error {err:.2e}");
@@ -75,6 +84,67 @@ fn check(ctx: &GpuContext, experts: &[ExpertWeights], act: Activation, batch: &T
         }
         first.get_or_insert(out);
     }
+    let fast = run(ctx, &dev, batch, offs, FfnKernels::Auto { deterministic: false });
+    let err = row_error(&fast, &want);
+    assert!(err < mma_tolerance(batch.dtype()), "{what} Auto: row rel error {err:.2e}");
+}
+
+/// Packed experts on the matrix units (dequantized to f16 in the cooperative kernel's staging),
+/// every format, 16-bit activations, experts of 0 to 150 rows so that every tile and the
+/// decode kernel beside them run in one call, gpt-oss's clamped SwiGLU with biases; and a set
+/// whose values overflow f16 stays on the portable kernels (Auto gives their bits, an explicit
+/// request is refused).
+#[test]
+fn packed_experts_on_the_matrix_units() {
+    let ctx = context();
+    if ctx.ffn_matrix().is_none() {
+        let _ =
+            writeln!(std::io::stderr(), "SKIPPED packed experts on the matrix units: {} offers none", ctx.describe());
+        return;
+    }
+    let (d, f) = (256, 192);
+    let counts = [0usize, 1, 3, 9, 20, 40, 150];
+    let offs = ffn_offsets(&counts);
+    for (i, fmt) in formats().into_iter().enumerate() {
+        for (act, acti) in
+            [(DType::BF16, Activation::Silu), (DType::F16, Activation::ClampedSwiglu { alpha: 1.702, limit: 7.0 })]
+        {
+            let cfg = MoeConfig::new(counts.len(), d, f, 1)
+                .with_dtypes(act, DType::BF16)
+                .with_activation(acti)
+                .with_expert_bias(acti != Activation::Silu);
+            let experts = random::packed_experts(&cfg, fmt, 60 + i as u64, &(0..counts.len()).collect::<Vec<_>>());
+            let batch = random::uniform(act, *offs.last().unwrap(), d, 1.0, i as u64, 8);
+            let dev = DeviceExperts::upload(&ctx, &ExpertSet::with_activation(experts.clone(), acti)).unwrap();
+            let want = ffn_f64(&batch, &offs, &experts, acti);
+            for k in [FfnKernels::MMA, FfnKernels::Auto { deterministic: false }, FfnKernels::Mixed { decode_max: 8 }] {
+                let err = row_error(&run(&ctx, &dev, &batch, &offs, k), &want);
+                assert!(err < mma_tolerance(act), "{fmt} {act} {k:?}: row rel error {err:.2e}");
+            }
+        }
+    }
+    // Scales that put values past f16's 65504: the matrix units are not used.
+    let fmt = QuantFormat::affine(8, 64, DType::F32).unwrap();
+    let cfg = MoeConfig::new(2, 128, 64, 1).with_dtypes(DType::BF16, DType::BF16);
+    let mut experts = random::packed_experts(&cfg, fmt, 3, &[0, 1]);
+    experts[1].up = {
+        let p = experts[1].up.packed().unwrap();
+        let moe_ep::model::quant::Scales::Affine { scales, biases } = p.scales() else { unreachable!() };
+        let s: Vec<f32> = scales.to_f32_vec().iter().map(|v| v * 1e6).collect();
+        let s = Tensor::from_f32(DType::F32, scales.rows(), scales.cols(), &s).unwrap();
+        moe_ep::model::quant::PackedMatrix::affine(p.rows(), p.cols(), 8, 64, p.words().to_vec(), s, biases.clone())
+            .unwrap()
+            .into()
+    };
+    let dev = DeviceExperts::upload(&ctx, &ExpertSet::new(experts)).unwrap();
+    assert!(!dev.packed_f16, "values past f16 detected");
+    let offs = ffn_offsets(&[30, 40]);
+    let batch = random::uniform(DType::BF16, 70, 128, 1.0, 2, 2);
+    let auto = run(&ctx, &dev, &batch, &offs, FfnKernels::Auto { deterministic: false });
+    let portable = run(&ctx, &dev, &batch, &offs, PORTABLE[1]);
+    assert_eq!(auto.as_bytes(), portable.as_bytes(), "past f16: Auto stays on the portable kernels");
+    let mut out = Tensor::zeros(DType::BF16, 70, 128);
+    assert!(ctx.ffn_host(&dev, &batch, &offs, FfnKernels::MMA, &mut out).is_err(), "past f16: MMA refused");
 }
 
 #[test]

@@ -260,7 +260,6 @@ impl GpuContext {
         scratch: &mut Vec<wgpu::Buffer>,
         launches: &mut Vec<Launch>,
     ) -> Result<()> {
-        let (d, f) = (dev.hidden, dev.intermediate);
         for (t, part_buf) in decoded.tiles.iter().zip(decoded.parts) {
             let shard = &dev.shards[t.shard];
             let mut p = dev.params(shard, proj)?;
@@ -270,8 +269,12 @@ impl GpuContext {
             p.chunks = portable::chunks(proj.k) as u32;
             p.prows = t.prows as u32;
             let (w0, w1) = if proj.up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
-            let io =
-                Io { w: (w0, w1, shard.count as u64 * (f * d * 2) as u64), part: (part_buf, part_buf.size()), ..*io };
+            let qs = shard.scales.as_ref().map(|[g, u, dn]| {
+                let b = shard.count as u64 * 4 * dev.scale_stride() as u64;
+                if proj.up { (g, u, b) } else { (dn, dn, b) }
+            });
+            let wb = shard.count as u64 * 4 * dev.matrix_words() as u64;
+            let io = Io { w: (w0, w1, wb), qs, part: (part_buf, part_buf.size()), ..*io };
             self.portable_launches(dev, c.act, t, proj, &p, &io, part, scratch, launches)?;
         }
         Ok(())
@@ -307,11 +310,22 @@ impl GpuContext {
         }
         let table = self.tile_table(tiles, scratch)?;
         let (w0, w1) = if proj.up { (&shard.gate, &shard.up) } else { (&shard.down, &shard.down) };
-        let wb = shard.count as u64 * (dev.intermediate * dev.hidden * 2) as u64;
-        let v = Variant::ffn_mma(proj.up, c.act, tile, dev.epilogue());
+        let wb = shard.count as u64 * 4 * dev.matrix_words() as u64;
+        // Packed weights' scales (gate's and up's, or down's twice); dense sets bind a small
+        // unused buffer there.
+        let unused = self.ffn_scratch("ffn unused", 16, scratch)?;
+        let (q0, q1, qb) = match &shard.scales {
+            Some([g, u, dn]) => {
+                let b = shard.count as u64 * 4 * dev.scale_stride() as u64;
+                if proj.up { (g, u, b) } else { (dn, dn, b) }
+            }
+            None => (&unused, &unused, 16),
+        };
+        let v = Variant::ffn_mma(proj.up, c.act, tile, dev.epilogue(), dev.kernel_quant());
         // SAFETY: row tiles come from validated offsets: rows within the chunk (A, out, the
-        // maxima at row - base), experts below the shard's count (weights at expert * matrix);
-        // the kernel reads A and weights only below K and N (zeros past them), writes only rows
+        // maxima at row - base), experts below the shard's count (weights at expert * matrix,
+        // packed scales at expert * scale_words plus a row's group below N x groups); the
+        // kernel reads A and weights only below K and N (zeros past them), writes only rows
         // below the tile's end and columns below N, vectors at expert * vec_stride + offset + n.
         Ok(unsafe {
             self.ffn_launch(
@@ -326,6 +340,8 @@ impl GpuContext {
                     (&shard.vecs, shard.vecs.size()),
                     io.out,
                     io.omax,
+                    (q0, qb),
+                    (q1, qb),
                 ],
                 (cols as u32, tiles.len() as u32, 1),
             )

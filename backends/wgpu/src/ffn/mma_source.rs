@@ -24,10 +24,12 @@ struct Shape {
     tn: u32,
     pair: u32,
     ept: u32,
+    /// Packed weights: bits a value (4 or 8); `None` for f16 weights.
+    packed: Option<u32>,
 }
 
 impl Shape {
-    fn new(t: MmaTile, up: bool, at: u32, out16: bool) -> Shape {
+    fn new(t: MmaTile, up: bool, at: u32, out16: bool, packed: Option<u32>) -> Shape {
         let threads = t.threads();
         let kv = t.bk / 8;
         let nb = t.bn * (1 + u32::from(up));
@@ -48,14 +50,15 @@ impl Shape {
             tn: t.bn / t.wn / t.s,
             pair,
             ept: t.s * t.s / t.sg / pair,
+            packed,
         }
     }
 }
 
 /// `src` with every `//@` line replaced by its unrolled code for `tile` (up or down, A of
-/// dtype code `at`, 16-bit output `out16`).
-pub(crate) fn expand(src: &str, tile: MmaTile, up: bool, at: u32, out16: bool) -> String {
-    let sh = Shape::new(tile, up, at, out16);
+/// dtype code `at`, 16-bit output `out16`, weights packed with `packed` bits a value or f16).
+pub(crate) fn expand(src: &str, tile: MmaTile, up: bool, at: u32, out16: bool, packed: Option<u32>) -> String {
+    let sh = Shape::new(tile, up, at, out16, packed);
     let mut out = String::with_capacity(src.len() * 2);
     for line in src.lines() {
         match line.trim() {
@@ -136,6 +139,9 @@ fn fetch_b(sh: &Shape, j: u32, s: &mut String) {
         None
     };
     let (a, b) = (2 * j, 2 * j + 1);
+    if let Some(bits) = sh.packed {
+        return fetch_b_packed(sh, j, bits, side, s);
+    }
     let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
     let _ = writeln!(s, "            let nn = i / KV;\n            let k = k0 + (i % KV) * 8u;");
     let _ = writeln!(s, "            rb_{a} = vec4<f16>(0.0h);\n            rb_{b} = vec4<f16>(0.0h);");
@@ -167,6 +173,75 @@ fn fetch_b(sh: &Shape, j: u32, s: &mut String) {
         }
     }
     s.push_str("        }\n");
+}
+
+/// Slice `j` of the packed weight loads: the 8 values of a unit (one word of 4-bit values, two
+/// of 8-bit ones) and their group's scale (and bias), dequantized in f32 as the portable
+/// kernels do (`fma(s, q, b)`) and rounded to f16 into the slice's two registers.
+fn fetch_b_packed(sh: &Shape, j: u32, bits: u32, side: Option<(&str, &str)>, s: &mut String) {
+    let g = guard(sh, j, sh.b_units);
+    let (a, b) = (2 * j, 2 * j + 1);
+    let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
+    let _ = writeln!(s, "            let nn = i / KV;\n            let k = k0 + (i % KV) * 8u;");
+    let _ = writeln!(s, "            rb_{a} = vec4<f16>(0.0h);\n            rb_{b} = vec4<f16>(0.0h);");
+    // Whether the unit is an up (w1) row: fixed where the slice's rows lie on one side.
+    let (n, second) = match side {
+        Some(("w1", minus)) => (format!("n0 + nn{minus}"), "true"),
+        Some((_, minus)) => (format!("n0 + nn{minus}"), "false"),
+        None => ("n0 + select(nn, nn - BN, nn >= BN)".to_string(), "nn >= BN"),
+    };
+    let _ = writeln!(s, "            let n = {n};\n            let second = {second};");
+    let _ = writeln!(s, "            if {g}n < p.n_len && k < K {{");
+    let _ = writeln!(s, "                let at = expert * p.expert_words + n * (K / EPW) + k / EPW;");
+    let _ = writeln!(s, "                let groups = (K + GROUP - 1u) / GROUP;\n                let gi = k / GROUP;");
+    let _ = writeln!(s, "                let sw = expert * p.scale_words + scale_word(n, gi, groups);");
+    let words = if bits == 4 { 1 } else { 2 };
+    let _ = writeln!(s, "                var s0 = 0u;\n                var s1 = 0u;");
+    for q in 0..words {
+        let _ = writeln!(s, "                var q{q} = 0u;");
+    }
+    s.push_str(
+        "                if second {
+",
+    );
+    s.push_str(
+        "                    s0 = qs1[sw];
+                    if QK == 1u && ST == 0u {
+                        s1 = qs1[sw + 1u];
+                    }
+",
+    );
+    for q in 0..words {
+        let _ = writeln!(s, "                    q{q} = w1[at + {q}u];");
+    }
+    s.push_str(
+        "                } else {
+",
+    );
+    s.push_str(
+        "                    s0 = qs0[sw];
+                    if QK == 1u && ST == 0u {
+                        s1 = qs0[sw + 1u];
+                    }
+",
+    );
+    for q in 0..words {
+        let _ = writeln!(s, "                    q{q} = w0[at + {q}u];");
+    }
+    s.push_str(
+        "                }
+",
+    );
+    let _ = writeln!(s, "                let sb = decode_sb(s0, s1, n, gi, groups);");
+    let per = 32 / bits;
+    let v: Vec<String> = (0..8).map(|e| format!("f16(fma(sb.x, qvalue(q{}, {}u), sb.y))", e / per, e % per)).collect();
+    let _ = writeln!(s, "                rb_{a} = vec4<f16>({}, {}, {}, {});", v[0], v[1], v[2], v[3]);
+    let _ = writeln!(s, "                rb_{b} = vec4<f16>({}, {}, {}, {});", v[4], v[5], v[6], v[7]);
+    s.push_str(
+        "            }
+        }
+",
+    );
 }
 
 /// Stage eight f16 values `h0..h3` (vec2s) at element `at` of `arr`.

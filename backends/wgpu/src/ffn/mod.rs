@@ -255,8 +255,9 @@ impl GpuContext {
         if let Ok(Path::Mma(MmaPlan { units, .. })) = self.ffn_path(dev, act, FfnKernels::Auto { deterministic: false })
         {
             let [up, down] = default_tiles(units, self.limits().max_compute_workgroup_storage_size);
-            vs.extend(up.into_iter().map(|t| Variant::ffn_mma(true, act, t, dev.epilogue())));
-            vs.extend(down.into_iter().map(|t| Variant::ffn_mma(false, act, t, dev.epilogue())));
+            let q = dev.kernel_quant();
+            vs.extend(up.into_iter().map(|t| Variant::ffn_mma(true, act, t, dev.epilogue(), q)));
+            vs.extend(down.into_iter().map(|t| Variant::ffn_mma(false, act, t, dev.epilogue(), q)));
             if act == DType::BF16 {
                 vs.push(Variant::ffn_rowmax());
             }
@@ -372,7 +373,13 @@ impl GpuContext {
     fn ffn_path(&self, dev: &DeviceExperts, act: DType, kernels: FfnKernels) -> Result<Path> {
         let units = self.ffn_matrix();
         let (d, f) = (dev.hidden, dev.intermediate);
-        let mma_ok = act != DType::F32 && dev.dtype == DType::F16 && dev.packed.is_none() && d % 8 == 0 && f % 8 == 0;
+        // Packed weights reach the matrix units dequantized to f16: where every value fits f16
+        // and a unit of 8 inputs never straddles two scale groups.
+        let weights_ok = match dev.packed {
+            None => dev.dtype == DType::F16,
+            Some(q) => dev.packed_f16 && q.group() % 8 == 0,
+        };
+        let mma_ok = act != DType::F32 && weights_ok && d % 8 == 0 && f % 8 == 0;
         match kernels {
             FfnKernels::Auto { deterministic } => Ok(match units {
                 Some(units) if mma_ok && !deterministic => {

@@ -46,6 +46,21 @@ fn scale_words_of(m: &PackedMatrix) -> Vec<u32> {
     }
 }
 
+/// A bound on `|w|` over the matrix's values: affine `max |s| * (2^bits - 1) + |b|` over its
+/// groups, MXFP4 `6 * 2^e`, FP8 `448 * |scale|` over its blocks.
+pub fn max_abs_bound(m: &PackedMatrix) -> f64 {
+    match (m.scales(), m.format()) {
+        (Scales::Affine { scales, biases }, QuantFormat::Affine { bits, .. }) => {
+            let qmax = ((1u32 << bits) - 1) as f64;
+            let (s, b) = (scales.to_f64_vec(), biases.to_f64_vec());
+            s.iter().zip(&b).map(|(s, b)| s.abs() * qmax + b.abs()).fold(0.0, f64::max)
+        }
+        (Scales::E8m0(e), _) => e.iter().map(|&e| 6.0 * 2f64.powi(e as i32 - 127)).fold(0.0, f64::max),
+        (Scales::Block(s), _) => s.iter().map(|&v| 448.0 * (v as f64).abs()).fold(0.0, f64::max),
+        _ => f64::INFINITY,
+    }
+}
+
 /// The shape rules of the packed kernels, as device errors: every projection of every expert
 /// packed in one format, rows of whole words, scale groups that tile the kernels' steps.
 pub fn check_packed(experts: &[&ExpertWeights], d: usize, f: usize) -> Result<QuantFormat> {
@@ -81,6 +96,11 @@ pub fn check_packed(experts: &[&ExpertWeights], d: usize, f: usize) -> Result<Qu
 }
 
 impl DeviceExperts {
+    /// The kernels' view of the packed format ([`crate::kernels::Packed::NONE`] for dense sets).
+    pub(crate) fn kernel_quant(&self) -> crate::kernels::Packed {
+        self.packed.map_or(crate::kernels::Packed::NONE, crate::kernels::Packed::of)
+    }
+
     /// Words of one expert's matrix in the bound weight buffers.
     pub fn matrix_words(&self) -> usize {
         let (f, d) = (self.intermediate, self.hidden);

@@ -61,6 +61,10 @@ pub struct DeviceExperts {
     /// The experts' packed format (values streamed as packed words, dequantized inside the
     /// kernels; `source` and `dtype` are then f32, unused), `None` for dense weights.
     pub packed: Option<moe_ep::QuantFormat>,
+    /// Packed experts: whether every weight value lies within f16's range
+    /// ([`crate::ffn::packed::max_abs_bound`]), so that the cooperative kernel may stage them
+    /// as f16; always false for dense sets.
+    pub packed_f16: bool,
 }
 
 /// The GPU kernels' shape rules for an FFN of `d x f` with these dtypes, as a device error
@@ -135,6 +139,7 @@ impl DeviceExperts {
             shards: Vec::new(),
             bytes: 0,
             packed: None,
+            packed_f16: false,
         };
         let mut pending = 0u64;
         for (s, chunk) in experts.chunks(per_shard).enumerate() {
@@ -243,6 +248,12 @@ impl DeviceExperts {
             shards: Vec::new(),
             bytes: 0,
             packed: Some(q),
+            packed_f16: experts.iter().all(|w| {
+                w.projections()
+                    .iter()
+                    .filter_map(|m| m.packed())
+                    .all(|m| crate::ffn::packed::max_abs_bound(m) <= 65504.0)
+            }),
         };
         let per_expert = 4 * dev.matrix_words().max(dev.scale_stride()) as u64;
         let per_shard = (ctx.max_binding_bytes() / per_expert.max(1)) as usize;
