@@ -20,8 +20,9 @@ use moe_ep::{
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 
 /// An engine on the one device context of exchange mode `mapped` that every rank and test
-/// shares (a context per rank compiled every pipeline per forward: on the H200 this file did
-/// not finish in 150 s).
+/// shares (a context per rank compiles every pipeline again, and with a device per context
+/// this file hung on the H200: see `moe_ep_wgpu::context`; the last test here opens a context
+/// per rank on purpose).
 fn engine(mapped: Option<bool>) -> GpuEngine {
     static CONTEXTS: Mutex<Vec<(Option<bool>, Arc<GpuContext>)>> = Mutex::new(Vec::new());
     let mut all = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
