@@ -128,8 +128,9 @@ fn packed_sets_check_their_kinds() {
 /// The two packed paths (weights decoded in registers, where this CPU has the kernel; weight
 /// rows decoded to f32 first) give the same bits for every format, row count and weight-row
 /// range (odd starts, counts off the 4-row blocks), and both are within f32 rounding of the
-/// f64 dot product of the decoded values. FP8 with 32-column blocks and K = 112 has a
-/// partial last step; 16-column blocks take the decoding path under either choice.
+/// f64 dot product of the decoded values. FP8 with 32-column blocks and K = 100, 112, 120 has
+/// a partial last step (4, 16, 24 columns); 16-column blocks take the decoding path under
+/// either choice.
 #[test]
 fn register_and_decoded_packed_paths_agree_in_bits() {
     use moe_ep::compute::cpu::gemv::{self, Kernel};
@@ -142,6 +143,8 @@ fn register_and_decoded_packed_paths_agree_in_bits() {
     }
     let mut cases: Vec<(QuantFormat, usize)> = formats().into_iter().map(|f| (f, 256)).collect();
     cases.push((QuantFormat::fp8((4, 32)).unwrap(), 112));
+    cases.push((QuantFormat::fp8((4, 32)).unwrap(), 100));
+    cases.push((QuantFormat::fp8((4, 32)).unwrap(), 120));
     cases.push((QuantFormat::fp8((32, 16)).unwrap(), 96));
     for (i, (fmt, k)) in cases.into_iter().enumerate() {
         let n = 45;

@@ -92,6 +92,8 @@ fn instance() -> &'static wgpu::Instance {
 
 /// A device this process opened, kept open for the rest of the process (module doc).
 struct Opened {
+    /// The adapter's place in the instance's enumeration (identical GPUs can have equal infos).
+    position: usize,
     info: wgpu::AdapterInfo,
     features: wgpu::Features,
     device: wgpu::Device,
@@ -125,6 +127,8 @@ pub struct GpuContext {
     /// by size; a used one comes back once the GPU has copied out of it and it is mapped again.
     staging: Arc<Mutex<Vec<wgpu::Buffer>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// Set once the device is lost: every later check fails.
+    lost: Arc<std::sync::atomic::AtomicBool>,
     /// Benchmarks: FFN launches are timed one by one while set.
     pub(crate) profile: Mutex<Option<Arc<crate::timing::LaunchProfile>>>,
 }
@@ -150,17 +154,19 @@ pub const NO_ADAPTER_HELP: &str = "wgpu found no adapter. On Linux install a Vul
      on macOS Metal is always present; set WGPU_BACKEND or MOE_EP_ADAPTER to choose among several";
 
 /// The adapter `opts` asks for: the best device type among those whose name matches, then the
-/// `device_index`-th of them. Errors list the adapters found.
-fn pick_adapter(opts: &ContextOptions) -> Result<wgpu::Adapter> {
-    let mut adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+/// `device_index`-th of them; with its place in the instance's enumeration. Errors list the
+/// adapters found.
+fn pick_adapter(opts: &ContextOptions) -> Result<(usize, wgpu::Adapter)> {
+    let mut adapters: Vec<(usize, wgpu::Adapter)> =
+        pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all())).into_iter().enumerate().collect();
     let found: Vec<String> = adapters
         .iter()
-        .map(|a| a.get_info())
+        .map(|(_, a)| a.get_info())
         .map(|i| format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
         .collect();
     if let Some(want) = &opts.adapter {
         let w = want.to_lowercase();
-        adapters.retain(|a| a.get_info().name.to_lowercase().contains(&w));
+        adapters.retain(|(_, a)| a.get_info().name.to_lowercase().contains(&w));
         if adapters.is_empty() {
             return Err(backend_error(format!(
                 "no adapter's name contains {want:?} ({ADAPTER_ENV}); found: [{}]",
@@ -168,9 +174,9 @@ fn pick_adapter(opts: &ContextOptions) -> Result<wgpu::Adapter> {
             )));
         }
     }
-    adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
-    let best = adapters.first().map(|a| a.get_info().device_type).ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
-    adapters.retain(|a| a.get_info().device_type == best);
+    adapters.sort_by_key(|(_, a)| type_rank(a.get_info().device_type));
+    let best = adapters.first().map(|(_, a)| a.get_info().device_type).ok_or_else(|| backend_error(NO_ADAPTER_HELP))?;
+    adapters.retain(|(_, a)| a.get_info().device_type == best);
     let index = opts.device_index.unwrap_or(0);
     if index >= adapters.len() {
         return Err(backend_error(format!(
@@ -185,6 +191,7 @@ fn pick_adapter(opts: &ContextOptions) -> Result<wgpu::Adapter> {
 /// A new device on `adapter` with `features` and `limits` (and wgpu's experimental features
 /// for the cooperative-matrix kernel where `matrix`), its errors and loss collected.
 fn open_device(
+    position: usize,
     adapter: &wgpu::Adapter,
     info: &wgpu::AdapterInfo,
     features: wgpu::Features,
@@ -218,7 +225,7 @@ fn open_device(
         sink.lock().unwrap_or_else(|p| p.into_inner()).push(format!("device lost ({reason:?}): {msg}"));
     });
     tracing::info!(adapter = %info.name, backend = ?info.backend, "wgpu device open");
-    Ok(Opened { info: info.clone(), features, device, queue, errors, lost })
+    Ok(Opened { position, info: info.clone(), features, device, queue, errors, lost })
 }
 
 impl GpuContext {
@@ -229,7 +236,7 @@ impl GpuContext {
     pub fn new(opts: &ContextOptions) -> Result<Self> {
         let _span = tracing::debug_span!("gpu_context").entered();
         let mut opened = OPENED.lock().unwrap_or_else(|p| p.into_inner());
-        let adapter = pick_adapter(opts)?;
+        let (position, adapter) = pick_adapter(opts)?;
         let info = adapter.get_info();
         let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let mut features = adapter.features() & wanted;
@@ -260,12 +267,14 @@ impl GpuContext {
         let unpack_f16 = opts.fast_variants
             && adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
         let relaxed = std::sync::atomic::Ordering::Relaxed;
-        let known = opened.iter().find(|o| o.info == info && o.features == features && !o.lost.load(relaxed));
-        let (device, queue, errors) = match known {
-            Some(o) => (o.device.clone(), o.queue.clone(), o.errors.clone()),
+        let known = opened
+            .iter()
+            .find(|o| o.position == position && o.info == info && o.features == features && !o.lost.load(relaxed));
+        let (device, queue, errors, lost) = match known {
+            Some(o) => (o.device.clone(), o.queue.clone(), o.errors.clone(), o.lost.clone()),
             None => {
-                let o = open_device(&adapter, &info, features, &limits, matrix.is_some())?;
-                let shared = (o.device.clone(), o.queue.clone(), o.errors.clone());
+                let o = open_device(position, &adapter, &info, features, &limits, matrix.is_some())?;
+                let shared = (o.device.clone(), o.queue.clone(), o.errors.clone(), o.lost.clone());
                 opened.push(o);
                 shared
             }
@@ -291,6 +300,7 @@ impl GpuContext {
             pool: BufferPool::default(),
             staging: Arc::default(),
             errors,
+            lost,
             profile: Mutex::new(None),
         })
     }
@@ -503,7 +513,8 @@ impl GpuContext {
         self.check_errors()
     }
 
-    /// Wait until the GPU has finished all submitted work, at most the context's timeout.
+    /// Wait until the GPU has finished all submitted work, at most the context's timeout (on a
+    /// device shared with other contexts: their work too).
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(self.timeout) })
@@ -517,10 +528,15 @@ impl GpuContext {
     }
 
     /// Error with every wgpu error reported since the last check (validation, out of memory,
-    /// device lost) on this context's device, by any context that shares it, or Ok.
+    /// device lost) on this context's device, or Ok; once the device is lost, always an error.
+    /// Contexts that share the device share its errors: whichever checks first reports an
+    /// error raised through another (the ranks of a call agree on its outcome anyway).
     pub fn check_errors(&self) -> Result<()> {
         let mut errs = self.errors.lock().unwrap_or_else(|p| p.into_inner());
         if errs.is_empty() {
+            if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(backend_error(format!("{}: the device was lost", self.info.name)));
+            }
             return Ok(());
         }
         let all = errs.drain(..).collect::<Vec<_>>().join("; ");

@@ -124,6 +124,17 @@ fn packed_experts_on_the_matrix_units() {
             }
         }
     }
+    // FP8 with partial scale blocks on the matrix units: F = 224 is 1.75 blocks of 128 (the
+    // down projection's inputs, the up projection's rows).
+    let fp8 = QuantFormat::fp8((128, 128)).unwrap();
+    let cfg = MoeConfig::new(3, 256, 224, 1).with_dtypes(DType::BF16, DType::BF16);
+    let experts = random::packed_experts(&cfg, fp8, 77, &[0, 1, 2]);
+    let offs = ffn_offsets(&[40, 0, 130]);
+    let batch = random::uniform(DType::BF16, 170, 256, 1.0, 7, 7);
+    let dev = DeviceExperts::upload(&ctx, &ExpertSet::new(experts.clone())).unwrap();
+    let want = ffn_f64(&batch, &offs, &experts, Activation::Silu);
+    let err = row_error(&run(&ctx, &dev, &batch, &offs, FfnKernels::MMA), &want);
+    assert!(err < mma_tolerance(DType::BF16), "{fp8} F=224 on the matrix units: row rel error {err:.2e}");
     // Scales that put values past f16's 65504: the matrix units are not used.
     let fmt = QuantFormat::affine(8, 64, DType::F32).unwrap();
     let cfg = MoeConfig::new(2, 128, 64, 1).with_dtypes(DType::BF16, DType::BF16);

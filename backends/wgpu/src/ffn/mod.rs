@@ -404,10 +404,15 @@ impl GpuContext {
                     backend_error(format!("{} offers no matrix units the FFN kernel takes", self.describe()))
                 })?;
                 if !mma_ok {
+                    let weights = match dev.packed {
+                        Some(q) if !dev.packed_f16 => format!("{q} weights with values past f16's range"),
+                        Some(q) => format!("{q} weights (scale groups of {})", q.group()),
+                        None => format!("{} weights", dev.dtype),
+                    };
                     return Err(Error::invalid(format!(
-                        "the cooperative FFN kernel takes 16-bit activations and f16 (or converted bf16) weights \
-                         with sizes that are multiples of 8; not {act} activations, {} weights, {d} x {f}",
-                        dev.dtype
+                        "the cooperative FFN kernel takes 16-bit activations, f16 (or converted bf16) weights or \
+                         packed ones whose values fit f16 in scale groups of a multiple of 8, and sizes that are \
+                         multiples of 8; not {act} activations, {weights}, {d} x {f}"
                     )));
                 }
                 let limit = self.limits().max_compute_workgroup_storage_size;

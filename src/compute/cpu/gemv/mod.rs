@@ -118,7 +118,7 @@ pub fn rows_times_rows_f32(x: &[f32], m: usize, w: &[f32], k: usize, out: &mut [
 /// must come in that order. The values are exactly [`PackedMatrix::decode_row`]'s and the
 /// sums run in the f32 kernel's order, so the result has the same bits as those rows decoded,
 /// put in the same order and passed to [`rows_times_rows_f32`]. Returns `false`, leaving `out` alone, where this CPU or
-/// layout has no such kernel (no AVX-512; FP8 blocks not a multiple of 16 columns wide): the
+/// layout has no such kernel (no AVX-512; FP8 blocks not a multiple of 32 columns wide): the
 /// caller decodes instead.
 ///
 /// Panics only on lengths that do not match the dimensions (a bug in the caller).

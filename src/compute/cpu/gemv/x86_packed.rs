@@ -249,8 +249,10 @@ unsafe fn block<D: Decode, const M: usize, const Q: usize>(
             }
             for (r, a) in acc.iter_mut().enumerate() {
                 for (h, &hm) in halves.iter().enumerate() {
-                    // SAFETY: the masked elements of row r of x lie inside it (caller).
-                    let xv = unsafe { _mm512_maskz_loadu_ps(hm, x.add(r * k + c + 16 * h)) };
+                    // SAFETY: the masked elements of row r of x lie inside it (caller); the
+                    // address wraps (a fully masked half of the last row's last step points
+                    // past the end, and is never read).
+                    let xv = unsafe { _mm512_maskz_loadu_ps(hm, x.wrapping_add(r * k + c + 16 * h)) };
                     for q in 0..Q {
                         a[q] = _mm512_fmadd_ps(xv, wv[q][h], a[q]);
                     }
