@@ -91,9 +91,8 @@ fn check(ctx: &GpuContext, experts: &[ExpertWeights], act: Activation, batch: &T
 
 /// Packed experts on the matrix units (dequantized to f16 in the cooperative kernel's staging),
 /// every format, 16-bit activations, experts of 0 to 150 rows so that every tile and the
-/// decode kernel beside them run in one call, gpt-oss's clamped SwiGLU with biases; and a set
-/// whose values overflow f16 stays on the portable kernels (Auto gives their bits, an explicit
-/// request is refused).
+/// decode kernel beside them run in one call, gpt-oss's clamped SwiGLU with biases; FP8 with
+/// partial scale blocks.
 #[test]
 fn packed_experts_on_the_matrix_units() {
     let ctx = context();
@@ -135,28 +134,6 @@ fn packed_experts_on_the_matrix_units() {
     let want = ffn_f64(&batch, &offs, &experts, Activation::Silu);
     let err = row_error(&run(&ctx, &dev, &batch, &offs, FfnKernels::MMA), &want);
     assert!(err < mma_tolerance(DType::BF16), "{fp8} F=224 on the matrix units: row rel error {err:.2e}");
-    // Scales that put values past f16's 65504: the matrix units are not used.
-    let fmt = QuantFormat::affine(8, 64, DType::F32).unwrap();
-    let cfg = MoeConfig::new(2, 128, 64, 1).with_dtypes(DType::BF16, DType::BF16);
-    let mut experts = random::packed_experts(&cfg, fmt, 3, &[0, 1]);
-    experts[1].up = {
-        let p = experts[1].up.packed().unwrap();
-        let moe_ep::model::quant::Scales::Affine { scales, biases } = p.scales() else { unreachable!() };
-        let s: Vec<f32> = scales.to_f32_vec().iter().map(|v| v * 1e6).collect();
-        let s = Tensor::from_f32(DType::F32, scales.rows(), scales.cols(), &s).unwrap();
-        moe_ep::model::quant::PackedMatrix::affine(p.rows(), p.cols(), 8, 64, p.words().to_vec(), s, biases.clone())
-            .unwrap()
-            .into()
-    };
-    let dev = DeviceExperts::upload(&ctx, &ExpertSet::new(experts)).unwrap();
-    assert!(!dev.packed_f16, "values past f16 detected");
-    let offs = ffn_offsets(&[30, 40]);
-    let batch = random::uniform(DType::BF16, 70, 128, 1.0, 2, 2);
-    let auto = run(&ctx, &dev, &batch, &offs, FfnKernels::Auto { deterministic: false });
-    let portable = run(&ctx, &dev, &batch, &offs, PORTABLE[1]);
-    assert_eq!(auto.as_bytes(), portable.as_bytes(), "past f16: Auto stays on the portable kernels");
-    let mut out = Tensor::zeros(DType::BF16, 70, 128);
-    assert!(ctx.ffn_host(&dev, &batch, &offs, FfnKernels::MMA, &mut out).is_err(), "past f16: MMA refused");
 }
 
 #[test]
@@ -263,5 +240,50 @@ fn the_layer_on_packed_experts_at_world_sizes_1_2_3() {
                 assert!(err < 1e-5, "deterministic {det} world {world} rank {r}: {err:.2e}");
             }
         }
+    }
+}
+
+/// Sets whose values f16 cannot hold well (past 65504, or all below 2^-8, near f16's
+/// subnormals) are flagged at upload and stay on the portable kernels: Auto gives their bits,
+/// an explicit request for the matrix units is refused.
+#[test]
+fn packed_sets_past_f16_stay_on_the_portable_kernels() {
+    let ctx = context();
+    let fmt = QuantFormat::affine(8, 64, DType::F32).unwrap();
+    let cfg = MoeConfig::new(2, 128, 64, 1).with_dtypes(DType::BF16, DType::BF16);
+    let scaled = |m: &moe_ep::Weight, factor: f32, bias_too: bool| -> moe_ep::Weight {
+        let p = m.packed().unwrap();
+        let moe_ep::model::quant::Scales::Affine { scales, biases } = p.scales() else { unreachable!() };
+        let times = |t: &Tensor| {
+            let v: Vec<f32> = t.to_f32_vec().iter().map(|v| v * factor).collect();
+            Tensor::from_f32(DType::F32, t.rows(), t.cols(), &v).unwrap()
+        };
+        let b = if bias_too { times(biases) } else { biases.clone() };
+        moe_ep::model::quant::PackedMatrix::affine(p.rows(), p.cols(), 8, 64, p.words().to_vec(), times(scales), b)
+            .unwrap()
+            .into()
+    };
+    for what in ["past f16", "tiny"] {
+        let mut experts = random::packed_experts(&cfg, fmt, 3, &[0, 1]);
+        if what == "past f16" {
+            // One matrix past 65504 is enough.
+            experts[1].up = scaled(&experts[1].up, 1e6, false);
+        } else {
+            // Every matrix near f16's subnormals.
+            for w in &mut experts {
+                (w.gate, w.up, w.down) =
+                    (scaled(&w.gate, 1e-6, true), scaled(&w.up, 1e-6, true), scaled(&w.down, 1e-6, true));
+            }
+        }
+        let dev = DeviceExperts::upload(&ctx, &ExpertSet::new(experts)).unwrap();
+        assert!(!dev.packed_f16, "{what}: flagged at upload");
+        let offs = ffn_offsets(&[30, 40]);
+        let batch = random::uniform(DType::BF16, 70, 128, 1.0, 2, 2);
+        let auto = run(&ctx, &dev, &batch, &offs, FfnKernels::Auto { deterministic: false });
+        let portable = run(&ctx, &dev, &batch, &offs, PORTABLE[1]);
+        assert_eq!(auto.as_bytes(), portable.as_bytes(), "{what}: Auto stays on the portable kernels");
+        let mut out = Tensor::zeros(DType::BF16, 70, 128);
+        let e = ctx.ffn_host(&dev, &batch, &offs, FfnKernels::MMA, &mut out).unwrap_err().to_string();
+        assert!(e.contains("f16") || e.contains("matrix units"), "{what}: {e}");
     }
 }

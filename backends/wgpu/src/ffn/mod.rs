@@ -405,7 +405,9 @@ impl GpuContext {
                 })?;
                 if !mma_ok {
                     let weights = match dev.packed {
-                        Some(q) if !dev.packed_f16 => format!("{q} weights with values past f16's range"),
+                        Some(q) if !dev.packed_f16 => {
+                            format!("{q} weights with values f16 cannot hold (past 65504, or all below 2^-8)")
+                        }
                         Some(q) => format!("{q} weights (scale groups of {})", q.group()),
                         None => format!("{} weights", dev.dtype),
                     };

@@ -61,10 +61,19 @@ pub struct DeviceExperts {
     /// The experts' packed format (values streamed as packed words, dequantized inside the
     /// kernels; `source` and `dtype` are then f32, unused), `None` for dense weights.
     pub packed: Option<moe_ep::QuantFormat>,
-    /// Packed experts: whether every weight value lies within f16's range
-    /// ([`crate::ffn::packed::max_abs_bound`]), so that the cooperative kernel may stage them
-    /// as f16; always false for dense sets.
+    /// Packed experts: whether every matrix's values fit f16 well enough for the cooperative
+    /// kernel to stage them as f16 ([`fits_f16`]); always false for dense sets.
     pub packed_f16: bool,
+}
+
+/// Whether a packed matrix's values may be staged as f16: its bound on `|w|`
+/// ([`crate::ffn::packed::max_abs_bound`]) at most f16's largest value, and at least 2^-8, so
+/// that values near the top keep f16's relative precision: a matrix whose values all lie near
+/// f16's subnormals (below 2^-14) would lose it (bf16 weights get a power-of-two scale per row
+/// instead; packed ones stay on the portable kernels).
+fn fits_f16(m: &moe_ep::model::quant::PackedMatrix) -> bool {
+    let b = crate::ffn::packed::max_abs_bound(m);
+    (2f64.powi(-8)..=65504.0).contains(&b)
 }
 
 /// The GPU kernels' shape rules for an FFN of `d x f` with these dtypes, as a device error
@@ -248,12 +257,7 @@ impl DeviceExperts {
             shards: Vec::new(),
             bytes: 0,
             packed: Some(q),
-            packed_f16: experts.iter().all(|w| {
-                w.projections()
-                    .iter()
-                    .filter_map(|m| m.packed())
-                    .all(|m| crate::ffn::packed::max_abs_bound(m) <= 65504.0)
-            }),
+            packed_f16: experts.iter().all(|w| w.projections().iter().filter_map(|m| m.packed()).all(fits_f16)),
         };
         let per_expert = 4 * dev.matrix_words().max(dev.scale_stride()) as u64;
         let per_shard = (ctx.max_binding_bytes() / per_expert.max(1)) as usize;
