@@ -33,9 +33,9 @@ thread_local! {
 pub enum PackedPath {
     /// The library's choice: `Registers`, except FP8 from [`FP8_DECODE_MIN_ROWS`] rows a
     /// task (its conversion costs more per value than the other formats'; decoded once per
-    /// block it was 1.26x faster at 64 rows an expert on a 16-core Sapphire Rapids, level on
+    /// block it was 1.26x faster at 64 rows an expert on a 16-core Sapphire Rapids and 1.32x on
     /// a 2-core Ice Lake). `cpu-ffn-bench --packed`, 1-64 rows an expert: `Registers` 3-11x
-    /// faster than `Decode` up to 4 rows, 1.1-2.6x at 16, level to 1.3x at 64.
+    /// faster than `Decode` up to 4 rows, 1.1-2.6x at 16, level to 1.3x at 64 (FP8 aside).
     Auto,
     /// Decoded in registers where this CPU has the kernel, else as `Decode`.
     Registers,
