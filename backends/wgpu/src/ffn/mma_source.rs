@@ -125,7 +125,8 @@ fn fetch(sh: &Shape) -> String {
 }
 
 /// Slice `j` of the weight loads: gate (w0) or up (w1) rows, statically where the slice's
-/// rows all lie on one side.
+/// rows all lie on one side. f16 weights: two 8-byte loads a unit of 8 inputs; packed ones
+/// ([`packed_unit`]): the unit's words and its group's scale, dequantized.
 fn fetch_b(sh: &Shape, j: u32, s: &mut String) {
     let g = guard(sh, j, sh.b_units);
     let lo = j * sh.threads / sh.kv;
@@ -139,109 +140,56 @@ fn fetch_b(sh: &Shape, j: u32, s: &mut String) {
         None
     };
     let (a, b) = (2 * j, 2 * j + 1);
-    if let Some(bits) = sh.packed {
-        return fetch_b_packed(sh, j, bits, side, s);
-    }
     let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
     let _ = writeln!(s, "            let nn = i / KV;\n            let k = k0 + (i % KV) * 8u;");
     let _ = writeln!(s, "            rb_{a} = vec4<f16>(0.0h);\n            rb_{b} = vec4<f16>(0.0h);");
-    match side {
-        Some((w, minus)) => {
-            let _ = writeln!(s, "            let n = n0 + nn{minus};");
-            let _ = writeln!(s, "            if {g}n < p.n_len && k < K {{");
-            let _ = writeln!(s, "                let at = expert * (p.expert_words / 2u) + (n * K + k) / 4u;");
-            let _ = writeln!(
-                s,
-                "                rb_{a} = {w}[at];\n                rb_{b} = {w}[at + 1u];\n            }}"
-            );
+    let n = match side {
+        Some((_, minus)) => format!("n0 + nn{minus}"),
+        None => "n0 + select(nn, nn - BN, nn >= BN)".to_string(),
+    };
+    let _ = writeln!(s, "            let n = {n};\n            if {g}n < p.n_len && k < K {{");
+    // The loads of one side (w0 or w1), at `indent`.
+    let loads = |w: &str, indent: &str| -> String {
+        match sh.packed {
+            Some(bits) => packed_unit(w, bits, indent, a, b),
+            None => format!(
+                "{indent}let at = expert * (p.expert_words / 2u) + (n * K + k) / 4u;\n\
+                 {indent}rb_{a} = {w}[at];\n{indent}rb_{b} = {w}[at + 1u];\n"
+            ),
         }
+    };
+    match side {
+        Some((w, _)) => s.push_str(&loads(w, "                ")),
         None => {
-            let _ = writeln!(
-                s,
-                "            let second = nn >= BN;\n            let n = n0 + select(nn, nn - BN, second);"
-            );
-            let _ = writeln!(s, "            if {g}n < p.n_len && k < K {{");
-            let _ = writeln!(s, "                let at = expert * (p.expert_words / 2u) + (n * K + k) / 4u;");
-            let _ = writeln!(
-                s,
-                "                if second {{\n                    rb_{a} = w1[at];\n                    rb_{b} = w1[at + 1u];"
-            );
-            let _ = writeln!(
-                s,
-                "                }} else {{\n                    rb_{a} = w0[at];\n                    rb_{b} = w0[at + 1u];\n                }}\n            }}"
-            );
+            let (up, gate) = (loads("w1", "                    "), loads("w0", "                    "));
+            let _ =
+                write!(s, "                if nn >= BN {{\n{up}                }} else {{\n{gate}                }}\n");
         }
     }
-    s.push_str("        }\n");
+    s.push_str("            }\n        }\n");
 }
 
-/// Slice `j` of the packed weight loads: the 8 values of a unit (one word of 4-bit values, two
-/// of 8-bit ones) and their group's scale (and bias), dequantized in f32 as the portable
-/// kernels do (`fma(s, q, b)`) and rounded to f16 into the slice's two registers.
-fn fetch_b_packed(sh: &Shape, j: u32, bits: u32, side: Option<(&str, &str)>, s: &mut String) {
-    let g = guard(sh, j, sh.b_units);
-    let (a, b) = (2 * j, 2 * j + 1);
-    let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
-    let _ = writeln!(s, "            let nn = i / KV;\n            let k = k0 + (i % KV) * 8u;");
-    let _ = writeln!(s, "            rb_{a} = vec4<f16>(0.0h);\n            rb_{b} = vec4<f16>(0.0h);");
-    // Whether the unit is an up (w1) row: fixed where the slice's rows lie on one side.
-    let (n, second) = match side {
-        Some(("w1", minus)) => (format!("n0 + nn{minus}"), "true"),
-        Some((_, minus)) => (format!("n0 + nn{minus}"), "false"),
-        None => ("n0 + select(nn, nn - BN, nn >= BN)".to_string(), "nn >= BN"),
-    };
-    let _ = writeln!(s, "            let n = {n};\n            let second = {second};");
-    let _ = writeln!(s, "            if {g}n < p.n_len && k < K {{");
-    let _ = writeln!(s, "                let at = expert * p.expert_words + n * (K / EPW) + k / EPW;");
-    let _ = writeln!(s, "                let groups = (K + GROUP - 1u) / GROUP;\n                let gi = k / GROUP;");
-    let _ = writeln!(s, "                let sw = expert * p.scale_words + scale_word(n, gi, groups);");
-    let words = if bits == 4 { 1 } else { 2 };
-    let _ = writeln!(s, "                var s0 = 0u;\n                var s1 = 0u;");
-    for q in 0..words {
-        let _ = writeln!(s, "                var q{q} = 0u;");
-    }
-    s.push_str(
-        "                if second {
-",
-    );
-    s.push_str(
-        "                    s0 = qs1[sw];
-                    if QK == 1u && ST == 0u {
-                        s1 = qs1[sw + 1u];
-                    }
-",
-    );
-    for q in 0..words {
-        let _ = writeln!(s, "                    q{q} = w1[at + {q}u];");
-    }
-    s.push_str(
-        "                } else {
-",
-    );
-    s.push_str(
-        "                    s0 = qs0[sw];
-                    if QK == 1u && ST == 0u {
-                        s1 = qs0[sw + 1u];
-                    }
-",
-    );
-    for q in 0..words {
-        let _ = writeln!(s, "                    q{q} = w0[at + {q}u];");
-    }
-    s.push_str(
-        "                }
-",
-    );
-    let _ = writeln!(s, "                let sb = decode_sb(s0, s1, n, gi, groups);");
+/// One side's packed unit of 8 inputs into `rb_{a}`, `rb_{b}` (`w` its words, `qs0`/`qs1`
+/// their scales): its words (one of 4-bit values, two of 8-bit ones) and its group's scale
+/// words (the second only for f32 affine scales), decoded with `wgsl/ffn_quant.wgsl` as the
+/// portable kernels read them, each value `fma(s, q, b)` in f32, rounded to f16.
+fn packed_unit(w: &str, bits: u32, indent: &str, a: u32, b: u32) -> String {
+    let qs = if w == "w1" { "qs1" } else { "qs0" };
+    let mut s = String::new();
+    let _ = writeln!(s, "{indent}let at = expert * p.expert_words + n * (K / EPW) + k / EPW;");
+    let _ = writeln!(s, "{indent}let groups = (K + GROUP - 1u) / GROUP;\n{indent}let gi = k / GROUP;");
+    let _ = writeln!(s, "{indent}let sw = expert * p.scale_words + scale_word(n, gi, groups);");
+    let _ = writeln!(s, "{indent}var s1 = 0u;");
+    let _ = writeln!(s, "{indent}if QK == 1u && ST == 0u {{\n{indent}    s1 = {qs}[sw + 1u];\n{indent}}}");
+    let _ = writeln!(s, "{indent}let sb = decode_sb({qs}[sw], s1, n, gi, groups);");
     let per = 32 / bits;
+    for q in 0..8 / per {
+        let _ = writeln!(s, "{indent}let q{q} = {w}[at + {q}u];");
+    }
     let v: Vec<String> = (0..8).map(|e| format!("f16(fma(sb.x, qvalue(q{}, {}u), sb.y))", e / per, e % per)).collect();
-    let _ = writeln!(s, "                rb_{a} = vec4<f16>({}, {}, {}, {});", v[0], v[1], v[2], v[3]);
-    let _ = writeln!(s, "                rb_{b} = vec4<f16>({}, {}, {}, {});", v[4], v[5], v[6], v[7]);
-    s.push_str(
-        "            }
-        }
-",
-    );
+    let _ = writeln!(s, "{indent}rb_{a} = vec4<f16>({}, {}, {}, {});", v[0], v[1], v[2], v[3]);
+    let _ = writeln!(s, "{indent}rb_{b} = vec4<f16>({}, {}, {}, {});", v[4], v[5], v[6], v[7]);
+    s
 }
 
 /// Stage eight f16 values `h0..h3` (vec2s) at element `at` of `arr`.

@@ -58,51 +58,52 @@ impl WideLoad for f16 {
     }
 }
 
-/// One register block: `out[r * ldo + q] = x_r · w_q` for `M` rows of `x` and `Q` weight
-/// rows of `w`, both `k` apart.
-trait Block {
+/// One register block of a product: `out[r * ldo + q] = x_r · w_{j + q}` for `M` rows of `x`
+/// (`k` apart) and `Q` weight rows from row `j` of the kernel's weights.
+pub(super) trait Block {
     type X;
-    type W;
     /// # Safety
-    /// `M` rows of `k` at `x`, `Q` rows of `k` at `w` readable; `out[r * ldo + q]` writable;
-    /// the CPU has the kernel's features.
+    /// `M` rows of `k` at `x` readable; weight rows `j..j + Q` exist (`k` columns);
+    /// `out[r * ldo + q]` writable; the CPU has the kernel's features.
     unsafe fn block<const M: usize, const Q: usize>(
+        &self,
         x: *const Self::X,
         k: usize,
-        w: *const Self::W,
+        j: usize,
         out: *mut f32,
         ldo: usize,
     );
 }
 
-/// Every `(row block, weight block)` of `m` rows of `x` times the rows of `w`, weight blocks
-/// outermost so that the weights stream from memory once.
+/// Every `(row block, weight block)` of `m` rows of `x` (`[m, k]`) times the `n` weight rows
+/// of `b` into `out` (`[m, n]`), weight blocks outermost so that the weights stream from
+/// memory once. Blocks of 4 weight rows (1 for the last few) and up to [`ROW_BLOCK`] rows: a
+/// row's sums do not depend on the blocking (see [`store_sums`]).
 ///
 /// # Safety
-/// The CPU has `K`'s features.
-unsafe fn drive<K: Block>(x: &[K::X], m: usize, w: &[K::W], k: usize, out: &mut [f32]) {
-    let n = w.len() / k;
+/// `b` has `n` weight rows of `k` columns; the CPU has `b`'s features.
+pub(super) unsafe fn drive<B: Block>(b: &B, x: &[B::X], m: usize, k: usize, n: usize, out: &mut [f32]) {
     assert!(x.len() >= m * k && out.len() >= m * n, "gemv: short slices");
-    let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
     let mut j = 0;
     while j < n {
         let q = if n - j >= 4 { 4 } else { 1 };
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(ROW_BLOCK);
-            // SAFETY: rows r..r + rows of x, weight rows j..j + q and outputs (r.., j..) lie
-            // inside the slices (checked above); the caller vouches for the features.
+            // SAFETY: rows r..r + rows of x and outputs (r.., j..) lie inside the slices
+            // (checked above); weight rows j..j + q exist and the features are there (caller).
             unsafe {
-                let (x, w, o) = (xp.add(r * k), wp.add(j * k), op.add(r * n + j));
+                let (x, o) = (xp.add(r * k), op.add(r * n + j));
                 match (rows, q) {
-                    (4, 4) => K::block::<4, 4>(x, k, w, o, n),
-                    (3, 4) => K::block::<3, 4>(x, k, w, o, n),
-                    (2, 4) => K::block::<2, 4>(x, k, w, o, n),
-                    (1, 4) => K::block::<1, 4>(x, k, w, o, n),
-                    (4, _) => K::block::<4, 1>(x, k, w, o, n),
-                    (3, _) => K::block::<3, 1>(x, k, w, o, n),
-                    (2, _) => K::block::<2, 1>(x, k, w, o, n),
-                    _ => K::block::<1, 1>(x, k, w, o, n),
+                    (4, 4) => b.block::<4, 4>(x, k, j, o, n),
+                    (3, 4) => b.block::<3, 4>(x, k, j, o, n),
+                    (2, 4) => b.block::<2, 4>(x, k, j, o, n),
+                    (1, 4) => b.block::<1, 4>(x, k, j, o, n),
+                    (4, _) => b.block::<4, 1>(x, k, j, o, n),
+                    (3, _) => b.block::<3, 1>(x, k, j, o, n),
+                    (2, _) => b.block::<2, 1>(x, k, j, o, n),
+                    _ => b.block::<1, 1>(x, k, j, o, n),
                 }
             }
             r += rows;
@@ -111,20 +112,23 @@ unsafe fn drive<K: Block>(x: &[K::X], m: usize, w: &[K::W], k: usize, out: &mut 
     }
 }
 
-/// bf16 pairs on `vdpbf16ps`: 32 products per step into 16 f32 lanes.
-struct Bf16Dot;
+/// bf16 pairs on `vdpbf16ps`: 32 products per step into 16 f32 lanes; weight rows at `w`.
+struct Bf16Dot {
+    w: *const bf16,
+}
 
 impl Block for Bf16Dot {
     type X = bf16;
-    type W = bf16;
     unsafe fn block<const M: usize, const Q: usize>(
+        &self,
         x: *const bf16,
         k: usize,
-        w: *const bf16,
+        j: usize,
         out: *mut f32,
         ldo: usize,
     ) {
-        unsafe { bf16_block::<M, Q>(x, k, w, out, ldo) }
+        // SAFETY: weight rows j..j + Q exist (caller), so w + j * k is inside them.
+        unsafe { bf16_block::<M, Q>(x, k, self.w.add(j * k), out, ldo) }
     }
 }
 
@@ -224,14 +228,23 @@ fn bh(v: __m512i) -> __m512bh {
     unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
-/// f32 rows, weights of type `W` widened in registers, FMA: 16 products per step.
-struct Fma<W>(std::marker::PhantomData<W>);
+/// f32 rows, weights of type `W` (rows at `w`) widened in registers, FMA: 16 products per step.
+struct Fma<W> {
+    w: *const W,
+}
 
 impl<W: WideLoad> Block for Fma<W> {
     type X = f32;
-    type W = W;
-    unsafe fn block<const M: usize, const Q: usize>(x: *const f32, k: usize, w: *const W, out: *mut f32, ldo: usize) {
-        unsafe { fma_block::<W, M, Q>(x, k, w, out, ldo) }
+    unsafe fn block<const M: usize, const Q: usize>(
+        &self,
+        x: *const f32,
+        k: usize,
+        j: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: weight rows j..j + Q exist (caller), so w + j * k is inside them.
+        unsafe { fma_block::<W, M, Q>(x, k, self.w.add(j * k), out, ldo) }
     }
 }
 
@@ -271,14 +284,16 @@ unsafe fn fma_block<W: WideLoad, const M: usize, const Q: usize>(
 pub(super) fn bf16_rows(x: &[bf16], m: usize, w: &[bf16], k: usize, out: &mut [f32]) {
     assert!(has_bf16(), "gemv: no AVX-512 BF16 on this CPU");
     // SAFETY: the features were just checked.
-    unsafe { drive::<Bf16Dot>(x, m, w, k, out) }
+    // SAFETY: the features were just checked; Bf16Dot's rows are w's `w.len() / k` rows.
+    unsafe { drive(&Bf16Dot { w: w.as_ptr() }, x, m, k, w.len() / k, out) }
 }
 
 /// f32 rows times weight rows of `W` with AVX-512F. Panics without it.
 pub(super) fn f32_rows<W: WideLoad>(x: &[f32], m: usize, w: &[W], k: usize, out: &mut [f32]) {
     assert!(has_avx512(), "gemv: no AVX-512 on this CPU");
     // SAFETY: the features were just checked.
-    unsafe { drive::<Fma<W>>(x, m, w, k, out) }
+    // SAFETY: the features were just checked; Fma's rows are w's `w.len() / k` rows.
+    unsafe { drive(&Fma { w: w.as_ptr() }, x, m, k, w.len() / k, out) }
 }
 
 /// The portable kernel compiled for AVX2 + FMA. Panics without them.

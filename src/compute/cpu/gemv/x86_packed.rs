@@ -15,9 +15,8 @@
 
 use std::arch::x86_64::*;
 
-use super::ROW_BLOCK;
 use super::portable::Widen;
-use super::x86::{PREFETCH_BLOCKS, has_avx512, prefetch, store_sums};
+use super::x86::{Block, PREFETCH_BLOCKS, drive, has_avx512, prefetch, store_sums};
 use crate::model::checkpoint::dequant::{E2M1, e8m0_exponent};
 use crate::model::quant::{PackedMatrix, QuantFormat, Scales};
 use crate::tensor::Storage;
@@ -265,40 +264,24 @@ unsafe fn block<D: Decode, const M: usize, const Q: usize>(
     unsafe { store_sums::<M, Q>(&acc, out, ldo) };
 }
 
-/// Every `(row block, weight block)` of `m` rows of `x` (`[m, k]`) times weight rows
-/// `n0..n1` of `d` into `out` (`[m, n1 - n0]`), weight blocks outermost (as the f32 kernel's
-/// driver, so that the weights stream once).
-///
-/// # Safety
-/// Rows `n0..n1` of `d` exist and have `k` columns; the CPU has AVX-512 F, BW and VL.
-unsafe fn drive<D: Decode>(d: &D, x: &[f32], m: usize, k: usize, n0: usize, n1: usize, out: &mut [f32]) {
-    let n = n1 - n0;
-    assert!(x.len() >= m * k && out.len() >= m * n, "packed gemv: short slices");
-    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
-    let mut j = 0;
-    while j < n {
-        let q = if n - j >= 4 { 4 } else { 1 };
-        let mut r = 0;
-        while r < m {
-            let rows = (m - r).min(ROW_BLOCK);
-            // SAFETY: rows r..r + rows of x and outputs (r.., j..) lie inside the slices
-            // (checked above); weight rows n0 + j.. inside d and the features (caller).
-            unsafe {
-                let (x, o, w) = (xp.add(r * k), op.add(r * n + j), n0 + j);
-                match (rows, q) {
-                    (4, 4) => block::<D, 4, 4>(d, x, k, w, o, n),
-                    (3, 4) => block::<D, 3, 4>(d, x, k, w, o, n),
-                    (2, 4) => block::<D, 2, 4>(d, x, k, w, o, n),
-                    (1, 4) => block::<D, 1, 4>(d, x, k, w, o, n),
-                    (4, _) => block::<D, 4, 1>(d, x, k, w, o, n),
-                    (3, _) => block::<D, 3, 1>(d, x, k, w, o, n),
-                    (2, _) => block::<D, 2, 1>(d, x, k, w, o, n),
-                    _ => block::<D, 1, 1>(d, x, k, w, o, n),
-                }
-            }
-            r += rows;
-        }
-        j += q;
+/// Rows `n0..` of a packed matrix as [`Block`]s of the f32 kernel's driver.
+struct Rows<'a, D> {
+    d: &'a D,
+    n0: usize,
+}
+
+impl<D: Decode> Block for Rows<'_, D> {
+    type X = f32;
+    unsafe fn block<const M: usize, const Q: usize>(
+        &self,
+        x: *const f32,
+        k: usize,
+        j: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: the caller's promises, for the matrix's rows n0 + j..
+        unsafe { block::<D, M, Q>(self.d, x, k, self.n0 + j, out, ldo) }
     }
 }
 
@@ -318,7 +301,7 @@ pub(super) fn packed_rows(x: &[f32], m: usize, p: &PackedMatrix, n0: usize, n1: 
             macro_rules! affine {
                 ($s:expr, $b:expr, $bits:literal) => {{
                     let a = Affine::<_, $bits> { bytes, row_bytes, group, groups: k / group, scales: $s, biases: $b };
-                    unsafe { drive(&a, x, m, k, n0, n1, out) }
+                    unsafe { drive(&Rows { d: &a, n0 }, x, m, k, n1 - n0, out) }
                 }};
             }
             match (scales.storage(), biases.storage(), bits) {
@@ -331,12 +314,13 @@ pub(super) fn packed_rows(x: &[f32], m: usize, p: &PackedMatrix, n0: usize, n1: 
                 _ => return false,
             }
         }
-        (QuantFormat::Mxfp4, Scales::E8m0(scales)) => unsafe {
-            drive(&Mxfp4 { bytes, cols: k, scales }, x, m, k, n0, n1, out)
-        },
+        (QuantFormat::Mxfp4, Scales::E8m0(scales)) => {
+            let d = Mxfp4 { bytes, cols: k, scales };
+            unsafe { drive(&Rows { d: &d, n0 }, x, m, k, n1 - n0, out) }
+        }
         (QuantFormat::Fp8 { block_rows, block_cols }, Scales::Block(scales)) if block_cols % 32 == 0 => {
             let f = Fp8 { bytes, cols: k, bn: block_rows as usize, bk: block_cols as usize, scales };
-            unsafe { drive(&f, x, m, k, n0, n1, out) }
+            unsafe { drive(&Rows { d: &f, n0 }, x, m, k, n1 - n0, out) }
         }
         _ => return false,
     }
