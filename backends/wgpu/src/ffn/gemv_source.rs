@@ -94,24 +94,28 @@ fn fold(sh: &GemvShape) -> String {
 }
 
 /// Load the stage of the workgroup's rows that starts at `k0` into g_j (u_j), zeros past
-/// k_end or N.
+/// k_end or N. Every load is issued unconditionally from an address clamped into the rows
+/// and the stage (always in bounds: the tile has a row and the stage a word) and the
+/// out-of-range words are then replaced by zeros, so that no load sits in a branch and a
+/// thread's loads are all in flight at once.
 fn fetch(sh: &GemvShape, k0: &str) -> String {
-    let mut s = format!("    {{\n    let f_vecs = min(STAGE, k_end - ({k0})) / WV;\n    let f_k = ({k0}) / WV;\n");
+    let mut s = format!(
+        "    {{\n    let f_vecs = min(STAGE, k_end - ({k0})) / WV;\n    let f_k = ({k0}) / WV;\n    \
+         let f_last = p.n_len - 1u;\n"
+    );
     for j in 0..sh.vpr {
-        let _ = writeln!(s, "    g_{j} = vec4<u32>(0u);");
+        let _ = writeln!(s, "    let ok_{j} = n0 + fr_{j} < p.n_len && fq_{j} < f_vecs;");
+        let _ = writeln!(
+            s,
+            "    let at_{j} = base + min(n0 + fr_{j}, f_last) * row_vecs + f_k + min(fq_{j}, f_vecs - 1u);"
+        );
+        let _ = writeln!(s, "    g_{j} = select(vec4<u32>(0u), w0[at_{j}], ok_{j});");
         if sh.up {
-            let _ = writeln!(s, "    u_{j} = vec4<u32>(0u);");
-        }
-        let _ = writeln!(s, "    if n0 + fr_{j} < p.n_len && fq_{j} < f_vecs {{");
-        let _ = writeln!(s, "        let at = base + (n0 + fr_{j}) * row_vecs + f_k + fq_{j};");
-        let _ = writeln!(s, "        g_{j} = w0[at];");
-        if sh.up {
-            let _ = writeln!(s, "        u_{j} = w1[at];");
+            let _ = writeln!(s, "    u_{j} = select(vec4<u32>(0u), w1[at_{j}], ok_{j});");
         } else if j == 0 {
             // The down projection binds its weights twice (the layout has w1); never runs.
-            let _ = writeln!(s, "        if UP {{ g_{j} = w1[at]; }}");
+            let _ = writeln!(s, "    if UP {{ g_{j} = w1[at_{j}]; }}");
         }
-        s.push_str("    }\n");
     }
     s.push_str("    }\n");
     s

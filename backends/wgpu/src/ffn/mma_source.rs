@@ -100,23 +100,25 @@ fn guard(sh: &Shape, j: u32, units: u32) -> String {
     if (j + 1) * sh.threads > units { format!("i < {units}u && ") } else { String::new() }
 }
 
+/// The loads of step `k0`: every one issued unconditionally from an address clamped into the
+/// tile's rows and the reduction (in bounds: a tile has a row, K at least 8), the words out
+/// of range then replaced by zeros, so that no load sits in a branch and a thread's loads are
+/// all in flight at once.
 fn fetch(sh: &Shape) -> String {
     let mut s = String::new();
     for j in 0..sh.la {
         let (q, g) = (j * sh.aw, guard(sh, j, sh.a_units));
         let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
         let _ = writeln!(s, "            let r = r0 + i / KV;\n            let k = k0 + (i % KV) * 8u;");
-        let _ = writeln!(s, "            ra_{q} = vec4<u32>(0u);");
+        let _ = writeln!(s, "            let ok = {g}r < r1 && k < K;");
+        let _ = writeln!(s, "            let e = (min(r, r1 - 1u) - p.a_base) * K + min(k, K - 8u);");
         if sh.aw == 2 {
-            let _ = writeln!(s, "            ra_{} = vec4<u32>(0u);", q + 1);
-        }
-        let _ = writeln!(s, "            if {g}r < r1 && k < K {{\n                let e = (r - p.a_base) * K + k;");
-        if sh.aw == 2 {
-            let _ = writeln!(s, "                ra_{q} = a[e / 4u];\n                ra_{} = a[e / 4u + 1u];", q + 1);
+            let _ = writeln!(s, "            ra_{q} = select(vec4<u32>(0u), a[e / 4u], ok);");
+            let _ = writeln!(s, "            ra_{} = select(vec4<u32>(0u), a[e / 4u + 1u], ok);", q + 1);
         } else {
-            let _ = writeln!(s, "                ra_{q} = a[e / 8u];");
+            let _ = writeln!(s, "            ra_{q} = select(vec4<u32>(0u), a[e / 8u], ok);");
         }
-        s.push_str("            }\n        }\n");
+        s.push_str("        }\n");
     }
     for j in 0..sh.lb {
         fetch_b(sh, j, &mut s);
@@ -141,13 +143,14 @@ fn fetch_b(sh: &Shape, j: u32, s: &mut String) {
     };
     let (a, b) = (2 * j, 2 * j + 1);
     let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
-    let _ = writeln!(s, "            let nn = i / KV;\n            let k = k0 + (i % KV) * 8u;");
-    let _ = writeln!(s, "            rb_{a} = vec4<f16>(0.0h);\n            rb_{b} = vec4<f16>(0.0h);");
+    let _ = writeln!(s, "            let nn = i / KV;\n            let kr = k0 + (i % KV) * 8u;");
     let n = match side {
         Some((_, minus)) => format!("n0 + nn{minus}"),
         None => "n0 + select(nn, nn - BN, nn >= BN)".to_string(),
     };
-    let _ = writeln!(s, "            let n = {n};\n            if {g}n < p.n_len && k < K {{");
+    // Clamped into the weights (the unit past them is replaced by zeros below).
+    let _ = writeln!(s, "            let nr = {n};\n            let ok = {g}nr < p.n_len && kr < K;");
+    let _ = writeln!(s, "            let n = min(nr, p.n_len - 1u);\n            let k = min(kr, K - 8u);");
     // The loads of one side (w0 or w1), at `indent`.
     let loads = |w: &str, indent: &str| -> String {
         match sh.packed {
@@ -159,14 +162,15 @@ fn fetch_b(sh: &Shape, j: u32, s: &mut String) {
         }
     };
     match side {
-        Some((w, _)) => s.push_str(&loads(w, "                ")),
+        Some((w, _)) => s.push_str(&loads(w, "            ")),
         None => {
-            let (up, gate) = (loads("w1", "                    "), loads("w0", "                    "));
-            let _ =
-                write!(s, "                if nn >= BN {{\n{up}                }} else {{\n{gate}                }}\n");
+            let (up, gate) = (loads("w1", "                "), loads("w0", "                "));
+            let _ = write!(s, "            if nn >= BN {{\n{up}            }} else {{\n{gate}            }}\n");
         }
     }
-    s.push_str("            }\n        }\n");
+    let _ = writeln!(s, "            rb_{a} = select(vec4<f16>(0.0h), rb_{a}, ok);");
+    let _ = writeln!(s, "            rb_{b} = select(vec4<f16>(0.0h), rb_{b}, ok);");
+    s.push_str("        }\n");
 }
 
 /// One side's packed unit of 8 inputs into `rb_{a}`, `rb_{b}` (`w` its words, `qs0`/`qs1`
