@@ -16,7 +16,7 @@ use moe_ep::compute::engine::ffn_offsets;
 use moe_ep::model::config::Activation;
 use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
-use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, Run, WeightFormat, default_tiles};
+use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, MMA_DECODE_MAX_ROWS, Run, WeightFormat, default_tiles};
 use moe_ep_wgpu::kernels::MmaTile;
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 
@@ -122,17 +122,59 @@ fn check_mma(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usiz
     let mut forced: Vec<MmaTile> = default_tiles(units, limit).into_iter().flatten().collect();
     forced.extend(forced.clone().into_iter().filter(|t| t.s == 16).map(|t| MmaTile { sv: 5 - t.sv, ..t }));
     forced.extend(forced.clone().into_iter().filter(|t| t.sv == 1).map(|t| MmaTile { nbuf: 3 - t.nbuf, ..t }));
-    forced.retain(|t| t.workgroup_bytes(true) <= limit);
+    // Each tile on the projections it fits (the up one stages twice the weight rows).
+    forced.retain(|t| t.workgroup_bytes(false) <= limit);
     forced.dedup();
-    let mut choices =
-        vec![FfnKernels::Auto { deterministic: false }, FfnKernels::MMA, FfnKernels::Mixed { decode_max: 16 }];
-    choices.extend(forced.iter().map(|&t| FfnKernels::Mma { up: Some(t), down: Some(t), run: Run::Both }));
+    let mut choices = vec![
+        FfnKernels::Auto { deterministic: false },
+        FfnKernels::MMA,
+        FfnKernels::Mixed { decode_max: 16 },
+        FfnKernels::Mixed { decode_max: 2 },
+    ];
+    choices.extend(forced.iter().map(|&t| FfnKernels::Mma {
+        up: (t.workgroup_bytes(true) <= limit).then_some(t),
+        down: Some(t),
+        run: Run::Both,
+    }));
     for k in choices {
         let out = run(ctx, dev, batch, offs, k);
         let err = row_error(&out, want);
         eprintln!("{what} {k:?}: row rel error {err:.2e}");
         assert!(err < tolerance(act, true), "{what} {k:?}: row rel error {err:.2e}");
     }
+    check_decode_shaped_call(ctx, dev, batch, offs, want, what);
+}
+
+/// The rows of `offs`' experts of at most [`MMA_DECODE_MAX_ROWS`] rows alone (a call whose
+/// every expert is that small): Auto runs them on the decode kernel, so its bits are the
+/// portable kernels', within tolerance of `want`'s rows.
+fn check_decode_shaped_call(
+    ctx: &GpuContext,
+    dev: &DeviceExperts,
+    batch: &Tensor,
+    offs: &[usize],
+    want: &[f64],
+    what: &str,
+) {
+    let d = batch.cols();
+    let (mut counts, mut bytes, mut want_rows) = (Vec::new(), Vec::new(), Vec::new());
+    for w in offs.windows(2) {
+        let small = w[1] - w[0] <= MMA_DECODE_MAX_ROWS;
+        counts.push(if small { w[1] - w[0] } else { 0 });
+        if small && w[1] > w[0] {
+            bytes.extend_from_slice(batch.slice_rows(w[0], w[1]).unwrap().as_bytes());
+            want_rows.extend_from_slice(&want[w[0] * d..w[1] * d]);
+        }
+    }
+    let small_offs = ffn_offsets(&counts);
+    let rows = *small_offs.last().unwrap();
+    assert!(rows > 0, "{what}: the test's counts have experts of at most {MMA_DECODE_MAX_ROWS} rows");
+    let small = Tensor::from_bytes(batch.dtype(), rows, d, &bytes).unwrap();
+    let auto = run(ctx, dev, &small, &small_offs, FfnKernels::Auto { deterministic: false });
+    let portable = run(ctx, dev, &small, &small_offs, FfnKernels::Portable { decode_max: 8, prefetch: true });
+    assert_eq!(auto.as_bytes(), portable.as_bytes(), "{what}: a decode-shaped call left the decode kernel");
+    let err = row_error(&auto, &want_rows);
+    assert!(err < tolerance(batch.dtype(), false), "{what} decode-shaped call: row rel error {err:.2e}");
 }
 
 #[test]

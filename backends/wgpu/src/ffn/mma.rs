@@ -42,14 +42,17 @@ pub fn matrix_units(adapter: &wgpu::Adapter, fast: bool) -> Option<MatrixUnits> 
 }
 
 /// The tiles of each projection (up, down), smallest first, for `units` and `limit` bytes
-/// of workgroup memory: a tile takes up to `bm` rows of one expert; an expert of `m` rows
-/// takes `m / bm` tiles of the largest and its remainder goes to the first tile that holds it.
-/// Chosen from sweeps on the H200 (BENCHMARKS.md): for the up projection 16-row tiles stream
-/// the weights of experts with a few rows, 32-row ones (eight subgroups of 16 x 32 outputs)
-/// take 17-32 rows, the 128-row ones with eight subgroups of 64 x 32 outputs everything larger
-/// (the kernel is limited by its fragment loads, so wasted rows cost little); for the down
-/// projection the 32-row tile was faster than the 16-row one at every size it was timed
-/// (Mixtral-8x7B N=64: 741 us against 1.40 ms; Qwen3-30B-A3B N=128: 336 us against 497 us).
+/// of workgroup memory (a tile that does not fit takes one staging buffer, then halves its
+/// `bk`); [`bucket_tiles`] splits each expert's rows over them.
+/// Chosen from sweeps on the H200 (BENCHMARKS.md, every tile forced on every expert): for the
+/// up projection 16-row tiles of eight subgroups (16 x 16 outputs each, gate and up) stream
+/// the weights of experts with a few rows (Mixtral-8x7B N=16: 755 us against 892 with four
+/// subgroups, 1.30 ms with the 32-row tile; DeepSeek-V3 N=512, at most 27 rows: 8.35 ms
+/// against 10.5 with 32-row tiles), the 128-row ones with eight subgroups of 64 x 32 outputs
+/// everything larger (the kernel is limited by its fragment loads, so wasted rows cost
+/// little); for the down projection the 32-row tile (16 rows: 1.7-2x slower) and for prefill a
+/// 128-row one that stages 64 of the reduction a step (Mixtral-8x7B N=2048: 3.80 ms against
+/// 5.14 with 32; DeepSeek-V3 N=4096: 10.8 against 14.0).
 pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     let (s, sg) = (units.size, units.subgroup);
     // vec4 staging where the backend takes vector pointers for cooperative loads (Vulkan);
@@ -58,21 +61,23 @@ pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     let t = |bm, bn, bk, wm, wn, nbuf| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
     let (up, down) = if s == 16 {
         (
-            vec![t(16, 64, 128, 1, 4, 1), t(32, 128, 32, 2, 4, 1), t(128, 128, 32, 2, 4, 1)],
-            vec![t(32, 128, 32, 2, 4, 1), t(128, 128, 32, 2, 4, 1)],
+            vec![t(16, 128, 64, 1, 8, 1), t(128, 128, 32, 2, 4, 1)],
+            vec![t(32, 128, 32, 2, 4, 1), t(128, 128, 64, 2, 4, 1)],
         )
     } else {
         (vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)], vec![t(16, 32, 32, 2, 2, 2), t(64, 64, 32, 2, 2, 1)])
     };
     let fit = |v: Vec<MmaTile>, is_up: bool| -> Vec<MmaTile> {
         v.into_iter()
-            .map(|mut t| {
+            .filter_map(|mut t| {
                 if t.workgroup_bytes(is_up) > limit {
                     t.nbuf = 1;
                 }
-                t
+                while t.workgroup_bytes(is_up) > limit && t.bk > t.s && (t.bk / 2).is_multiple_of(t.s) {
+                    t.bk /= 2;
+                }
+                (t.workgroup_bytes(is_up) <= limit).then_some(t)
             })
-            .filter(|t| t.workgroup_bytes(is_up) <= limit)
             .collect()
     };
     [fit(up, true), fit(down, false)]
@@ -97,8 +102,16 @@ pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
 /// Row tiles of one shard for one projection: (tile, entries) per bucket.
 type Buckets = Vec<(MmaTile, Vec<[u32; 4]>)>;
 
+/// A remainder of at most this many times a tile's rows takes several tiles of it rather
+/// than one larger tile: two 16-row tiles stream an expert's weights twice, faster than one
+/// 32-row tile streams them once (Mixtral-8x7B N=64, 9-20 rows an expert: up 1.16 ms against
+/// 1.30, H200).
+const REPEAT: usize = 2;
+
 /// Split every expert of shard `s` with more than `skip` rows into row tiles of `tiles`
-/// (smallest first; each takes up to its `bm` rows).
+/// (smallest first; each takes up to its `bm` rows): whole tiles of the largest, then the
+/// remainder `r` in `ceil(r / bm)` tiles of the first tile with `r <= REPEAT * bm` (or one
+/// of the largest).
 fn bucket_tiles(dev: &DeviceExperts, s: usize, c: &Chunk<'_>, tiles: &[MmaTile], skip: usize) -> Buckets {
     let shard = &dev.shards[s];
     let mut out: Buckets = Vec::new();
@@ -122,8 +135,11 @@ fn bucket_tiles(dev: &DeviceExperts, s: usize, c: &Chunk<'_>, tiles: &[MmaTile],
             r0 += bm;
         }
         if r1 > r0 {
-            let t = tiles.iter().copied().find(|t| t.bm as usize >= r1 - r0).unwrap_or(big);
-            push(t, e, r0, r1);
+            let t = tiles.iter().copied().find(|t| r1 - r0 <= REPEAT * t.bm as usize).unwrap_or(big);
+            let step = t.bm as usize;
+            for r in (r0..r1).step_by(step) {
+                push(t, e, r, (r + step).min(r1));
+            }
         }
     }
     out
@@ -141,7 +157,9 @@ impl GpuContext {
         plan: MmaPlan,
         scratch: &mut Vec<wgpu::Buffer>,
     ) -> Result<()> {
-        let MmaPlan { units, tiles: force, run, decode_max } = plan;
+        let MmaPlan { units, tiles: force, run, decode_max, whole } = plan;
+        let over = |w: &[usize]| w[1] - w[0] > decode_max;
+        let decode_max = if whole && c.offs.windows(2).any(over) { 0 } else { decode_max };
         let (d, f) = (dev.hidden, dev.intermediate);
         let n = c.len();
         let limit = self.limits().max_compute_workgroup_storage_size;

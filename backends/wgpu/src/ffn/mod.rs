@@ -6,7 +6,9 @@
 //!   [`MatrixUnits`]), for 16-bit activations and weights outside the deterministic mode: the
 //!   cooperative-matrix kernel (`wgsl/ffn_mma.wgsl`) with a tile per bucket of rows per
 //!   expert, from 16-row tiles that stream the weights once (decode) to 128-row ones (prefill);
-//!   gate and up in one pass with the activation fused, the down projection after it;
+//!   gate and up in one pass with the activation fused, the down projection after it; a call
+//!   whose experts all have at most [`MMA_DECODE_MAX_ROWS`] rows (packed weights: each expert
+//!   of at most [`DECODE_MAX_ROWS`]) runs the decode kernel instead;
 //! - else the portable kernels, which all sum in one fixed order (the deterministic mode's):
 //!   the decode kernel (`wgsl/ffn_gemv.wgsl`, weights streamed once, the reduction split over
 //!   workgroups) for experts of at most [`DECODE_MAX_ROWS`] rows, the tiled one
@@ -33,6 +35,17 @@ use crate::ops::{Launch, binding, u32_of};
 
 /// Rows per expert up to which a call uses the decode kernel (both paths, by default).
 pub const DECODE_MAX_ROWS: usize = 8;
+/// Dense (f16 or converted bf16) weights on matrix units: a call whose every expert has at
+/// most this many rows runs the decode kernel, any other runs every expert on the matrix
+/// units. Measured on the H200 (BENCHMARKS.md): the cooperative kernel's 16-row tile streams
+/// the weights of 3-16 rows as fast as the decode kernel or faster (DeepSeek-V3 N=128, at most
+/// 9 rows an expert: 10.4 ms against 13.7 with the decode kernel up to 8 rows; Mixtral-8x7B
+/// N=16, at most 7: 1.31 ms against 1.66), and a call that mixes both kernels pays for the
+/// decode kernel's own launches and reductions beside the cooperative ones (Qwen3-30B-A3B
+/// N=128: 670 us with the decode kernel up to 2 rows, 609 without); where every expert has
+/// a few rows the decode kernel is as fast or faster (DeepSeek-V3 N=16, at most 3 rows:
+/// 3.52 ms against 4.37).
+pub const MMA_DECODE_MAX_ROWS: usize = 4;
 /// The largest decode tile: rows per expert up to which [`FfnKernels::Portable`] and
 /// [`FfnKernels::Mixed`] may be asked to use the decode kernel.
 pub const DECODE_TILE_MAX_ROWS: usize = 16;
@@ -50,8 +63,10 @@ pub enum FfnKernels {
     /// kernel for the others. Every choice gives the same bits.
     Portable { decode_max: usize, prefetch: bool },
     /// What `Auto { deterministic: false }` runs on matrix units, with the decode kernel for
-    /// experts of at most `decode_max` rows (at most [`DECODE_TILE_MAX_ROWS`]) instead of
-    /// [`DECODE_MAX_ROWS`]: the cooperative kernel for the others. Errors where the
+    /// each expert of at most `decode_max` rows (at most [`DECODE_TILE_MAX_ROWS`]) instead of
+    /// Auto's split (dense weights: the decode kernel for a call whose experts all have at most
+    /// [`MMA_DECODE_MAX_ROWS`] rows, else none; packed: each expert of at most
+    /// [`DECODE_MAX_ROWS`]): the cooperative kernel for the others. Errors where the
     /// cooperative kernel does not apply. For tuning the split.
     Mixed { decode_max: usize },
     /// The cooperative-matrix kernel with every row tile of the up (or down) projection in the
@@ -89,6 +104,9 @@ pub(crate) struct MmaPlan {
     pub run: Run,
     /// Experts of at most this many rows run the portable decode kernel in the same pass.
     pub decode_max: usize,
+    /// The decode kernel only where every expert of the call has at most `decode_max` rows
+    /// (else every expert on the matrix units); per expert otherwise.
+    pub whole: bool,
 }
 
 /// The launch parameters every FFN kernel reads (`struct Params`, `wgsl/ffn_params.wgsl`).
@@ -383,8 +401,12 @@ impl GpuContext {
         match kernels {
             FfnKernels::Auto { deterministic } => Ok(match units {
                 Some(units) if mma_ok && !deterministic => {
-                    let decode_max = if portable::decode_ok(self, dev) { DECODE_MAX_ROWS } else { 0 };
-                    Path::Mma(MmaPlan { units, tiles: [None, None], run: Run::Both, decode_max })
+                    // Packed weights keep the per-expert split measured for them (the decode
+                    // kernel up to 8 rows); dense ones take one kernel for the call.
+                    let (most, whole) =
+                        if dev.packed.is_some() { (DECODE_MAX_ROWS, false) } else { (MMA_DECODE_MAX_ROWS, true) };
+                    let decode_max = if portable::decode_ok(self, dev) { most } else { 0 };
+                    Path::Mma(MmaPlan { units, tiles: [None, None], run: Run::Both, decode_max, whole })
                 }
                 _ => Path::Portable { decode_max: DECODE_MAX_ROWS, prefetch: true },
             }),
@@ -395,7 +417,7 @@ impl GpuContext {
                 Path::Mma(plan) => {
                     let decode_max =
                         if portable::decode_ok(self, dev) { decode_max.min(portable::decode_limit(self)) } else { 0 };
-                    Ok(Path::Mma(MmaPlan { decode_max, ..plan }))
+                    Ok(Path::Mma(MmaPlan { decode_max, whole: false, ..plan }))
                 }
                 other => Ok(other),
             },
@@ -431,7 +453,7 @@ impl GpuContext {
                         )));
                     }
                 }
-                Ok(Path::Mma(MmaPlan { units, tiles: [up, down], run, decode_max: 0 }))
+                Ok(Path::Mma(MmaPlan { units, tiles: [up, down], run, decode_max: 0, whole: false }))
             }
         }
     }
