@@ -31,7 +31,9 @@ trait Decode: Sync {
     /// prefetch hints past the end).
     fn ptr(&self, j: usize, c: usize) -> *const u8;
 
-    /// Row `j`'s scale (and bias, or 0) for its columns `g * span..`, broadcast.
+    /// Row `j`'s decoding constants for its columns `g * span..`: its scale and bias (or 0)
+    /// broadcast; for 4-bit affine groups the group's 16 values by code (lane `n`: the value
+    /// of nibble `n`, computed as [`PackedMatrix::decode_row`] computes it) and 0.
     ///
     /// # Safety
     /// `j` is a row and `g` a span of the matrix; AVX-512F.
@@ -40,12 +42,27 @@ trait Decode: Sync {
     /// Row `j`'s values at columns `c..c + 32` (`c` a multiple of 32) as f32, exactly
     /// [`PackedMatrix::decode_row`]'s, given their span's [`Decode::scale`]: columns
     /// `c..c + 16` and `c + 16..c + 32`, or for 4-bit formats the even columns and the odd
-    /// ones (pair order). Lanes outside `mask` (bit `i`: the `i`-th value of the 32) are 0
-    /// and their bytes not read.
+    /// ones (pair order), looked up by nibble. Lanes outside `mask`
+    /// (bit `i`: the `i`-th value of the 32) are 0 and their bytes not read.
     ///
     /// # Safety
     /// `j` is a row of the matrix and the masked columns lie inside it; AVX-512 F, BW, VL.
     unsafe fn load32(&self, j: usize, c: usize, mask: __mmask32, scale: (__m512, __m512)) -> [__m512; 2];
+}
+
+/// The 32 nibbles of 16 bytes at `p` looked up in `table` (lane `n`: the value of nibble
+/// `n`): the low nibbles' values (even columns), then the high ones' (odd columns). The
+/// lookup reads only an index's low 4 bits, so the low nibbles need no mask.
+///
+/// # Safety
+/// 16 readable bytes at `p`; AVX-512F.
+#[inline(always)]
+unsafe fn lookup32(p: *const u8, table: __m512) -> [__m512; 2] {
+    // SAFETY: 16 readable bytes at p (caller); the rest is register-only AVX-512F.
+    unsafe {
+        let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
+        [_mm512_permutexvar_ps(bytes, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table)]
+    }
 }
 
 /// The 32 nibbles of 16 bytes at `p` as i32 lanes: the low nibbles (even values) and the
@@ -60,6 +77,13 @@ unsafe fn nibbles32(p: *const u8) -> [__m512i; 2] {
         let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
         [_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), _mm512_srli_epi32::<4>(bytes)]
     }
+}
+
+/// The codes 0..16 as f32 lanes.
+#[inline(always)]
+fn codes16() -> __m512 {
+    // SAFETY: register-only AVX-512F; callers run with AVX-512F.
+    unsafe { _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.) }
 }
 
 /// MLX affine groups of `BITS` (4 or 8), scales and biases of `S`.
@@ -87,7 +111,11 @@ impl<S: Widen, const BITS: usize> Decode for Affine<'_, S, BITS> {
     unsafe fn scale(&self, j: usize, g: usize) -> (__m512, __m512) {
         let i = j * self.groups + g;
         // SAFETY: AVX-512F (caller).
-        unsafe { (_mm512_set1_ps(self.scales[i].widen()), _mm512_set1_ps(self.biases[i].widen())) }
+        unsafe {
+            let (s, b) = (_mm512_set1_ps(self.scales[i].widen()), _mm512_set1_ps(self.biases[i].widen()));
+            // 4 bits: the group's 16 values, decode_row's fma(s, q, b) for each code q.
+            if BITS == 4 { (_mm512_fmadd_ps(codes16(), s, b), _mm512_setzero_ps()) } else { (s, b) }
+        }
     }
 
     #[inline(always)]
@@ -97,14 +125,14 @@ impl<S: Widen, const BITS: usize> Decode for Affine<'_, S, BITS> {
         // bytes; AVX-512F (caller).
         unsafe {
             let p = self.ptr(j, c);
-            let q = if BITS == 4 {
-                nibbles32(p)
-            } else {
-                [
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())),
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16).cast())),
-                ]
-            };
+            if BITS == 4 {
+                // s is the group's table (Decode::scale).
+                return lookup32(p, s);
+            }
+            let q = [
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())),
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16).cast())),
+            ];
             // decode_row: fma(s, q, b) (with a 16-bit scale s * q is exact, s * q + b the one rounding).
             // (No closures here: a closure does not inherit the caller's target features.)
             [_mm512_fmadd_ps(_mm512_cvtepi32_ps(q[0]), s, b), _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[1]), s, b)]
@@ -140,7 +168,10 @@ impl Decode for Mxfp4<'_> {
     #[inline(always)]
     unsafe fn load32(&self, j: usize, c: usize, _mask: __mmask32, (s, _): (__m512, __m512)) -> [__m512; 2] {
         // MXFP4 rows are whole blocks of 32 values: every step is full.
-        // SAFETY: as in Affine::load32; E2M1 holds the 16 values by nibble.
+        // SAFETY: as in Affine::load32; E2M1 holds the 16 values by nibble. (Neither a table
+        // of the block's values, e2m1 * 2^e, which saves the products, nor lookups by the
+        // unmasked bytes (as the affine groups') were faster on an Ice Lake:
+        // `benches/packed_rows.rs`.)
         unsafe {
             let table = _mm512_loadu_ps(E2M1.as_ptr());
             let [lo, hi] = nibbles32(self.ptr(j, c));
