@@ -1,7 +1,8 @@
 //! The CPU row kernels on packed weights against the dense bf16 one, on one thread with the
 //! weights hot in cache: what each format's decoding costs where memory does not hide it.
 //!
-//! Criterion times `m` f32 rows times one weight matrix (`N x K`, sized to stay in L2) per
+//! Criterion times `m` f32 rows times one weight matrix (`N x K`: 512 KB in bf16, so that
+//! every format's weights fit a 1 MB L2 such as a Xeon's; the packed ones take a half or less) per
 //! format: dense bf16 ([`gemv::rows_times_weight_rows`], the bf16 weights widened in
 //! registers), and the packed kernels ([`gemv::packed_rows`]: MLX affine 4 and 8 bits in
 //! groups of 64 with bf16 scales, MXFP4, FP8 E4M3 with 128 x 128 blocks). The summary prints
@@ -16,7 +17,7 @@ use moe_ep::compute::cpu::gemv::{self, Lhs};
 use moe_ep::model::quant::{PackedMatrix, QuantFormat};
 use moe_ep::{DType, Tensor, random};
 
-const N: usize = 256;
+const N: usize = 128;
 const K: usize = 2048;
 const ROWS: [usize; 2] = [1, 4];
 

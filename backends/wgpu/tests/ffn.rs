@@ -168,7 +168,7 @@ fn check_decode_shaped_call(
     }
     let small_offs = ffn_offsets(&counts);
     let rows = *small_offs.last().unwrap();
-    assert!(rows > 0, "{what}: the test's counts have experts of at most {MMA_DECODE_MAX_ROWS} rows");
+    assert!(rows > 0, "{what}: this check needs an expert of 1..={MMA_DECODE_MAX_ROWS} rows in the test's counts");
     let small = Tensor::from_bytes(batch.dtype(), rows, d, &bytes).unwrap();
     let auto = run(ctx, dev, &small, &small_offs, FfnKernels::Auto { deterministic: false });
     let portable = run(ctx, dev, &small, &small_offs, FfnKernels::Portable { decode_max: 8, prefetch: true });

@@ -95,7 +95,7 @@ fn fold(sh: &GemvShape) -> String {
 
 /// Load the stage of the workgroup's rows that starts at `k0` into g_j (u_j), zeros past
 /// k_end or N. Every load is issued unconditionally from an address clamped into the rows
-/// and the stage (always in bounds: the tile has a row and the stage a word) and the
+/// and the stage (always in bounds: N is at least 1 and a stage has a word) and the
 /// out-of-range words are then replaced by zeros, so that no load sits in a branch and a
 /// thread's loads are all in flight at once.
 fn fetch(sh: &GemvShape, k0: &str) -> String {

@@ -83,16 +83,23 @@ pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     [fit(up, true), fit(down, false)]
 }
 
-/// Tiles the naga test validates: each default tile of both shapes, and the variants a
+/// Tiles the naga test validates: each default tile of both shapes, also as fitted to 16,
+/// 32 and 48 KB of workgroup memory (fewer staging buffers, smaller `bk`), and the variants a
 /// benchmark sweeps (vec4 staging, one staging buffer).
 pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
     let mut v = Vec::new();
     for units in [MatrixUnits { size: 16, subgroup: 32 }, MatrixUnits { size: 8, subgroup: 32 }] {
-        for t in default_tiles(units, u32::MAX).into_iter().flatten() {
-            v.push(t);
-            if units.size == 16 {
-                v.push(MmaTile { sv: 1, ..t });
-                v.push(MmaTile { nbuf: 3 - t.nbuf, ..t });
+        for limit in [u32::MAX, 49152, 32768, 16384] {
+            for t in default_tiles(units, limit).into_iter().flatten() {
+                let mut add = vec![t];
+                if units.size == 16 && limit == u32::MAX {
+                    add.extend([MmaTile { sv: 1, ..t }, MmaTile { nbuf: 3 - t.nbuf, ..t }]);
+                }
+                for t in add {
+                    if !v.contains(&t) {
+                        v.push(t);
+                    }
+                }
             }
         }
     }
@@ -342,9 +349,12 @@ impl GpuContext {
         let v = Variant::ffn_mma(proj.up, c.act, tile, dev.epilogue(), dev.kernel_quant());
         // SAFETY: row tiles come from validated offsets: rows within the chunk (A, out, the
         // maxima at row - base), experts below the shard's count (weights at expert * matrix,
-        // packed scales at expert * scale_words plus a row's group below N x groups); the
-        // kernel reads A and weights only below K and N (zeros past them), writes only rows
-        // below the tile's end and columns below N, vectors at expert * vec_stride + offset + n.
+        // packed scales at expert * scale_words plus a row's group below N x groups); every
+        // tile is nonempty (bucket_tiles), K and N are at least 8 (encode_ffn_with returns
+        // before a zero size) and multiples of 8, so the kernel's loads, clamped to the tile's
+        // last row, row N - 1 and column K - 8, stay below K and N (the values past them
+        // replaced by zeros); it writes only rows below the tile's end and columns below N,
+        // vectors at expert * vec_stride + offset + n.
         Ok(unsafe {
             self.ffn_launch(
                 v,

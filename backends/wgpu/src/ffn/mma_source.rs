@@ -101,9 +101,11 @@ fn guard(sh: &Shape, j: u32, units: u32) -> String {
 }
 
 /// The loads of step `k0`: every one issued unconditionally from an address clamped into the
-/// tile's rows and the reduction (in bounds: a tile has a row, K at least 8), the words out
-/// of range then replaced by zeros, so that no load sits in a branch and a thread's loads are
-/// all in flight at once.
+/// tile's rows, the weights' rows and the reduction (in bounds: a tile has a row, N at least
+/// 1, K at least 8), the words out of range then replaced by zeros, so that no load sits in a
+/// bounds branch and a thread's loads are all in flight at once. (A slice of weight loads
+/// that straddles the gate's and the up's rows still branches on the side; no default tile
+/// has one.)
 fn fetch(sh: &Shape) -> String {
     let mut s = String::new();
     for j in 0..sh.la {

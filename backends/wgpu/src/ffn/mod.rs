@@ -1,14 +1,16 @@
 //! The grouped expert FFN on the GPU, recorded into a caller's encoder on device buffers:
-//! [`GpuContext::encode_ffn`]. Weights stay resident ([`DeviceExperts`]); each call picks a
-//! kernel per expert (or bucket of experts with alike row counts) in the same call:
+//! [`GpuContext::encode_ffn`]. Weights stay resident ([`DeviceExperts`]); each call picks its
+//! kernels by the experts' row counts (per expert, per bucket of alike counts, or per row
+//! chunk):
 //!
 //! - on adapters with matrix units (cooperative matrices offered in a shape the kernel has,
 //!   [`MatrixUnits`]), for 16-bit activations and weights outside the deterministic mode: the
 //!   cooperative-matrix kernel (`wgsl/ffn_mma.wgsl`) with a tile per bucket of rows per
 //!   expert, from 16-row tiles that stream the weights once (decode) to 128-row ones (prefill);
-//!   gate and up in one pass with the activation fused, the down projection after it; a call
-//!   whose experts all have at most [`MMA_DECODE_MAX_ROWS`] rows (packed weights: each expert
-//!   of at most [`DECODE_MAX_ROWS`]) runs the decode kernel instead;
+//!   gate and up in one pass with the activation fused, the down projection after it; a row
+//!   chunk (the whole call, unless it exceeds a binding) whose experts all have at most
+//!   [`MMA_DECODE_MAX_ROWS`] rows (packed weights: each expert of at most
+//!   [`DECODE_MAX_ROWS`]) runs the decode kernel instead;
 //! - else the portable kernels, which all sum in one fixed order (the deterministic mode's):
 //!   the decode kernel (`wgsl/ffn_gemv.wgsl`, weights streamed once, the reduction split over
 //!   workgroups) for experts of at most [`DECODE_MAX_ROWS`] rows, the tiled one
@@ -33,11 +35,12 @@ use crate::context::{GpuContext, STORAGE, backend_error};
 use crate::kernels::{Epilogue, MmaTile, Variant};
 use crate::ops::{Launch, binding, u32_of};
 
-/// Rows per expert up to which a call uses the decode kernel (both paths, by default).
+/// Rows per expert up to which the portable path (and the cooperative path for packed
+/// weights) uses the decode kernel for an expert.
 pub const DECODE_MAX_ROWS: usize = 8;
-/// Dense (f16 or converted bf16) weights on matrix units: a call whose every expert has at
-/// most this many rows runs the decode kernel, any other runs every expert on the matrix
-/// units. Measured on the H200 (BENCHMARKS.md): the cooperative kernel's 16-row tile streams
+/// Dense (f16 or converted bf16) weights on matrix units: a call (each row chunk of one that
+/// exceeds a binding) whose every expert has at most this many rows runs the decode kernel,
+/// any other runs every expert on the matrix units. Measured on the H200 (BENCHMARKS.md): the cooperative kernel's 16-row tile streams
 /// the weights of 3-16 rows as fast as the decode kernel or faster (DeepSeek-V3 N=128, at most
 /// 9 rows an expert: 10.4 ms against 13.7 with the decode kernel up to 8 rows; Mixtral-8x7B
 /// N=16, at most 7: 1.31 ms against 1.66), and a call that mixes both kernels pays for the
@@ -104,8 +107,8 @@ pub(crate) struct MmaPlan {
     pub run: Run,
     /// Experts of at most this many rows run the portable decode kernel in the same pass.
     pub decode_max: usize,
-    /// The decode kernel only where every expert of the call has at most `decode_max` rows
-    /// (else every expert on the matrix units); per expert otherwise.
+    /// The decode kernel only where every expert of the row chunk has at most `decode_max`
+    /// rows (else every expert on the matrix units); per expert otherwise.
     pub whole: bool,
 }
 
@@ -292,7 +295,9 @@ impl GpuContext {
 
     /// The FFN of host tensors: upload `batch`, [`GpuContext::encode_ffn_with`], read `out`
     /// back, in one submit (a batch larger than one binding in several, each of whole
-    /// bindings; a row's result does not depend on which call it is in).
+    /// bindings). In deterministic mode a row's result does not depend on which call it is
+    /// in; the fast kernels' sums depend on the row counts of the call's experts (tiles, and
+    /// the decode kernel for a decode-shaped row chunk).
     pub fn ffn_host(
         &self,
         dev: &DeviceExperts,

@@ -236,8 +236,11 @@ impl GpuContext {
             bufs.extend(io.qs.iter().flat_map(|&(q0, q1, b)| [(q0, b), (q1, b)]));
             // SAFETY: row tiles come from validated offsets (rows below the call's and the
             // chunk's), experts below the shard's count; the kernel keeps weight, row and
-            // column indices below K, N and the tile's end, and its partial rows below prows;
-            // packed scales at the expert's block plus a row's group below N x groups.
+            // column indices below K, N and the tile's end (a fetch's loads clamped to row
+            // N - 1, N >= 1, and to the stage's last word, a stage of at least one word: K a
+            // multiple of the 16-byte word, every fetch at k0 < k_end), and its partial rows
+            // below prows; packed scales at the expert's block plus a row's group below
+            // N x groups.
             launches.push(unsafe { self.ffn_launch(v, &words, &bufs, groups) });
         }
         Ok(())

@@ -42,8 +42,9 @@ trait Decode: Sync {
     /// Row `j`'s values at columns `c..c + 32` (`c` a multiple of 32) as f32, exactly
     /// [`PackedMatrix::decode_row`]'s, given their span's [`Decode::scale`]: columns
     /// `c..c + 16` and `c + 16..c + 32`, or for 4-bit formats the even columns and the odd
-    /// ones (pair order), looked up by nibble. Lanes outside `mask`
-    /// (bit `i`: the `i`-th value of the 32) are 0 and their bytes not read.
+    /// ones (pair order), looked up by nibble. Formats whose spans may end inside a step
+    /// (FP8) honour `mask` (bit `i`: the `i`-th value of the 32): lanes outside it are 0 and
+    /// their bytes not read; affine and MXFP4 rows are whole steps and ignore it.
     ///
     /// # Safety
     /// `j` is a row of the matrix and the masked columns lie inside it; AVX-512 F, BW, VL.
