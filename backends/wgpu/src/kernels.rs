@@ -166,7 +166,9 @@ impl Packed {
 /// A tile of the cooperative-matrix kernel (`wgsl/ffn_mma.wgsl`): `bm x bn` outputs a
 /// workgroup (twice `bn` weight rows for the up projection), `bk` of the reduction a step,
 /// `wm x wn` subgroups of `sg` threads, fragments of `s x s`, `nbuf` staging buffers, staged
-/// elements of `sv` halves (1 or 4).
+/// elements of `sv` halves (1 or 4). `probe` is a timing probe for tuning ([`MmaProbe`]): 0
+/// for the kernel itself; the FFN refuses other values except for a projection run alone
+/// (`Run::Up`, `Run::Down`), whose output is not the FFN's anyway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MmaTile {
     pub s: u32,
@@ -178,11 +180,25 @@ pub struct MmaTile {
     pub sg: u32,
     pub nbuf: u32,
     pub sv: u32,
+    pub probe: MmaProbe,
+}
+
+/// What a cooperative-kernel variant leaves out, to time its parts (`ffn-bench --sweep-up`
+/// labels ending in `p1` or `p2`): each step's products (loads, conversions, staging and
+/// barriers remain), or each step's loads from memory (the staging registers keep their
+/// zeros; staging, fragment loads, products and barriers remain).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MmaProbe {
+    #[default]
+    Whole,
+    NoProducts,
+    NoLoads,
 }
 
 impl MmaTile {
     /// No tile (every other kernel).
-    pub const NONE: MmaTile = MmaTile { s: 0, bm: 0, bn: 0, bk: 0, wm: 0, wn: 0, sg: 0, nbuf: 0, sv: 0 };
+    pub const NONE: MmaTile =
+        MmaTile { s: 0, bm: 0, bn: 0, bk: 0, wm: 0, wn: 0, sg: 0, nbuf: 0, sv: 0, probe: MmaProbe::Whole };
 
     /// Threads per workgroup.
     pub fn threads(&self) -> u32 {
@@ -213,16 +229,30 @@ impl MmaTile {
         staged + 4 * self.wm * self.wn * self.s * self.s + 12 * self.bm
     }
 
-    /// `BMxBNxBK/WMxWN/NBUF/SV` for labels and tool output.
+    /// `BMxBNxBKwWMxWNbNBUFvSVsS` (and `p1`, `p2` for probes) for labels and tool output.
     pub fn label(&self) -> String {
-        format!("{}x{}x{}w{}x{}b{}v{}s{}", self.bm, self.bn, self.bk, self.wm, self.wn, self.nbuf, self.sv, self.s)
+        let probe = match self.probe {
+            MmaProbe::Whole => "",
+            MmaProbe::NoProducts => "p1",
+            MmaProbe::NoLoads => "p2",
+        };
+        format!(
+            "{}x{}x{}w{}x{}b{}v{}s{}{probe}",
+            self.bm, self.bn, self.bk, self.wm, self.wn, self.nbuf, self.sv, self.s
+        )
     }
 
     /// Parse [`MmaTile::label`]'s format back (`sg` from the argument).
     pub fn parse(spec: &str, sg: u32) -> Option<MmaTile> {
+        let (spec, probe) = match spec.split_once('p') {
+            None => (spec, MmaProbe::Whole),
+            Some((t, "1")) => (t, MmaProbe::NoProducts),
+            Some((t, "2")) => (t, MmaProbe::NoLoads),
+            Some(_) => return None,
+        };
         let nums: Vec<u32> = spec.split(['x', 'w', 'b', 'v', 's']).map(|t| t.parse().ok()).collect::<Option<_>>()?;
         let [bm, bn, bk, wm, wn, nbuf, sv, s] = nums[..] else { return None };
-        let t = MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
+        let t = MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv, probe };
         t.is_valid().then_some(t)
     }
 }
@@ -795,5 +825,25 @@ impl Variant {
         );
         let packed_bits = (self.quant.kind != 0).then_some(self.quant.bits);
         crate::ffn::mma_source::expand(&text, t, up, dtype_code(self.dtype), self.out != DType::F32, packed_bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MmaProbe, MmaTile};
+
+    #[test]
+    fn tile_labels_parse_back() {
+        let t =
+            MmaTile { s: 16, bm: 128, bn: 128, bk: 32, wm: 2, wn: 4, sg: 32, nbuf: 1, sv: 4, probe: MmaProbe::Whole };
+        for probe in [MmaProbe::Whole, MmaProbe::NoProducts, MmaProbe::NoLoads] {
+            let t = MmaTile { probe, ..t };
+            assert_eq!(MmaTile::parse(&t.label(), 32), Some(t), "{}", t.label());
+        }
+        assert_eq!(t.label(), "128x128x32w2x4b1v4s16");
+        for bad in ["128x128x32w2x4b1v4s16p3", "128x128x32w2x4b1v4s16p", "128x128x32w2x4b1v4", "128x128x33w2x4b1v4s16"]
+        {
+            assert_eq!(MmaTile::parse(bad, 32), None, "{bad}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use moe_ep::model::config::Activation;
 use moe_ep::testing::reference::{ffn_f64, rel_error};
 use moe_ep::{CpuEngine, DType, Engine, ExpertSet, ExpertWeights, MoeConfig, Tensor, random};
 use moe_ep_wgpu::ffn::{DeviceExperts, FfnKernels, MMA_DECODE_MAX_ROWS, Run, WeightFormat, default_tiles};
-use moe_ep_wgpu::kernels::MmaTile;
+use moe_ep_wgpu::kernels::{MmaProbe, MmaTile};
 use moe_ep_wgpu::{ContextOptions, GpuContext, GpuEngine};
 
 /// Row counts per expert that reach every bucket of both paths in one call.
@@ -143,6 +143,16 @@ fn check_mma(ctx: &GpuContext, dev: &DeviceExperts, batch: &Tensor, offs: &[usiz
         assert!(err < tolerance(act, true), "{what} {k:?}: row rel error {err:.2e}");
     }
     check_decode_shaped_call(ctx, dev, batch, offs, want, what);
+    // A timing probe computes no FFN: refused for the whole FFN, run for a projection alone.
+    let probe = MmaTile { probe: MmaProbe::NoLoads, ..forced[0] };
+    let mut out = Tensor::zeros(act, batch.rows(), batch.cols());
+    let whole = FfnKernels::Mma { up: Some(probe), down: None, run: Run::Both };
+    let e = ctx.ffn_host(dev, batch, offs, whole, &mut out).unwrap_err();
+    assert!(e.to_string().contains("timing probe"), "{what}: {e}");
+    for probe in [MmaProbe::NoLoads, MmaProbe::NoProducts] {
+        let alone = FfnKernels::Mma { up: Some(MmaTile { probe, ..forced[0] }), down: None, run: Run::Up };
+        ctx.ffn_host(dev, batch, offs, alone, &mut out).unwrap_or_else(|e| panic!("{what} {probe:?}: {e}"));
+    }
 }
 
 /// The rows of `offs`' experts of at most [`MMA_DECODE_MAX_ROWS`] rows alone (a call whose

@@ -72,7 +72,8 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     warm_ms: u64,
     /// Also time the up projection alone with each of these cooperative-matrix tiles
-    /// (tuning), as BMxBNxBKwWMxWNbNBUFvSVsS, e.g. 16x64x64w1x4b2v1s16.
+    /// (tuning), as BMxBNxBKwWMxWNbNBUFvSVsS, e.g. 16x64x64w1x4b2v1s16; a `p1` suffix times
+    /// the tile without its products, `p2` without its loads from memory (timing probes).
     #[arg(long, value_delimiter = ',')]
     sweep_up: Vec<String>,
     /// Likewise for the down projection.

@@ -6,7 +6,7 @@ use moe_ep::{DType, Result};
 use super::portable::{self, Io, Part, ShardTiles};
 use super::{Chunk, DeviceExperts, MmaPlan, Projection, Run, encode_pass, grid};
 use crate::context::{GpuContext, backend_error};
-use crate::kernels::{MmaTile, Variant};
+use crate::kernels::{MmaProbe, MmaTile, Variant};
 use crate::ops::Launch;
 
 /// Matrix units the FFN kernel can use: `size x size x size` f16 products with f32
@@ -58,7 +58,7 @@ pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
     // vec4 staging where the backend takes vector pointers for cooperative loads (Vulkan);
     // Metal's simdgroup loads take scalar ones (its matrices are 8x8).
     let sv = if s == 16 { 4 } else { 1 };
-    let t = |bm, bn, bk, wm, wn, nbuf| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv };
+    let t = |bm, bn, bk, wm, wn, nbuf| MmaTile { s, bm, bn, bk, wm, wn, sg, nbuf, sv, probe: MmaProbe::Whole };
     let (up, down) = if s == 16 {
         (
             vec![t(16, 128, 64, 1, 8, 1), t(128, 128, 32, 2, 4, 1)],
@@ -85,7 +85,7 @@ pub fn default_tiles(units: MatrixUnits, limit: u32) -> [Vec<MmaTile>; 2] {
 
 /// Tiles the naga test validates: each default tile of both shapes, also as fitted to 16,
 /// 32 and 48 KB of workgroup memory (fewer staging buffers, smaller `bk`), and the variants a
-/// benchmark sweeps (vec4 staging, one staging buffer).
+/// benchmark sweeps (vec4 staging, one staging buffer, the timing probes).
 pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
     let mut v = Vec::new();
     for units in [MatrixUnits { size: 16, subgroup: 32 }, MatrixUnits { size: 8, subgroup: 32 }] {
@@ -94,6 +94,7 @@ pub fn mma_tiles_for_validation() -> Vec<MmaTile> {
                 let mut add = vec![t];
                 if units.size == 16 && limit == u32::MAX {
                     add.extend([MmaTile { sv: 1, ..t }, MmaTile { nbuf: 3 - t.nbuf, ..t }]);
+                    add.extend([MmaProbe::NoProducts, MmaProbe::NoLoads].map(|probe| MmaTile { probe, ..t }));
                 }
                 for t in add {
                     if !v.contains(&t) {

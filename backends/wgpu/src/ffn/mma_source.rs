@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use crate::kernels::MmaTile;
+use crate::kernels::{MmaProbe, MmaTile};
 
 /// The sizes the generated code unrolls over.
 struct Shape {
@@ -108,6 +108,10 @@ fn guard(sh: &Shape, j: u32, units: u32) -> String {
 /// has one.)
 fn fetch(sh: &Shape) -> String {
     let mut s = String::new();
+    if sh.t.probe == MmaProbe::NoLoads {
+        // Timing probe: the staging registers keep the zeros they were declared with.
+        return s;
+    }
     for j in 0..sh.la {
         let (q, g) = (j * sh.aw, guard(sh, j, sh.a_units));
         let _ = writeln!(s, "        {{\n            let i = lid + {}u;", j * sh.threads);
@@ -272,6 +276,10 @@ fn store(sh: &Shape) -> String {
 
 fn compute(sh: &Shape) -> String {
     let mut s = String::new();
+    if sh.t.probe == MmaProbe::NoProducts {
+        // Timing probe: no fragment loads, no products (the accumulators stay zero).
+        return s;
+    }
     let (sz, ast) = (sh.t.s, sh.t.bk + 8);
     for kk in (0..sh.t.bk).step_by(sz as usize) {
         s.push_str("            {\n");

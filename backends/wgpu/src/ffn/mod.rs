@@ -32,7 +32,7 @@ pub use upload::{DeviceExperts, Shard, WeightFormat, check_shape, pow2, row_exp}
 use moe_ep::{DType, Error, Result, Tensor};
 
 use crate::context::{GpuContext, STORAGE, backend_error};
-use crate::kernels::{Epilogue, MmaTile, Variant};
+use crate::kernels::{Epilogue, MmaProbe, MmaTile, Variant};
 use crate::ops::{Launch, binding, u32_of};
 
 /// Rows per expert up to which the portable path (and the cooperative path for packed
@@ -74,7 +74,8 @@ pub enum FfnKernels {
     Mixed { decode_max: usize },
     /// The cooperative-matrix kernel with every row tile of the up (or down) projection in the
     /// given tile (`None`: the default tile of each bucket), running `run`. Errors where it
-    /// does not apply.
+    /// does not apply, and for a timing-probe tile ([`crate::kernels::MmaProbe`]) unless one
+    /// projection runs alone.
     Mma { up: Option<MmaTile>, down: Option<MmaTile>, run: Run },
 }
 
@@ -457,6 +458,15 @@ impl GpuContext {
                             units.subgroup
                         )));
                     }
+                }
+                let probe = [up, down].into_iter().flatten().find(|t| t.probe != MmaProbe::Whole);
+                if let (Some(t), Run::Both) = (probe, run) {
+                    return Err(Error::invalid(format!(
+                        "tile {} is a timing probe ({:?}): it computes no FFN, so it runs only with one \
+                         projection alone (Run::Up or Run::Down)",
+                        t.label(),
+                        t.probe
+                    )));
                 }
                 Ok(Path::Mma(MmaPlan { units, tiles: [up, down], run, decode_max: 0, whole: false }))
             }
