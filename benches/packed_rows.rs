@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, criterion_group};
+use criterion::{BenchmarkId, Criterion};
 use moe_ep::compute::cpu::gemv::{self, Lhs};
 use moe_ep::model::quant::{PackedMatrix, QuantFormat};
 use moe_ep::{DType, Tensor, random};
@@ -21,13 +21,23 @@ const N: usize = 128;
 const K: usize = 2048;
 const ROWS: [usize; 2] = [1, 4];
 
-fn formats() -> Vec<(&'static str, QuantFormat)> {
-    vec![
+/// The dense bf16 weights and the same shape in each packed format, generated once.
+struct Weights {
+    dense: Tensor,
+    packed: Vec<(&'static str, PackedMatrix)>,
+}
+
+fn weights() -> Weights {
+    let formats = [
         ("q4", QuantFormat::affine(4, 64, DType::BF16).unwrap()),
         ("q8", QuantFormat::affine(8, 64, DType::BF16).unwrap()),
         ("mxfp4", QuantFormat::Mxfp4),
         ("fp8", QuantFormat::fp8((128, 128)).unwrap()),
-    ]
+    ];
+    Weights {
+        dense: random::uniform(DType::BF16, N, K, 0.05, 3, 2),
+        packed: formats.into_iter().map(|(name, f)| (name, random::packed(f, N, K, 5, 3))).collect(),
+    }
 }
 
 fn x(m: usize) -> Vec<f32> {
@@ -42,19 +52,17 @@ fn packed(p: &PackedMatrix, x: &[f32], m: usize, out: &mut [f32]) -> bool {
     gemv::packed_rows(x, m, p, 0, N, out)
 }
 
-fn bench(c: &mut Criterion) {
-    let w = random::uniform(DType::BF16, N, K, 0.05, 3, 2);
+fn bench(c: &mut Criterion, w: &Weights) {
     let mut g = c.benchmark_group("packed_rows");
     g.measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
     for m in ROWS {
         let (xs, mut out) = (x(m), vec![0f32; m * N]);
-        g.bench_with_input(BenchmarkId::new("bf16", m), &m, |b, &m| b.iter(|| dense(&w, &xs, m, &mut out)));
-        for (name, f) in formats() {
-            let p = random::packed(f, N, K, 5, 3);
-            if !packed(&p, &xs, m, &mut out) {
+        g.bench_with_input(BenchmarkId::new("bf16", m), &m, |b, &m| b.iter(|| dense(&w.dense, &xs, m, &mut out)));
+        for (name, p) in &w.packed {
+            if !packed(p, &xs, m, &mut out) {
                 continue;
             }
-            g.bench_with_input(BenchmarkId::new(name, m), &m, |b, &m| b.iter(|| packed(&p, &xs, m, &mut out)));
+            g.bench_with_input(BenchmarkId::new(*name, m), &m, |b, &m| b.iter(|| packed(p, &xs, m, &mut out)));
         }
     }
     g.finish();
@@ -76,22 +84,20 @@ fn best(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-fn summary() {
-    let w = random::uniform(DType::BF16, N, K, 0.05, 3, 2);
+fn summary(w: &Weights) {
     println!("\npacked row kernels, one thread, {N} x {K} weights hot in cache (best of 40 batches):");
     for m in ROWS {
         let (xs, mut out) = (x(m), vec![0f32; m * N]);
-        let base = best(40, || dense(&w, &xs, m, &mut out));
+        let base = best(40, || dense(&w.dense, &xs, m, &mut out));
         let rate = |s: f64| (N * K) as f64 / s / 1e9;
         println!("  m={m}: bf16 (dense) {:>8.1} us  {:>5.2} G weights/s", base * 1e6, rate(base));
-        for (name, f) in formats() {
-            let p = random::packed(f, N, K, 5, 3);
-            if !packed(&p, &xs, m, &mut out) {
+        for (name, p) in &w.packed {
+            if !packed(p, &xs, m, &mut out) {
                 println!("  m={m}: {name:<12} not run: no AVX-512 packed kernel on this CPU");
                 continue;
             }
             let s = best(40, || {
-                packed(&p, &xs, m, &mut out);
+                packed(p, &xs, m, &mut out);
             });
             println!(
                 "  m={m}: {name:<12} {:>8.1} us  {:>5.2} G weights/s  {:.2}x the bf16 kernel's speed",
@@ -103,10 +109,10 @@ fn summary() {
     }
 }
 
-criterion_group!(benches, bench);
-
 fn main() {
-    benches();
-    Criterion::default().configure_from_args().final_summary();
-    summary();
+    let w = weights();
+    let mut c = Criterion::default().configure_from_args();
+    bench(&mut c, &w);
+    c.final_summary();
+    summary(&w);
 }
